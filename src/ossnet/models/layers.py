@@ -1,0 +1,139 @@
+"""Building blocks of OSS-Net: the Padé activation, conditional batch norm and the two residual blocks."""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ossnet.errors import OssnetError
+
+# Padé coefficients that make P/Q approximate Leaky ReLU (Molina et al., ICLR 2020), REFERENCE 3.5.
+LEAKY_RELU_NUMERATOR = (0.0335583603, 0.505000375, 1.65343934, 2.01001052, 0.931901999, 0.152424124)
+LEAKY_RELU_DENOMINATOR = (3.30847488e-06, 3.98021568, 5.12471206e-07, 0.301830109)
+
+
+def pade_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """Safe Padé form P(x) / (1 + sum_k |b_k| |x|^k), both polynomials evaluated with Horner's scheme.
+
+    x: any shape; numerator: (m + 1,) = a_0..a_m; denominator: (n,) = b_1..b_n. Returns x's shape.
+    """
+    a = numerator.flip(0)  # a_m .. a_0
+    p = a[0] * x + a[1]
+    for coefficient in a[2:]:
+        p = p * x + coefficient
+    abs_x, abs_b = x.abs(), denominator.abs()
+    q = abs_b[-1] * abs_x
+    for b in abs_b.flip(0)[1:]:
+        q = (q + b) * abs_x
+    return p / (1.0 + q)
+
+
+class PadeActivation(nn.Module):
+    """Padé Activation Unit (PAU), "safe" form of degree (5, 4) with learnable coefficients a, b.
+
+    The coefficients are shared over all elements and start as a Leaky ReLU approximation. Half and
+    bfloat16 inputs are evaluated in float32 (the degree-5 polynomial overflows float16) and cast back.
+    During training the rational function is recomputed in the backward pass instead of storing its
+    ~20 elementwise intermediates: on the encoder's full-resolution feature maps those would cost
+    more memory than the convolutions themselves.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numerator = nn.Parameter(torch.tensor(LEAKY_RELU_NUMERATOR))
+        self.denominator = nn.Parameter(torch.tensor(LEAKY_RELU_DENOMINATOR))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        numerator, denominator = self.numerator.to(compute_dtype), self.denominator.to(compute_dtype)
+        if torch.is_grad_enabled():
+            y = checkpoint(pade_rational, x.to(compute_dtype), numerator, denominator, use_reentrant=False)
+        else:
+            y = pade_rational(x.to(compute_dtype), numerator, denominator)
+        return y.to(x.dtype)
+
+
+ACTIVATIONS = {"pau": PadeActivation, "relu": nn.ReLU, "leaky_relu": partial(nn.LeakyReLU, 0.01)}
+
+
+def make_activation(kind: str) -> nn.Module:
+    """A fresh activation module of `kind`: "pau", "relu" or "leaky_relu" (slope 0.01)."""
+    if kind not in ACTIVATIONS:
+        raise OssnetError(f"unknown activation {kind!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[kind]()
+
+
+class ConditionalBatchNorm1d(nn.Module):
+    """BatchNorm1d without affine parameters, then gamma(z) * x_hat + beta(z) with gamma, beta linear in z.
+
+    Starts as plain batch norm (gamma = 1, beta = 0) through zero weights and biases 1 / 0, so the
+    latent vector's influence is learnt from zero.
+    """
+
+    def __init__(self, num_features: int, latent_size: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(num_features, affine=False)
+        self.gamma = nn.Linear(latent_size, num_features)
+        self.beta = nn.Linear(latent_size, num_features)
+        nn.init.zeros_(self.gamma.weight)
+        nn.init.ones_(self.gamma.bias)
+        nn.init.zeros_(self.beta.weight)
+        nn.init.zeros_(self.beta.bias)
+
+    def forward(self, x: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, F) features of N locations per volume; latent: (B, L). Returns (B, N, F).
+
+        Statistics are taken over all B * N locations; gamma and beta are per volume.
+        """
+        normalized = self.norm(x.flatten(0, 1)).view_as(x)
+        return self.gamma(latent)[:, None, :] * normalized + self.beta(latent)[:, None, :]
+
+
+class ResidualEncoderBlock(nn.Module):
+    """3D residual block that halves every spatial axis (REFERENCE 3.1).
+
+    main: conv3 -> BN -> act -> avgpool 2 -> conv3 -> BN; residual: conv1 (if channels change) -> avgpool 2;
+    output act(main + residual). (B, c_in, X, Y, Z) -> (B, c_out, X/2, Y/2, Z/2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, activation: str) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm3d(out_channels),
+            make_activation(activation),
+            nn.AvgPool3d(2),
+            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm3d(out_channels),
+        )
+        self.residual = (nn.Identity() if in_channels == out_channels
+                         else nn.Conv3d(in_channels, out_channels, 1, bias=False))
+        self.act = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.main(x) + F.avg_pool3d(self.residual(x), 2))
+
+
+class ResidualDecoderBlock(nn.Module):
+    """Residual MLP block with conditional batch norm, applied to every location (REFERENCE 3.2).
+
+    main: linear -> CBN(z) -> act -> linear -> CBN(z); residual: linear (if widths differ); output
+    act(main + residual). x: (B, N, d_in), latent z: (B, L) -> (B, N, d).
+    """
+
+    def __init__(self, in_features: int, features: int, latent_size: int, activation: str) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(in_features, features)
+        self.norm1 = ConditionalBatchNorm1d(features, latent_size)
+        self.act1 = make_activation(activation)
+        self.linear2 = nn.Linear(features, features)
+        self.norm2 = ConditionalBatchNorm1d(features, latent_size)
+        self.residual = nn.Identity() if in_features == features else nn.Linear(in_features, features)
+        self.act2 = make_activation(activation)
+
+    def forward(self, x: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.norm1(self.linear1(x), latent))
+        h = self.norm2(self.linear2(h), latent)
+        return self.act2(h + self.residual(x))

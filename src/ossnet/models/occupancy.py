@@ -1,0 +1,244 @@
+"""Occupancy networks for segmentation: O-Net and OSS-Net A-D (Reich et al., BMVC 2021; REFERENCE 3).
+
+The network is a function f(p, x, z) -> occupancy logits of location p, given the downscaled global
+volume x and, for OSS-Net, patches z of the full-resolution volume around p.
+
+1. Encoder. A 3D CNN of residual blocks, each halving the resolution, compresses x to a latent grid
+   (BraTS: 128 x 128 x 80 -> 8 x 8 x 5 = 320 values). The plain encoder (O-Net, A, B) maps the last
+   block to one latent vector. The skip encoder (C, D) max-pools every block's output to the latent
+   grid and maps their concatenation to decoder_blocks + 1 vectors: vector 0 joins the decoder input,
+   vector i + 1 conditions decoder block i. C and D also predict a low-resolution segmentation from the
+   last block (the auxiliary head), trained with a small extra loss and used to guide inference.
+2. Patch mapping (A-D). Two 7^3 convolutions turn a location's local (and mid-range) patches into 343
+   features.
+3. Decoder. Per location, [p, patch features, latent vector 0] passes five residual MLP blocks whose
+   batch norms are conditioned on a latent vector (CBN), then a linear map to the class logits.
+
+Choices the reference leaves open: p is normalised to [-1, 1] (align_corners=True, see
+`patches.voxel_to_normalized`) rather than given as voxel indices, so one network serves any working
+shape's coordinates on the same scale; mid-range patches are average-pooled in training and inference
+alike (see `patches.extract_patches`); CBN normalises each feature separately (BatchNorm1d(d); the
+reference code uses one statistic over all features).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ossnet.errors import OssnetError
+from ossnet.models.layers import ACTIVATIONS, ResidualDecoderBlock, ResidualEncoderBlock, make_activation
+
+
+@dataclass(frozen=True)
+class OccupancyConfig:
+    """Every size of an occupancy network. Defaults: OSS-Net C for BraTS (REFERENCE 3.1-3.4).
+
+    input_shape: working (padded) shape of the full-resolution volume; the encoder sees it downscaled
+    by global_downscale. num_classes: output channels (1 binary, K + 1 multi-class).
+    fourier_features: F > 0 adds [cos, sin](2 pi p W) with a fixed random W ~ 4 N(0, 1) of shape (3, F)
+    to p (2 F more inputs; off in the paper).
+    """
+
+    in_channels: int = 4
+    input_shape: tuple[int, int, int] = (256, 256, 160)
+    global_downscale: int = 2
+    encoder_channels: tuple[int, ...] = (16, 32, 64, 128)
+    skip_latents: bool = True
+    aux_head: bool = True
+    local_patches: bool = True
+    mid_patches: bool = False
+    patch_size: int = 7
+    decoder_width: int = 512
+    decoder_blocks: int = 5
+    num_classes: int = 1
+    activation: str = "pau"
+    fourier_features: int = 0
+
+    def __post_init__(self) -> None:
+        factor = self.global_downscale * 2 ** len(self.encoder_channels)
+        if len(self.input_shape) != 3 or any(n <= 0 or n % factor for n in self.input_shape):
+            raise OssnetError(f"input_shape {tuple(self.input_shape)} must be 3D and divisible by global_downscale"
+                              f" * 2**len(encoder_channels) = {factor}")
+        if self.activation not in ACTIVATIONS:
+            raise OssnetError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+    @property
+    def global_shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the encoder input (the downscaled global volume)."""
+        return tuple(n // self.global_downscale for n in self.input_shape)
+
+    @property
+    def latent_grid(self) -> tuple[int, int, int]:
+        """Spatial shape after the encoder blocks (BraTS: 8 x 8 x 5)."""
+        return tuple(n // 2 ** len(self.encoder_channels) for n in self.global_shape)
+
+    @property
+    def latent_size(self) -> int:
+        """Values per latent vector, L = prod(latent_grid)."""
+        return math.prod(self.latent_grid)
+
+    @property
+    def num_latents(self) -> int:
+        """Latent vectors per volume, K: one, or decoder_blocks + 1 with skip latents."""
+        return self.decoder_blocks + 1 if self.skip_latents else 1
+
+    @property
+    def patch_channels(self) -> int:
+        """Channels P of a location's patches: C (local) + C (mid-range)."""
+        return self.in_channels * (int(self.local_patches) + int(self.mid_patches))
+
+    @property
+    def decoder_in_features(self) -> int:
+        """Decoder input per location: coordinates (3 + 2 F) + patch features (size^3) + latent vector 0."""
+        patch_features = self.patch_size**3 if self.patch_channels else 0
+        return 3 + 2 * self.fourier_features + patch_features + self.latent_size
+
+
+@dataclass
+class Latents:
+    """The encoder's output for a batch of B volumes.
+
+    vectors: (B, K, L); aux_logits: (B, num_classes, *latent_grid) or None without an auxiliary head.
+    """
+
+    vectors: torch.Tensor
+    aux_logits: torch.Tensor | None
+
+
+def encoder_blocks(config: OccupancyConfig) -> nn.ModuleList:
+    """The residual blocks (in_channels -> encoder_channels[0] -> ...), each halving the resolution."""
+    channels = (config.in_channels, *config.encoder_channels)
+    return nn.ModuleList(ResidualEncoderBlock(c_in, c_out, config.activation)
+                         for c_in, c_out in zip(channels[:-1], channels[1:]))
+
+
+def conv_bn_act(in_channels: int, out_channels: int, activation: str) -> nn.Sequential:
+    """conv5^3 (same padding, no bias) -> BN -> act: how the encoder maps features to latents."""
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 5, padding=2, bias=False),
+                         nn.BatchNorm3d(out_channels), make_activation(activation))
+
+
+class PlainEncoder(nn.Module):
+    """O-Net / A / B: residual blocks, then conv5 -> BN -> act to one channel, flattened to one vector."""
+
+    def __init__(self, config: OccupancyConfig) -> None:
+        super().__init__()
+        self.blocks = encoder_blocks(config)
+        self.to_latent = conv_bn_act(config.encoder_channels[-1], 1, config.activation)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, *global_shape) -> vectors (B, 1, L), last block's features (B, c_last, *latent_grid)."""
+        for block in self.blocks:
+            x = block(x)
+        return self.to_latent(x).flatten(2), x
+
+
+class SkipEncoder(nn.Module):
+    """C / D: every block's output is max-pooled to the latent grid and halved in channels; their
+    concatenation is mapped to K = decoder_blocks + 1 latent channels, one vector each."""
+
+    def __init__(self, config: OccupancyConfig) -> None:
+        super().__init__()
+        self.blocks = encoder_blocks(config)
+        skip_channels = [max(c // 2, 1) for c in config.encoder_channels]
+        self.skips = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveMaxPool3d(config.latent_grid), *conv_bn_act(c, c_skip, config.activation))
+            for c, c_skip in zip(config.encoder_channels, skip_channels))
+        self.to_latents = conv_bn_act(sum(skip_channels), config.num_latents, config.activation)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, *global_shape) -> vectors (B, K, L), last block's features (B, c_last, *latent_grid)."""
+        skips = []
+        for block, skip in zip(self.blocks, self.skips):
+            x = block(x)
+            skips.append(skip(x))
+        return self.to_latents(torch.cat(skips, 1)).flatten(2), x
+
+
+class PatchMapping(nn.Module):
+    """conv7 (P -> max(P/2, 1)) -> act -> conv7 (-> 1) -> act, flattened: (B, N, P, s, s, s) -> (B, N, s^3)."""
+
+    def __init__(self, config: OccupancyConfig) -> None:
+        super().__init__()
+        hidden = max(config.patch_channels // 2, 1)
+        size = config.patch_size
+        self.layers = nn.Sequential(
+            nn.Conv3d(config.patch_channels, hidden, size, padding=size // 2), make_activation(config.activation),
+            nn.Conv3d(hidden, 1, size, padding=size // 2), make_activation(config.activation))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.layers(patches.flatten(0, 1)).view(*patches.shape[:2], -1)
+
+
+class FourierFeatures(nn.Module):
+    """p (..., 3) -> [cos(2 pi p W), sin(2 pi p W), p] (..., 2 F + 3) with a fixed W (3, F) ~ 4 N(0, 1).
+
+    W is drawn from a fixed seed and saved with the model, so a checkpoint reproduces the features.
+    """
+
+    def __init__(self, num_frequencies: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("frequencies", 4 * torch.randn(3, num_frequencies, generator=generator, device="cpu"))
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        phase = 2 * math.pi * coords @ self.frequencies
+        return torch.cat([phase.cos(), phase.sin(), coords], -1)
+
+
+class OccupancyNetwork(nn.Module):
+    """O-Net / OSS-Net A-D as set by `config`; `name` is the registry preset it was built from."""
+
+    def __init__(self, config: OccupancyConfig, name: str = "custom") -> None:
+        super().__init__()
+        self.config, self.name = config, name
+        self.encoder = SkipEncoder(config) if config.skip_latents else PlainEncoder(config)
+        self.aux_head = (nn.Conv3d(config.encoder_channels[-1], config.num_classes, 5, padding=2)
+                         if config.aux_head else None)
+        self.coordinate_features = (FourierFeatures(config.fourier_features) if config.fourier_features
+                                    else nn.Identity())
+        self.patch_mapping = PatchMapping(config) if config.patch_channels else None
+        widths = (config.decoder_in_features, *[config.decoder_width] * config.decoder_blocks)
+        self.blocks = nn.ModuleList(
+            ResidualDecoderBlock(d_in, d_out, config.latent_size, config.activation)
+            for d_in, d_out in zip(widths[:-1], widths[1:]))
+        self.classifier = nn.Linear(config.decoder_width, config.num_classes, bias=False)
+
+    def encode(self, global_volume: torch.Tensor) -> Latents:
+        """global_volume: (B, C, *global_shape) -> Latents (vectors (B, K, L), aux logits or None)."""
+        expected = (self.config.in_channels, *self.config.global_shape)
+        if tuple(global_volume.shape[1:]) != expected:
+            raise OssnetError(f"global volume of shape {tuple(global_volume.shape[1:])}, model expects {expected}")
+        vectors, features = self.encoder(global_volume)
+        aux_logits = self.aux_head(features) if self.aux_head is not None else None
+        return Latents(vectors, aux_logits)
+
+    def decode(self, latents: Latents, coords: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """Occupancy logits of N locations per volume.
+
+        latents: of B volumes; coords: (B, N, 3) normalised to [-1, 1]; patches: (B, N, P, s, s, s) when
+        the model uses patches, else None. Returns (B, N, num_classes). Batch norm statistics (training)
+        are taken over all B * N locations, so N is a chunk size of the caller's choosing.
+        """
+        vectors = latents.vectors
+        inputs = [self.coordinate_features(coords)]
+        if self.patch_mapping is not None:
+            if patches is None or patches.shape[2] != self.config.patch_channels:
+                raise OssnetError(f"model {self.name!r} needs patches of {self.config.patch_channels} channels")
+            inputs.append(self.patch_mapping(patches))
+        inputs.append(vectors[:, :1].expand(-1, coords.shape[1], -1))
+        h = torch.cat(inputs, -1)
+        for i, block in enumerate(self.blocks):
+            h = block(h, vectors[:, i + 1] if self.config.skip_latents else vectors[:, 0])
+        return self.classifier(h)
+
+    def forward(self, global_volume: torch.Tensor, coords: torch.Tensor,
+                patches: torch.Tensor | None = None) -> tuple[torch.Tensor, Latents]:
+        """encode then decode, for wrappers that call the module (DistributedDataParallel).
+
+        Returns logits (B, N, num_classes) and the Latents (for the auxiliary loss).
+        """
+        latents = self.encode(global_volume)
+        return self.decode(latents, coords, patches), latents

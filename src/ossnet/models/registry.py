@@ -1,0 +1,192 @@
+"""Named model presets, the model factory and checkpoint files.
+
+Presets are configuration values: each OSS-Net variant is the previous one with a few fields changed
+(REFERENCE 3.4). A checkpoint stores the preset name, the model kind, the configuration as a plain dict
+and the weights, plus whatever the caller adds (training state, preprocessing, target ...).
+"""
+
+import os
+import tempfile
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ossnet.errors import CheckpointError, OssnetError
+from ossnet.models.occupancy import Latents, OccupancyConfig, OccupancyNetwork
+from ossnet.models.unet import ResidualUNet, UNetConfig
+
+ModelConfig = OccupancyConfig | UNetConfig
+
+MODEL_KINDS: dict[str, tuple[type, type[nn.Module]]] = {
+    "occupancy": (OccupancyConfig, OccupancyNetwork),
+    "unet": (UNetConfig, ResidualUNet),
+}
+
+PRESETS: dict[str, ModelConfig] = {
+    "onet": OccupancyConfig(skip_latents=False, aux_head=False, local_patches=False, decoder_width=256),
+}
+PRESETS["ossnet-a"] = replace(PRESETS["onet"], local_patches=True, decoder_width=512)
+PRESETS["ossnet-b"] = replace(PRESETS["ossnet-a"], mid_patches=True)
+PRESETS["ossnet-c"] = replace(PRESETS["ossnet-a"], skip_latents=True, aux_head=True)
+PRESETS["ossnet-d"] = replace(PRESETS["ossnet-c"], mid_patches=True)
+PRESETS["unet3d"] = UNetConfig(dims=3)
+PRESETS["unet2d"] = replace(PRESETS["unet3d"], dims=2)
+
+# The preset each one is derived from, for `describe_presets`.
+DERIVED_FROM = {"ossnet-a": "onet", "ossnet-b": "ossnet-a", "ossnet-c": "ossnet-a", "ossnet-d": "ossnet-c",
+                "unet2d": "unet3d"}
+
+CHECKPOINT_KEYS = ("model_name", "model_kind", "model_config", "model_state")
+
+
+def model_kind(config: ModelConfig) -> str:
+    """"occupancy" or "unet": the key of MODEL_KINDS whose configuration type `config` is."""
+    return next(kind for kind, (config_type, _) in MODEL_KINDS.items() if isinstance(config, config_type))
+
+
+def build(config: ModelConfig, name: str = "custom") -> nn.Module:
+    """The model of `config`, labelled `name`."""
+    return MODEL_KINDS[model_kind(config)][1](config, name)
+
+
+def create(name: str, **overrides) -> nn.Module:
+    """The preset `name` with configuration fields replaced by `overrides` (e.g. in_channels, input_shape)."""
+    if name not in PRESETS:
+        raise OssnetError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        config = replace(PRESETS[name], **overrides)
+    except TypeError as exc:
+        raise OssnetError(f"model {name!r}: {exc}") from None
+    return build(config, name)
+
+
+def save(path: str | os.PathLike, model: nn.Module, **extra) -> None:
+    """Write the (unwrapped) model and `extra` entries to `path` atomically: a temporary file, then rename."""
+    entries = {"model_name": model.name, "model_kind": model_kind(model.config),
+               "model_config": asdict(model.config), "model_state": model.state_dict()}
+    if clash := entries.keys() & extra.keys():
+        raise OssnetError(f"{path}: extra checkpoint entries {sorted(clash)} would overwrite the model")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save({**entries, **extra}, file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model stored at `path` (on `map_location`, in eval mode) and the whole checkpoint dict.
+
+    CheckpointError if the file is missing, unreadable, of an unknown model kind or inconsistent with its
+    configuration. Call `model.train()` to resume training."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else "all"
+    if missing:
+        raise CheckpointError(f"{path}: not an ossnet model checkpoint (missing entries: {missing})")
+    kind = checkpoint["model_kind"]
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"{path}: unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+    config_type, model_type = MODEL_KINDS[kind]
+    try:
+        config = config_type(**{key: tuple(value) if isinstance(value, list) else value
+                                for key, value in checkpoint["model_config"].items()})
+        model = model_type(config, checkpoint["model_name"])
+        model.load_state_dict(checkpoint["model_state"])
+    except (TypeError, RuntimeError, OssnetError) as exc:
+        raise CheckpointError(f"{path}: weights do not match the stored {kind} configuration ({exc})") from None
+    return model.to(map_location).eval(), checkpoint
+
+
+def _count_macs(run) -> int:
+    """Multiply-accumulates of the matrix products and convolutions `run()` performs."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() // 2
+
+
+def decoder_macs_per_query(model: OccupancyNetwork) -> int:
+    """MACs the decoder spends on one location: the cost of decoding 3 locations minus that of 2, so
+    per-volume work (CBN's gamma / beta of the latents) drops out. Runs on meta tensors (no arithmetic)."""
+    config = model.config
+    latents = Latents(torch.zeros(1, config.num_latents, config.latent_size, device="meta"), None)
+
+    def decode(n: int) -> None:
+        patches = (torch.zeros(1, n, config.patch_channels, *[config.patch_size] * 3, device="meta")
+                   if config.patch_channels else None)
+        model.decode(latents, torch.zeros(1, n, 3, device="meta"), patches)
+
+    return _count_macs(lambda: decode(3)) - _count_macs(lambda: decode(2))
+
+
+def unet_macs_per_voxel(model: ResidualUNet) -> int:
+    """MACs of a dense forward pass divided by its output voxels (2D: pixels of one slice)."""
+    config = model.config
+    spatial = config.input_shape[:config.dims]
+    volume = torch.zeros(1, config.in_channels, *spatial, device="meta")
+    return _count_macs(lambda: model(volume)) // volume[0, 0].numel()
+
+
+def encoder_input_shape(config: ModelConfig) -> tuple[int, ...]:
+    """What the network's convolutional part sees per volume (or slice): (C, *spatial)."""
+    if isinstance(config, OccupancyConfig):
+        return (config.in_channels, *config.global_shape)
+    return (config.in_channels, *config.input_shape[:config.dims])
+
+
+def _changes(name: str) -> str:
+    """The fields preset `name` changes with respect to the preset it is derived from."""
+    if name not in DERIVED_FROM:
+        return "(base)"
+    parent = PRESETS[DERIVED_FROM[name]]
+    changed = [f"{f.name}={getattr(PRESETS[name], f.name)}" for f in fields(parent)
+               if getattr(PRESETS[name], f.name) != getattr(parent, f.name)]
+    return f"{DERIVED_FROM[name]} + " + ", ".join(changed)
+
+
+def describe_presets(in_channels: int = 4, input_shape: tuple[int, int, int] = (256, 256, 160)) -> list[dict]:
+    """One row per preset for volumes of `in_channels` x `input_shape`: name, kind, parameters,
+    encoder_input (C, *spatial), macs_per_query (occupancy: decoder MACs per location; U-Nets: dense
+    forward MACs per output voxel) and adds (what it changes over the preset it is derived from)."""
+    rows = []
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = create(name, in_channels=in_channels, input_shape=tuple(input_shape)).eval()
+        is_occupancy = isinstance(model, OccupancyNetwork)
+        rows.append({
+            "name": name,
+            "kind": model_kind(model.config),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "encoder_input": encoder_input_shape(model.config),
+            "macs_per_query": decoder_macs_per_query(model) if is_occupancy else unet_macs_per_voxel(model),
+            "adds": _changes(name),
+        })
+    return rows
+
+
+def _metric(value: int) -> str:
+    """1234567 -> "1.23 M", 5921 -> "5.92 k"."""
+    return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.2f} k"
+
+
+def format_presets(rows: list[dict]) -> str:
+    """`describe_presets` rows as an aligned text table."""
+    header = ("model", "parameters", "encoder input", "MACs / query", "adds")
+    lines = [header] + [(row["name"], _metric(row["parameters"]), "x".join(map(str, row["encoder_input"])),
+                         _metric(row["macs_per_query"]), row["adds"]) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1] for line in lines]
+    return "\n".join(table) + "\n(U-Nets: dense forward MACs per voxel.)"

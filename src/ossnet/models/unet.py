@@ -1,0 +1,62 @@
+"""Dense residual U-Net baselines (REFERENCE 3.6): 3D on the full volume, 2D on axial slices.
+
+The paper does not publish their depths and widths. We use MONAI's residual U-Net
+(`monai.networks.nets.UNet`, Kerfoot et al. 2018): five levels with channels (16, 32, 64, 128, 256),
+strided-convolution downsampling by 2 (four times), two residual units per level, batch norm and
+PReLU; a standard configuration of the size the reference suggests.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+from ossnet.errors import OssnetError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Sizes of a residual U-Net.
+
+    dims: 3 (input (B, C, X, Y, Z)) or 2 (input (B, C, X, Y), axial slices of the volume).
+    input_shape: working shape (X, Y, Z) of the volume; its first `dims` axes must be divisible by the
+    product of the strides. num_classes: output channels (1 binary, K + 1 multi-class).
+    """
+
+    dims: int = 3
+    in_channels: int = 4
+    input_shape: tuple[int, int, int] = (256, 256, 160)
+    num_classes: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise OssnetError(f"U-Net dims must be 2 or 3, got {self.dims}")
+        if len(self.strides) != len(self.channels) - 1:
+            raise OssnetError(f"U-Net needs len(channels) - 1 = {len(self.channels) - 1} strides, "
+                              f"got {len(self.strides)}")
+        factor = math.prod(self.strides)
+        if any(n % factor for n in self.input_shape[:self.dims]):
+            raise OssnetError(f"U-Net input axes {tuple(self.input_shape[:self.dims])} must be divisible by the "
+                              f"product of the strides, {factor}")
+
+
+class ResidualUNet(nn.Module):
+    """Residual U-Net producing dense logits: (B, C, *spatial) -> (B, num_classes, *spatial)."""
+
+    def __init__(self, config: UNetConfig, name: str = "custom") -> None:
+        super().__init__()
+        self.config, self.name = config, name
+        self.net = UNet(spatial_dims=config.dims, in_channels=config.in_channels, out_channels=config.num_classes,
+                        channels=config.channels, strides=config.strides, num_res_units=config.num_res_units,
+                        norm="batch")
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        if volume.ndim != self.config.dims + 2:
+            raise OssnetError(f"{self.config.dims}D U-Net expects (B, C, {self.config.dims} spatial axes), "
+                              f"got a tensor of shape {tuple(volume.shape)}")
+        return self.net(volume)
