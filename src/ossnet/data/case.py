@@ -1,0 +1,208 @@
+"""Cases: the image channels and label of one subject, listed lazily and validated when read.
+
+A `CaseSource` names files; nothing is read until `inspect()` (headers only: cheap, for summaries) or
+`load()` (voxels). Both raise `CaseError` with the file and the problem, so a bad case is reported in
+the user's words instead of as a numpy traceback deep inside training. No reorientation happens: the
+arrays stay on the files' voxel grid and the first image file's affine and header travel with them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from ossnet.errors import CaseError
+
+# Modality / label affines may differ by this much (mm) from the first image's: writers round.
+AFFINE_TOLERANCE_MM = 1e-3
+
+# What nibabel, gzip and zlib raise on a damaged file, on the header or on reading the data.
+NIFTI_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+
+
+@dataclass
+class Case:
+    """One loaded subject.
+
+    image: (C, X, Y, Z) float32, channels in `channel_names` order.
+    label: (X, Y, Z) int16 raw values as on disk, or None for unlabelled cases.
+    affine: (4, 4) float64 voxel -> world (mm) of the first image file.
+    header: nibabel header of the first image file, reused when writing outputs.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    channel_names: tuple[str, ...]
+    header: nib.Nifti1Header
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (sx, sy, sz) in mm, from the affine."""
+        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))
+
+
+@dataclass(frozen=True)
+class CaseHeader:
+    """What the headers of a case say, without reading voxels: spatial `shape` (X, Y, Z), `affine`."""
+
+    case_id: str
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """The files of one case, not yet read.
+
+    image_paths: one 3D file per channel, or a single 4D file whose last axis holds the channels.
+    label_values: raw label values the dataset allows; None accepts any integers.
+    """
+
+    case_id: str
+    image_paths: tuple[Path, ...]
+    label_path: Path | None
+    channel_names: tuple[str, ...]
+    label_values: tuple[int, ...] | None = field(default=None)
+
+    def inspect(self) -> CaseHeader:
+        """Check files, dimensions, channel count, shapes and affines from the headers alone."""
+        images = self._open_images()
+        shape, affine = images[0].shape[:3], images[0].affine
+        if self.label_path is not None:
+            self._open_label(shape, affine)
+        return CaseHeader(self.case_id, shape, affine)
+
+    def load(self) -> Case:
+        """Read and validate every file of the case."""
+        images = self._open_images()
+        shape, affine = images[0].shape[:3], images[0].affine
+        image = np.empty((len(self.channel_names), *shape), dtype=np.float32)
+        channel = 0
+        for path, img in zip(self.image_paths, images):
+            data = _read_voxels(img, path)
+            channels = data[..., None] if data.ndim == 3 else data
+            _check_finite(channels, path)
+            image[channel:channel + channels.shape[-1]] = np.moveaxis(channels, -1, 0)
+            channel += channels.shape[-1]
+        label = self.load_label() if self.label_path is not None else None
+        return Case(self.case_id, image, label, affine.astype(np.float64), self.channel_names, images[0].header)
+
+    def load_label(self) -> np.ndarray | None:
+        """The validated (X, Y, Z) int16 label, or None without a label file (reads no image voxels)."""
+        if self.label_path is None:
+            return None
+        first = self._open_images()[0]
+        img = self._open_label(first.shape[:3], first.affine)
+        return _integer_label(_read_voxels(img, self.label_path), self.label_path, self.label_values)
+
+    def _open_images(self) -> list[nib.Nifti1Image]:
+        what = (self.channel_names if len(self.image_paths) == len(self.channel_names)
+                else ["image"] * len(self.image_paths))
+        images = [_open(path, f"{name} image") for path, name in zip(self.image_paths, what)]
+        first_path, first = self.image_paths[0], images[0]
+        for path, img in zip(self.image_paths, images):
+            if img.ndim not in (3, 4):
+                raise CaseError(f"{path}: image has {img.ndim} dimensions {img.shape}; expected a 3D volume "
+                                f"or a 4D file of channels")
+            _check_3d(img.shape[:3], path)
+            if img.shape[:3] != first.shape[:3]:
+                raise CaseError(f"{path}: shape {img.shape[:3]} != {first.shape[:3]} of {first_path.name}")
+            _check_affine(img.affine, first.affine, path, first_path.name)
+        channels = sum(img.shape[3] if img.ndim == 4 else 1 for img in images)
+        if channels != len(self.channel_names):
+            raise CaseError(f"{first_path}: case {self.case_id} has {channels} image channels, the dataset "
+                            f"expects {len(self.channel_names)} ({', '.join(self.channel_names)})")
+        return images
+
+    def _open_label(self, shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Image:
+        img = _open(self.label_path, "label")
+        if img.shape != shape:
+            raise CaseError(f"{self.label_path}: label shape {img.shape} != image shape {shape}")
+        _check_affine(img.affine, affine, self.label_path, "the image")
+        return img
+
+
+def _open(path: Path, what: str) -> nib.Nifti1Image:
+    """nibabel image with its header read (voxels stay on disk)."""
+    if not path.is_file():
+        raise CaseError(f"{path}: {what} file is missing")
+    try:
+        # mmap=False: voxels are copied into memory, never left mapped onto a file that may change.
+        return nib.load(path, mmap=False)
+    except NIFTI_READ_ERRORS as error:
+        raise CaseError(f"{path}: cannot read {what} file ({error})") from error
+
+
+def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """Scaled voxel data; truncated or corrupt files fail here, after a readable header."""
+    try:
+        if np.issubdtype(img.get_data_dtype(), np.integer) and not _has_scaling(img):
+            return np.asarray(img.dataobj)
+        return img.get_fdata(dtype=np.float32, caching="unchanged")
+    except NIFTI_READ_ERRORS as error:
+        raise CaseError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from error
+
+
+def _has_scaling(img: nib.Nifti1Image) -> bool:
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    return not (slope == 1 and inter == 0)
+
+
+def _check_3d(shape: tuple[int, ...], path: Path) -> None:
+    if min(shape) < 2:
+        raise CaseError(f"{path}: image is 2D (shape {shape}); ossnet segments 3D volumes")
+
+
+def _check_affine(affine: np.ndarray, reference: np.ndarray, path: Path, reference_name: str) -> None:
+    if not np.allclose(affine, reference, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        difference = float(np.abs(affine - reference).max())
+        raise CaseError(f"{path}: affine differs from that of {reference_name} by up to {difference:.4g} mm "
+                        f"(tolerance {AFFINE_TOLERANCE_MM} mm); the files are not on the same voxel grid")
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise CaseError(f"{path}: {bad} of {data.size} voxels are NaN or Inf")
+
+
+def _integer_label(data: np.ndarray, path: Path, allowed: tuple[int, ...] | None) -> np.ndarray:
+    """(X, Y, Z) int16 from label voxels of any dtype, rejecting fractions and unexpected values."""
+    if not np.issubdtype(data.dtype, np.integer):
+        _check_finite(data, path)
+        fractional = np.unique(data[data != np.round(data)])
+        if fractional.size:
+            raise CaseError(f"{path}: label has non-integer values, e.g. {fractional[:5].tolist()}")
+    info = np.iinfo(np.int16)
+    if data.size and (data.min() < info.min or data.max() > info.max):
+        raise CaseError(f"{path}: label values span {data.min()}..{data.max()}, outside the int16 range")
+    label = data.astype(np.int16, copy=False)
+    if allowed is not None:
+        values, _ = label_value_counts(label)
+        unexpected = sorted(set(values.tolist()) - set(allowed))
+        if unexpected:
+            raise CaseError(f"{path}: label values {unexpected} are not among the dataset's "
+                            f"{sorted(allowed)}")
+    return label
+
+
+def label_value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of an integer label and their voxel counts, via one bincount (no sort)."""
+    if label.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    low = int(label.min())
+    counts = np.bincount(label.ravel().astype(np.int32) - low)
+    values = np.flatnonzero(counts)
+    return values + low, counts[values]

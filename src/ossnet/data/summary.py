@@ -1,0 +1,73 @@
+"""`ossnet info`: what a user should know about a dataset before training on it.
+
+Shapes and spacings come from the headers of every case (cheap); label voxel fractions need the label
+voxels, so at most `max_cases` labels are read. Image voxels are not read here: `CaseSource.load`
+checks them (corruption, NaN/Inf) when a case is first prepared. A case that fails is reported with its
+reason and the check goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+from ossnet.data.case import CaseHeader, label_value_counts
+from ossnet.data.readers import Dataset
+from ossnet.data.targets import TARGET_NAMES
+from ossnet.errors import CaseError
+
+
+def summarize_dataset(dataset: Dataset, max_cases: int | None = None) -> str:
+    """A multi-line report: layout, cases, channels, shapes, spacings, label fractions, failures."""
+    headers: list[CaseHeader] = []
+    failures: list[str] = []
+    voxel_counts: Counter[int] = Counter()
+    labels_read = 0
+    sources = dataset.cases + dataset.test_cases
+    for source in tqdm(sources, desc="checking cases", unit="case", file=sys.stderr):
+        try:
+            headers.append(source.inspect())
+            if source.label_path is not None and (max_cases is None or labels_read < max_cases):
+                values, counts = label_value_counts(source.load_label())
+                voxel_counts.update(dict(zip(values.tolist(), counts.tolist())))
+                labels_read += 1
+        except CaseError as error:
+            failures.append(f"  {source.case_id}: {error}")
+
+    targets = ", ".join(f"{name} (default)" if name == dataset.default_target else name
+                        for name in TARGET_NAMES[dataset.layout])
+    lines = [
+        f"layout        {dataset.layout}",
+        f"root          {dataset.root}",
+        f"cases         {len(dataset.cases)} labelled, {len(dataset.test_cases)} test",
+        f"channels      {', '.join(dataset.channel_names)}",
+        f"label values  {', '.join(map(str, dataset.label_values)) or 'none'} (allowed)",
+        f"targets       {targets}",
+        f"shape X*Y*Z   {_min_median_max([h.shape for h in headers], '{:g}')}",
+        f"spacing (mm)  {_min_median_max([h.spacing for h in headers], '{:.3g}')}",
+        f"label voxels  {_fractions(voxel_counts, labels_read, len(dataset.cases))}",
+        f"failures      {len(failures)} of {len(sources)} cases",
+        *failures,
+    ]
+    return "\n".join(lines)
+
+
+def _min_median_max(rows: list[tuple[float, ...]], number: str) -> str:
+    """Per-axis min / median / max over cases, e.g. `min 240*240*155, median ..., max ...`."""
+    if not rows:
+        return "n/a (no readable case)"
+    table = np.asarray(rows, dtype=np.float64)
+    stats = {"min": table.min(axis=0), "median": np.median(table, axis=0), "max": table.max(axis=0)}
+    return ", ".join(f"{name} {'*'.join(number.format(v) for v in values)}" for name, values in stats.items())
+
+
+def _fractions(voxel_counts: Counter[int], labels_read: int, labelled: int) -> str:
+    """`0: 98.7%, 1: 0.31%, ...` over the labels read, saying how many of the labelled cases those are."""
+    if not labels_read:
+        return "n/a (no label read)"
+    total = sum(voxel_counts.values())
+    fractions = ", ".join(f"{value}: {100 * count / total:.3g}%" for value, count in sorted(voxel_counts.items()))
+    return f"{fractions} (over {labels_read} of {labelled} labelled cases)"

@@ -1,0 +1,388 @@
+"""Specification of preprocessing: normalisation, fitting to the working grid, border band, cache."""
+
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ossnet.data.case import Case, CaseSource
+from ossnet.data.preprocess import (
+    Geometry,
+    PreparedCache,
+    PreprocessConfig,
+    border_band,
+    downscale_volume,
+    normalize_intensities,
+    prepare_case,
+)
+from ossnet.data.targets import get_target
+from ossnet.errors import OssnetError
+
+OBLIQUE = np.array([[0.0, -1.2, 0.1, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.2, 2.5, 7.5], [0, 0, 0, 1]])
+
+
+def geometry(original, working, fit="pad", affine=OBLIQUE):
+    return Geometry.fitted(original, affine, PreprocessConfig(working_shape=working, fit=fit))
+
+
+def kept_region(geom):
+    """Mask (X, Y, Z) of original voxels that survive the centred crop."""
+    mask = np.zeros(geom.original_shape, dtype=bool)
+    mask[tuple(slice(max(0, -o), max(0, -o) + w) for o, w in zip(geom.offsets, geom.working_shape))] = True
+    return mask
+
+
+# ---------------------------------------------------------------- fitting to the working grid
+
+
+@pytest.mark.parametrize("original, working", [
+    ((7, 8, 5), (8, 8, 8)),      # pad: odd and even differences, one axis unchanged
+    ((12, 9, 11), (6, 4, 10)),   # crop on every axis
+    ((9, 6, 11), (4, 8, 6)),     # crop and pad mixed
+])
+def test_pad_crop_round_trip_is_exact(original, working):
+    geom = geometry(original, working)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, *original)).astype(np.float32) * kept_region(geom)
+    back = geom.to_original(geom.to_working(image, order=1), order=1)
+    assert back.shape == image.shape and back.dtype == image.dtype
+    assert np.array_equal(back, image)
+    on_working = rng.integers(0, 5, size=working).astype(np.uint8)
+    on_working *= geom.to_working(np.ones(original, dtype=np.uint8), order=0)  # content inside the case
+    assert np.array_equal(geom.to_working(geom.to_original(on_working, order=0), order=0), on_working)
+
+
+def test_offsets_split_ceil_before_floor_after():
+    assert geometry((240, 240, 155), (256, 256, 160)).offsets == (8, 8, 3)  # 155 -> 160: 3 before, 2 after
+    assert geometry((11, 10, 6), (6, 6, 6)).offsets == (-2, -2, 0)           # crop 11 -> 6: 2 before, 3 after
+
+
+def test_to_working_places_content_centred_as_the_paper_pads_brats():
+    geom = Geometry.fitted((240, 2, 155), np.eye(4), PreprocessConfig(working_shape=(256, 2, 160)))
+    padded = geom.to_working(np.ones((240, 2, 155), dtype=np.uint8), order=0)
+    occupied = np.argwhere(padded)
+    assert occupied.min(axis=0).tolist() == [8, 0, 3]
+    assert (np.array(padded.shape) - 1 - occupied.max(axis=0)).tolist() == [8, 0, 2]
+    assert padded.sum() == 240 * 2 * 155
+
+
+def test_default_working_shape_rounds_up_to_the_shape_multiple():
+    config = PreprocessConfig()
+    assert config.working_shape_for((240, 240, 155)) == (256, 256, 160)
+    assert PreprocessConfig(shape_multiple=16).working_shape_for((64, 33, 1)) == (64, 48, 16)
+
+
+@pytest.mark.parametrize("fit", ["pad", "resize"])
+def test_to_original_returns_the_original_shape(fit):
+    geom = geometry((9, 14, 5), (8, 8, 8), fit)
+    assert geom.to_original(np.zeros((3, 8, 8, 8), np.float32), order=1).shape == (3, 9, 14, 5)
+    assert geom.to_original(np.zeros((8, 8, 8), np.uint8), order=0).shape == (9, 14, 5)
+
+
+def test_working_affine_maps_a_voxel_to_the_same_world_point():
+    geom = geometry((9, 6, 11), (4, 8, 6))
+    original_voxel = np.array([4, 1, 6])
+    marker = np.zeros(geom.original_shape, dtype=np.uint8)
+    marker[tuple(original_voxel)] = 1
+    working_voxel = np.argwhere(geom.to_working(marker, order=0))[0]
+    world = OBLIQUE @ [*original_voxel, 1]
+    assert np.allclose(geom.working_affine() @ [*working_voxel, 1], world)
+
+
+def test_working_affine_of_resize_agrees_with_trilinear_resampling():
+    """A ramp holding each voxel's own original index, resized, must read back the affine's index."""
+    geom = geometry((10, 7, 13), (16, 16, 8), "resize")
+    ramps = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in geom.original_shape],
+                                 indexing="ij"))
+    sampled = geom.to_working(ramps, order=1)  # (3, X', Y', Z'): original index seen at each working voxel
+    working_index = np.stack(np.meshgrid(*[np.arange(n) for n in geom.working_shape], indexing="ij"))
+    homogeneous = np.concatenate([working_index.reshape(3, -1), np.ones((1, working_index[0].size))])
+    expected = (np.linalg.inv(OBLIQUE) @ geom.working_affine() @ homogeneous)[:3].reshape(sampled.shape)
+    interior = np.all((expected >= 0) & (expected <= np.array(geom.original_shape)[:, None, None, None] - 1),
+                      axis=0)  # outside, the resize clamps to the edge voxel
+    assert interior.sum() > 0.5 * interior.size
+    assert np.allclose(sampled[:, interior], expected[:, interior], atol=1e-4)
+
+
+def test_resize_round_trip_keeps_shape_dtype_and_integer_upscaled_labels():
+    geom = geometry((5, 7, 3), (10, 14, 6), "resize")
+    label = np.random.default_rng(1).integers(0, 3, size=(5, 7, 3)).astype(np.uint8)
+    working = geom.to_working(label, order=0)
+    assert working.shape == (10, 14, 6) and working.dtype == np.uint8
+    assert np.array_equal(geom.to_original(working, order=0), label)
+    odd = geometry((9, 14, 5), (8, 8, 8), "resize")
+    image = np.random.default_rng(2).normal(size=(2, 9, 14, 5)).astype(np.float32)
+    assert odd.to_original(odd.to_working(image, order=1), order=1).shape == image.shape
+
+
+def test_geometry_survives_json():
+    geom = geometry((9, 6, 11), (4, 8, 6))
+    restored = Geometry.from_json(geom.to_json())
+    assert restored.offsets == geom.offsets and restored.original_shape == geom.original_shape
+    assert np.array_equal(restored.working_affine(), geom.working_affine())
+
+
+def test_geometry_rejects_an_array_of_the_wrong_grid():
+    with pytest.raises(OssnetError, match="does not match"):
+        geometry((9, 6, 11), (4, 8, 6)).to_original(np.zeros((9, 6, 11)), order=0)
+
+
+def test_config_rejects_shapes_the_global_downscale_cannot_divide():
+    with pytest.raises(OssnetError, match="divisible"):
+        PreprocessConfig(working_shape=(64, 64, 63))
+
+
+# ---------------------------------------------------------------- intensities and global volume
+
+
+def scaled_channels(shape=(2, 10, 9, 8)):
+    rng = np.random.default_rng(3)
+    return (rng.normal(size=shape) * [[[[5.0]]], [[[0.1]]]] + [[[[100.0]]], [[[-3.0]]]]).astype(np.float32)
+
+
+def test_zscore_gives_every_channel_zero_mean_and_unit_variance():
+    out = normalize_intensities(scaled_channels(), "zscore")
+    assert out.dtype == np.float32
+    assert np.allclose(out.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    assert np.allclose(out.std(axis=(1, 2, 3)), 1, atol=1e-5)
+
+
+def test_foreground_zscore_normalises_the_foreground_and_keeps_background_zero():
+    image = scaled_channels()
+    background = np.zeros(image.shape[1:], dtype=bool)
+    background[:3] = True
+    image[:, background] = 0
+    out = normalize_intensities(image, "zscore-foreground")
+    assert np.all(out[:, background] == 0)
+    foreground = out[:, ~background]
+    assert np.allclose(foreground.mean(axis=1), 0, atol=1e-5)
+    assert np.allclose(foreground.std(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["zscore", "zscore-foreground"])
+def test_constant_channel_normalises_to_finite_values(normalization):
+    out = normalize_intensities(np.full((1, 4, 4, 4), 7.0, np.float32), normalization)
+    assert np.all(np.isfinite(out)) and np.all(out == 0)
+
+
+def test_intensity_window_clips_before_normalising():
+    image = np.linspace(-1000, 1000, 64, dtype=np.float32).reshape(1, 4, 4, 4)
+    out = normalize_intensities(image, "zscore", window=(-200.0, 250.0))
+    lowest, highest = out.ravel()[0], out.ravel()[-1]
+    assert np.sum(out == lowest) > 1 and np.sum(out == highest) > 1  # all clipped voxels share one value
+    assert np.allclose(out.mean(), 0, atol=1e-5) and np.isclose(out.std(), 1, atol=1e-5)
+
+
+def test_global_volume_is_the_block_mean_downscale():
+    volume = np.random.default_rng(4).normal(size=(2, 8, 6, 4)).astype(np.float32)
+    small = downscale_volume(volume, 2)
+    assert small.shape == (2, 4, 3, 2) and small.dtype == np.float32
+    block_mean = volume.reshape(2, 4, 2, 3, 2, 2, 2).mean(axis=(2, 4, 6))
+    assert np.allclose(small, block_mean, atol=1e-6)
+
+
+# ---------------------------------------------------------------- border band
+
+
+def ball(shape=(20, 20, 20), centre=(9, 10, 10), radius=5.0):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    return (np.sum((grid - np.array(centre)[:, None, None, None]) ** 2, axis=0) <= radius**2).astype(np.uint8)
+
+
+def face_boundary(occupied):
+    """Voxels with a face neighbour on the other side of the label (inside and outside)."""
+    inner = occupied & ~ndimage.binary_erosion(occupied, border_value=1)
+    outer = ndimage.binary_dilation(occupied) & ~occupied
+    return inner | outer
+
+
+def test_border_band_contains_the_label_boundary():
+    label = ball()
+    band = border_band(label, radius=1)
+    assert band.dtype == bool and band.shape == label.shape
+    assert np.all(band[face_boundary(label > 0)])
+
+
+@pytest.mark.parametrize("radius", [0, 2, 3])
+def test_border_band_stays_within_radius_of_the_boundary(radius):
+    label = ball()
+    occupied = label > 0
+    either_side = ndimage.binary_dilation(occupied, np.ones((3, 3, 3))) & ~ndimage.binary_erosion(
+        occupied, np.ones((3, 3, 3)), border_value=1)  # voxels whose 3^3 neighbourhood holds both sides
+    distance = ndimage.distance_transform_cdt(~either_side, metric="chessboard")
+    band = border_band(label, radius)
+    assert band.any() and distance[band].max() <= radius
+
+
+def test_border_band_grows_with_radius():
+    label = ball()
+    bands = [border_band(label, r) for r in (1, 2, 3)]
+    for smaller, larger in zip(bands, bands[1:]):
+        assert np.all(larger[smaller]) and larger.sum() > smaller.sum()
+
+
+def test_border_band_is_empty_without_a_boundary():
+    assert not border_band(np.zeros((8, 8, 8), np.uint8), radius=2).any()
+    assert not border_band(np.ones((8, 8, 8), np.uint8), radius=2).any()  # the volume edge is no boundary
+
+
+def test_border_band_ignores_boundaries_between_foreground_classes():
+    classes = ball() * 2
+    classes[:9] = np.minimum(classes[:9], 1)  # two foreground classes touching inside the ball
+    assert np.array_equal(border_band(classes, 2), border_band(classes > 0, 2))
+
+
+# ---------------------------------------------------------------- prepare_case and the cache
+
+
+def small_case(labelled=True):
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(2, 12, 10, 7)).astype(np.float32) * 10 + 50
+    label = np.zeros((12, 10, 7), np.int16)
+    label[3:8, 2:7, 1:5] = 2
+    label[4:6, 3:5, 2:4] = 4
+    return Case("case-1", image, label if labelled else None, OBLIQUE, ("flair", "t1"), nib.Nifti1Header())
+
+
+SMALL = PreprocessConfig(shape_multiple=8, border_radius=1)
+
+
+def write_source(folder, case):
+    paths = []
+    for name, channel in zip(case.channel_names, case.image):
+        paths.append(folder / f"{case.case_id}_{name}.nii.gz")
+        nib.save(nib.Nifti1Image(channel, case.affine), paths[-1])
+    label_path = None
+    if case.label is not None:
+        label_path = folder / f"{case.case_id}_seg.nii.gz"
+        nib.save(nib.Nifti1Image(case.label, case.affine), label_path)
+    return CaseSource(case.case_id, tuple(paths), label_path, case.channel_names)
+
+
+def assert_same_prepared(actual, expected):
+    for name in ("volume", "global_volume", "label", "border"):
+        a, e = getattr(actual, name), getattr(expected, name)
+        assert (a is None and e is None) or (a.dtype == e.dtype and np.array_equal(a, e)), name
+    assert actual.geometry.offsets == expected.geometry.offsets
+    assert np.array_equal(actual.geometry.affine, expected.geometry.affine)
+
+
+def test_prepare_case_builds_working_grid_arrays_from_the_target():
+    case, target = small_case(), get_target("brats")
+    prepared = prepare_case(case, SMALL, target)
+    assert prepared.volume.shape == (2, 16, 16, 8) and prepared.volume.dtype == np.float32
+    assert prepared.global_volume.shape == (2, 8, 8, 4)
+    assert prepared.label.dtype == np.uint8 and prepared.border.dtype == bool
+    assert np.array_equal(prepared.geometry.to_original(prepared.label, order=0), target.apply(case.label))
+    assert np.array_equal(prepared.border, border_band(prepared.label, SMALL.border_radius))
+
+
+def test_prepare_case_without_label_has_no_label_or_border():
+    prepared = prepare_case(small_case(labelled=False), SMALL, get_target("brats"))
+    assert prepared.label is None and prepared.border is None
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_cache_misses_then_hits_with_memory_mapped_copies_of_prepare_case(tmp_path, labelled):
+    source, target = write_source(tmp_path, small_case(labelled)), get_target("brats")
+    cache = PreparedCache(tmp_path / "cache")
+    first = cache.load(source, SMALL, target)
+    second = cache.load(source, SMALL, target)
+    assert (cache.misses, cache.hits) == (1, 1)
+    expected = prepare_case(source.load(), SMALL, target)
+    assert_same_prepared(first, expected)
+    assert_same_prepared(second, expected)
+    assert isinstance(second.volume, np.memmap) and not second.volume.flags.writeable
+
+
+def test_cache_is_rebuilt_when_a_source_file_changes(tmp_path):
+    case, target = small_case(), get_target("brats")
+    source = write_source(tmp_path, case)
+    cache = PreparedCache(tmp_path / "cache")
+    cache.load(source, SMALL, target)
+    case.label[:] = 0
+    write_source(tmp_path, case)
+    later = source.label_path.stat().st_mtime + 10
+    os.utime(source.label_path, (later, later))
+    assert not cache.load(source, SMALL, target).label.any()
+    assert (cache.misses, cache.hits) == (2, 0)
+
+
+def test_cache_is_rebuilt_when_settings_or_target_change(tmp_path):
+    source = write_source(tmp_path, small_case())
+    cache = PreparedCache(tmp_path / "cache")
+    cache.load(source, SMALL, get_target("brats"))
+    wider = cache.load(source, dataclasses.replace(SMALL, border_radius=2), get_target("brats"))
+    regions = cache.load(source, SMALL, get_target("brats", "regions"))
+    assert (cache.misses, cache.hits) == (3, 0)
+    assert wider.border.sum() > cache.load(source, SMALL, get_target("brats")).border.sum()
+    assert regions.label.max() == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate-array", "garbage-metadata", "missing-array"])
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage):
+    source, target = write_source(tmp_path, small_case()), get_target("brats")
+    cache = PreparedCache(tmp_path / "cache")
+    entry = cache.entry_dir(source, SMALL, target)
+    cache.load(source, SMALL, target)  # not kept: truncating a file under a live memmap is a bus error
+    if damage == "truncate-array":
+        with open(entry / "volume.npy", "r+b") as file:
+            file.truncate(200)
+    elif damage == "garbage-metadata":
+        (entry / "meta.json").write_text("{not json")
+    else:
+        (entry / "border.npy").unlink()
+    rebuilt = cache.load(source, SMALL, target)
+    assert (cache.misses, cache.hits) == (2, 0)
+    assert_same_prepared(rebuilt, prepare_case(source.load(), SMALL, target))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]
+
+
+def test_failed_write_leaves_no_entry_behind(tmp_path, monkeypatch):
+    source, target = write_source(tmp_path, small_case()), get_target("brats")
+    cache = PreparedCache(tmp_path / "cache")
+    saved, real_save = [], np.save
+
+    def save_then_crash(path, array):
+        saved.append(path)
+        if len(saved) == 2:
+            raise OSError("disk full")
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        cache.load(source, SMALL, target)
+    monkeypatch.undo()
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert_same_prepared(cache.load(source, SMALL, target), prepare_case(source.load(), SMALL, target))
+
+
+def test_racing_loaders_share_one_entry(tmp_path):
+    source, target = write_source(tmp_path, small_case()), get_target("brats")
+    caches = [PreparedCache(tmp_path / "cache") for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda cache: cache.load(source, SMALL, target), caches))
+    for result in results[1:]:
+        assert_same_prepared(result, results[0])
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # no staging folders left
+
+
+def test_dataset_preprocess_pads_every_case_to_one_working_shape():
+    from ossnet.data.preprocess import dataset_preprocess_config
+
+    config = dataset_preprocess_config("brats", [(240, 240, 155), (240, 230, 150)])
+    assert config.fit == "pad" and config.working_shape == (256, 256, 160)
+    assert config.intensity_window is None
+
+
+def test_dataset_preprocess_resizes_lits_to_a_windowed_cube():
+    from ossnet.data.preprocess import dataset_preprocess_config
+
+    config = dataset_preprocess_config("lits", [(512, 512, 75), (512, 512, 987)])
+    assert config.fit == "resize" and config.working_shape == (512, 512, 512)
+    assert config.intensity_window[0] < 0 < config.intensity_window[1]
+    assert dataset_preprocess_config("lits", [], working_shape=(64, 64, 64)).working_shape == (64, 64, 64)

@@ -1,0 +1,64 @@
+"""`ossnet info` reports what a user needs before training, and every case that fails."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ossnet.data import open_dataset, summarize_dataset
+
+
+def write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), path)
+    return array
+
+
+def lits_dataset(root: Path) -> list[np.ndarray]:
+    """Two good cases of different shape and spacing, one with a mismatched label, one test volume."""
+    rng = np.random.default_rng(0)
+    labels = []
+    for n, shape, spacing in [(0, (8, 8, 4), (0.7, 0.7, 5.0)), (1, (8, 8, 6), (0.8, 0.8, 2.5))]:
+        write(root / f"volume-{n}.nii", rng.normal(size=shape).astype(np.float32), spacing)
+        labels.append(write(root / f"segmentation-{n}.nii", rng.integers(0, 3, shape).astype(np.uint8), spacing))
+    write(root / "volume-2.nii", np.zeros((8, 8, 5), np.float32))
+    write(root / "segmentation-2.nii", np.zeros((8, 8, 7), np.uint8))
+    write(root / "test-volume-3.nii", np.zeros((8, 8, 5), np.float32), (0.7, 0.7, 1.0))
+    return labels
+
+
+def line(report: str, key: str) -> str:
+    return next(row for row in report.splitlines() if row.startswith(key))
+
+
+def test_summary_lists_layout_cases_channels_shapes_and_spacings(tmp_path):
+    lits_dataset(tmp_path)
+    report = summarize_dataset(open_dataset(tmp_path))
+    assert "lits" in line(report, "layout") and str(tmp_path) in line(report, "root")
+    assert "3 labelled, 1 test" in line(report, "cases")
+    assert "CT" in line(report, "channels")
+    assert "liver (default)" in line(report, "targets")
+    # Over the three readable cases (volume-2's label does not fit its image).
+    assert line(report, "shape").endswith("min 8*8*4, median 8*8*5, max 8*8*6")
+    assert line(report, "spacing").endswith("min 0.7*0.7*1, median 0.7*0.7*2.5, max 0.8*0.8*5")
+
+
+def test_summary_gives_label_fractions_over_the_labels_it_read(tmp_path):
+    labels = lits_dataset(tmp_path)
+    everything = np.concatenate([label.ravel() for label in labels])
+    expected = ", ".join(f"{v}: {100 * np.mean(everything == v):.3g}%" for v in (0, 1, 2))
+    assert line(summarize_dataset(open_dataset(tmp_path)), "label voxels").endswith(
+        f"{expected} (over 2 of 3 labelled cases)")
+    first_only = ", ".join(f"{v}: {100 * np.mean(labels[0] == v):.3g}%" for v in (0, 1, 2))
+    assert first_only in line(summarize_dataset(open_dataset(tmp_path), max_cases=1), "label voxels")
+
+
+def test_summary_reports_each_failing_case_and_keeps_going(tmp_path, capsys):
+    lits_dataset(tmp_path)
+    (tmp_path / "volume-1.nii").unlink()
+    report = summarize_dataset(open_dataset(tmp_path))
+    assert "2 of 4 cases" in line(report, "failures")
+    assert "volume-1.nii: CT image file is missing" in line(report, "  volume-1:")
+    assert "segmentation-2.nii: label shape (8, 8, 7) != image shape (8, 8, 5)" in line(report, "  volume-2:")
+    assert "test-volume-3" not in report.split("failures")[1]
+    assert "checking cases" in capsys.readouterr().err
