@@ -83,3 +83,17 @@ def test_conditional_batch_norm_conditions_each_volume_on_its_own_latent():
 def test_encoder_block_halves_every_axis():
     block = ResidualEncoderBlock(3, 5, "relu")
     assert block(torch.randn(2, 3, 8, 6, 4)).shape == (2, 5, 4, 3, 2)
+
+
+def test_patch_conv_equals_a_same_padded_conv3d_in_values_and_gradients():
+    import torch.nn.functional as F
+    from ossnet.models.layers import PatchConv3d
+
+    layer = PatchConv3d(3, 2, 5).double()
+    patches = torch.randn(6, 3, 5, 5, 5, dtype=torch.float64, requires_grad=True)
+    expected = F.conv3d(patches, layer.weight, layer.bias, padding=2)
+    assert torch.allclose(layer(patches), expected, atol=1e-10)
+    grad_ours = torch.autograd.grad(layer(patches).square().sum(), (patches, layer.weight, layer.bias))
+    grad_conv = torch.autograd.grad(expected.square().sum(), (patches, layer.weight, layer.bias))
+    for ours, reference in zip(grad_ours, grad_conv):
+        assert torch.allclose(ours, reference, atol=1e-8)

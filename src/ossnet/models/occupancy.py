@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ossnet.errors import OssnetError
-from ossnet.models.layers import ACTIVATIONS, ResidualDecoderBlock, ResidualEncoderBlock, make_activation
+from ossnet.models.layers import (ACTIVATIONS, PatchConv3d, ResidualDecoderBlock, ResidualEncoderBlock,
+                                  make_activation)
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,8 @@ class PatchMapping(nn.Module):
         hidden = max(config.patch_channels // 2, 1)
         size = config.patch_size
         self.layers = nn.Sequential(
-            nn.Conv3d(config.patch_channels, hidden, size, padding=size // 2), make_activation(config.activation),
-            nn.Conv3d(hidden, 1, size, padding=size // 2), make_activation(config.activation))
+            PatchConv3d(config.patch_channels, hidden, size), make_activation(config.activation),
+            PatchConv3d(hidden, 1, size), make_activation(config.activation))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.layers(patches.flatten(0, 1)).view(*patches.shape[:2], -1)
