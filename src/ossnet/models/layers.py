@@ -5,7 +5,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ossnet.errors import OssnetError
 
@@ -14,20 +13,57 @@ LEAKY_RELU_NUMERATOR = (0.0335583603, 0.505000375, 1.65343934, 2.01001052, 0.931
 LEAKY_RELU_DENOMINATOR = (3.30847488e-06, 3.98021568, 5.12471206e-07, 0.301830109)
 
 
-def pade_rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Safe Padé form P(x) / (1 + sum_k |b_k| |x|^k), both polynomials evaluated with Horner's scheme.
+def _horner(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """c_0 + c_1 x + ... + c_m x^m for coefficients (m + 1,) = c_0..c_m, evaluated with Horner's scheme."""
+    result = torch.empty_like(x).fill_(coefficients[-1])
+    for coefficient in coefficients.flip(0)[1:]:
+        result.mul_(x).add_(coefficient)
+    return result
 
-    x: any shape; numerator: (m + 1,) = a_0..a_m; denominator: (n,) = b_1..b_n. Returns x's shape.
+
+class PadeFunction(torch.autograd.Function):
+    """P(x) / Q(x) with a hand-written backward: stores only x and recomputes P, Q in place.
+
+    Autograd through the ~20 elementwise steps of the formula would store every intermediate (or, with
+    checkpointing, run the formula twice plus its generic backward); the analytic gradients are
+        dy/dx   = (P'(x) - y Q'(x)) / Q,         Q'(x) = sign(x) sum_k k |b_k| |x|^(k-1)
+        dy/da_k = x^k / Q,                       dy/db_k = -y sign(b_k) |x|^k / Q
+    with the coefficient gradients summed over all elements (the coefficients are shared).
     """
-    a = numerator.flip(0)  # a_m .. a_0
-    p = a[0] * x + a[1]
-    for coefficient in a[2:]:
-        p = p * x + coefficient
-    abs_x, abs_b = x.abs(), denominator.abs()
-    q = abs_b[-1] * abs_x
-    for b in abs_b.flip(0)[1:]:
-        q = (q + b) * abs_x
-    return p / (1.0 + q)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, numerator, denominator)
+        q_coefficients = torch.cat([denominator.new_ones(1), denominator.abs()])
+        return _horner(numerator, x).div_(_horner(q_coefficients, x.abs()))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, numerator, denominator = ctx.saved_tensors
+        abs_x = x.abs()
+        q_coefficients = torch.cat([denominator.new_ones(1), denominator.abs()])
+        inverse_q = _horner(q_coefficients, abs_x).reciprocal_()
+        y = _horner(numerator, x).mul_(inverse_q)
+        degrees_p = torch.arange(1, len(numerator), dtype=x.dtype, device=x.device)
+        degrees_q = torch.arange(1, len(q_coefficients), dtype=x.dtype, device=x.device)
+        dp = _horner(numerator[1:] * degrees_p, x)
+        dq = _horner(q_coefficients[1:] * degrees_q, abs_x).mul_(torch.sign(x))
+        grad_x = dp.sub_(dq.mul_(y)).mul_(inverse_q).mul_(grad)
+        weighted = grad * inverse_q  # dL/dP per element
+        grad_numerator = _power_sums(weighted, x, len(numerator), start=0)
+        weighted.mul_(y).neg_()  # dL/dQ per element
+        grad_denominator = _power_sums(weighted, abs_x, len(denominator), start=1) * torch.sign(denominator)
+        return grad_x, grad_numerator, grad_denominator
+
+
+def _power_sums(weights: torch.Tensor, base: torch.Tensor, count: int, start: int) -> torch.Tensor:
+    """(count,) sums of weights * base^k for k = start .. start + count - 1 (float64 accumulation)."""
+    term = weights * base if start == 1 else weights.clone()
+    sums = []
+    for _ in range(count):
+        sums.append(term.sum(dtype=torch.float64))
+        term.mul_(base)
+    return torch.stack(sums).to(weights.dtype)
 
 
 class PadeActivation(nn.Module):
@@ -35,9 +71,9 @@ class PadeActivation(nn.Module):
 
     The coefficients are shared over all elements and start as a Leaky ReLU approximation. Half and
     bfloat16 inputs are evaluated in float32 (the degree-5 polynomial overflows float16) and cast back.
-    During training the rational function is recomputed in the backward pass instead of storing its
-    ~20 elementwise intermediates: on the encoder's full-resolution feature maps those would cost
-    more memory than the convolutions themselves.
+    `PadeFunction` gives the gradients in closed form and keeps only the input for the backward pass:
+    on the encoder's full-resolution feature maps, autograd's ~20 stored intermediates would cost more
+    memory than the convolutions themselves.
     """
 
     def __init__(self) -> None:
@@ -48,11 +84,7 @@ class PadeActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         numerator, denominator = self.numerator.to(compute_dtype), self.denominator.to(compute_dtype)
-        if torch.is_grad_enabled():
-            y = checkpoint(pade_rational, x.to(compute_dtype), numerator, denominator, use_reentrant=False)
-        else:
-            y = pade_rational(x.to(compute_dtype), numerator, denominator)
-        return y.to(x.dtype)
+        return PadeFunction.apply(x.to(compute_dtype), numerator, denominator).to(x.dtype)
 
 
 ACTIVATIONS = {"pau": PadeActivation, "relu": nn.ReLU, "leaky_relu": partial(nn.LeakyReLU, 0.01)}
