@@ -1,0 +1,9 @@
+"""Training: border-balanced location sampling, losses, the RAdam + Lookahead optimiser, checkpoints that
+survive interruption, and the loop `train(TrainConfig)` (single process or torchrun / DDP)."""
+
+from ossnet.training.loop import TrainConfig, TrainResult, train
+from ossnet.training.optim import Lookahead, build_optimizer, build_scheduler, lr_milestones
+from ossnet.training.sampling import case_rng, sample_locations
+
+__all__ = ["Lookahead", "TrainConfig", "TrainResult", "build_optimizer", "build_scheduler", "case_rng",
+           "lr_milestones", "sample_locations", "train"]

@@ -1,0 +1,455 @@
+"""`train(TrainConfig)`: the training loop shared by all seven models (REFERENCE 4).
+
+One epoch visits every training case once, in batches of `batch_size` volumes. Occupancy networks learn
+from `locations` border-balanced voxels per volume (plus the auxiliary loss of C / D), the 3D U-Net from
+whole working volumes and the 2D U-Net from axial slices (see `datasets`); all with the losses of
+`losses`. Every `val_every` epochs the validation cases are segmented on their working grid the way
+`ossnet predict` does it (`inference.volume.segment_volume`: guided decoding for occupancy networks,
+dense / slice-wise for U-Nets) and scored with Dice and IoU (multi-class: mean over foreground classes).
+
+A run folder holds last.pt / best.pt (see `checkpoints`), metrics.csv, curves.png, config.json (the
+resolved settings) and split.json (train / validation case ids: a seeded `val_fraction` or a split file).
+metrics.csv gets one flushed row per epoch: train_loss (mean segmentation loss of the epoch's steps),
+aux_loss (mean unweighted auxiliary loss, empty without a head), val_dice / val_iou (empty when not
+validated), seconds, peak_memory_mb (CUDA: peak allocated this epoch; CPU: peak resident set so far).
+`resume` continues last.pt exactly (model, optimiser, schedule, random states, split, settings), taking
+only RESUMABLE_FIELDS from the new request; a run folder with a last.pt is never started afresh.
+Under torchrun every rank trains on its share of the cases (DistributedDataParallel) and validates its
+share of the validation cases; rank 0 alone writes files and progress bars.
+
+Precision: "bf16" autocasts to bfloat16 (CPU or CUDA); "fp16" autocasts to float16 with a gradient
+scaler and needs CUDA (on CPU use bf16).
+"""
+
+import csv
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from tqdm import tqdm
+
+from ossnet import models
+from ossnet.data import PreparedCache, PreprocessConfig, get_target, open_dataset
+from ossnet.errors import DatasetError, OssnetError
+from ossnet.inference.export import plot_curves
+from ossnet.inference.volume import segment_volume
+from ossnet.metrics import dice, iou
+from ossnet.training.checkpoints import (BEST, LAST, check_run_dir, load_training_checkpoint,
+                                         restore_training_state, save_checkpoint)
+from ossnet.training.datasets import LocationSamples, PreparedCases, SliceSamples, VolumeSamples
+from ossnet.training.distributed import (DistributedContext, all_reduce_sum, barrier, init_distributed,
+                                         resolve_device, shutdown)
+from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
+from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+METRICS_COLUMNS = ("epoch", "train_loss", "aux_loss", "val_dice", "val_iou", "seconds", "peak_memory_mb")
+# Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
+RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "workers", "resume", "cache_dir",
+                    "val_every")
+# Locations per decoder call when validating (the paper's smaller inference setting).
+VALIDATION_CHUNK = 2**14
+# Model sizes the data decides (channels, working shape, classes, encoder downscale).
+DATA_FIELDS = ("in_channels", "input_shape", "num_classes", "global_downscale")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ossnet train` is told; one field per command-line option.
+
+    model_overrides: model configuration fields to change (e.g. {"decoder_width": 128}).
+    max_train_cases / max_val_cases: use only the first cases of each split (small runs).
+    """
+
+    data: Path
+    run_dir: Path
+    model: str = "ossnet-c"
+    epochs: int = 50
+    batch_size: int = 8
+    locations: int = 2**14
+    border_fraction: float = 0.5
+    lr: float = 3e-4
+    val_fraction: float = 0.2
+    split_file: Path | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    workers: int = 0
+    resume: bool = False
+    target: str | None = None
+    working_shape: tuple[int, int, int] | None = None
+    cache_dir: Path | None = None
+    max_train_cases: int | None = None
+    max_val_cases: int | None = None
+    val_every: int = 1
+    model_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "run_dir", "split_file", "cache_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if self.working_shape is not None:
+            self.working_shape = tuple(int(n) for n in self.working_shape)
+        # JSON (config files, torchrun scripts) turns tuples into lists; model configs want tuples
+        self.model_overrides = {key: tuple(value) if isinstance(value, list) else value
+                                for key, value in self.model_overrides.items()}
+        positive = ("epochs", "batch_size", "locations", "val_every")
+        if bad := [name for name in positive if getattr(self, name) < 1]:
+            raise OssnetError(f"training: {', '.join(bad)} must be at least 1")
+        if not 0.0 <= self.border_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:
+            raise OssnetError("training: border fraction must lie in [0, 1] and validation fraction in [0, 1)")
+        if self.lr <= 0 or self.workers < 0:
+            raise OssnetError("training: lr must be positive and workers non-negative")
+        if self.precision not in PRECISIONS:
+            raise OssnetError(f"training: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if clash := sorted(set(self.model_overrides) & set(DATA_FIELDS)):
+            raise OssnetError(f"training: model fields {clash} are set by the data (use --working-shape for "
+                              f"the shape), not by overrides")
+
+    def to_dict(self) -> dict:
+        """Plain values (paths as strings) for config.json and checkpoints."""
+        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class TrainResult:
+    """What a finished `train` leaves: the run folder, completed epochs and the best validation Dice."""
+
+    run_dir: Path
+    epochs: int
+    best_dice: float | None
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train `config.model` on `config.data` into `config.run_dir` (see the module docstring)."""
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if config.precision == "fp16" and device.type != "cuda":
+        raise OssnetError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    resume_from = check_run_dir(config.run_dir, config.resume)
+    context = init_distributed(device)
+    try:
+        return _Run(config, device, context, resume_from).fit()
+    finally:
+        shutdown(context)
+
+
+class _Run:
+    """The state of one training run: data, model, optimiser and the run folder's files."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, context: DistributedContext,
+                 resume_from: Path | None) -> None:
+        self.device, self.context = device, context
+        model = checkpoint = None
+        if resume_from is not None:
+            model, checkpoint = load_training_checkpoint(resume_from, device)
+            config = resumed_config(checkpoint, config)
+        self.config = config
+        self._open_data(checkpoint)
+        if model is None:
+            torch.manual_seed(config.seed)  # the same initial weights on every rank
+            model = self._create_model()
+        self.model = model.to(device)
+        self._build_optimisation(checkpoint)
+        self.samples = self._training_samples()
+        self.step_model = (DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
+                                                   find_unused_parameters=False)
+                           if context.enabled else self.model)
+
+    def _open_data(self, checkpoint: dict | None) -> None:
+        """Dataset, target, split and preprocessing (a resumed run's from its checkpoint), cases prepared."""
+        config = self.config
+        dataset = open_dataset(config.data)
+        self.layout, self.label_values = dataset.layout, tuple(dataset.label_values)
+        self.channel_names = tuple(dataset.channel_names)
+        self.target = get_target(dataset.layout, config.target, self.label_values)
+        self.split = checkpoint["split"] if checkpoint else choose_split(dataset.cases, config)
+        sources = {source.case_id: source for source in dataset.cases}
+        if missing := [i for ids in self.split.values() for i in ids if i not in sources]:
+            raise DatasetError(f"{config.data}: cases {missing[:5]} of the run's split are not in the dataset")
+        if not self.split["train"]:
+            raise DatasetError(f"{config.data}: no training cases")
+        self.preprocess = (PreprocessConfig(**_tuples(checkpoint["preprocess"])) if checkpoint else
+                           PreprocessConfig(working_shape=common_working_shape(
+                               [sources[i] for ids in self.split.values() for i in ids], config)))
+        cache = PreparedCache(config.cache_dir or _default_cache_dir(Path(config.data)))
+        self.train_cases, self.val_cases = (
+            PreparedCases([sources[i] for i in self.split[part]], cache, self.preprocess, self.target)
+            for part in ("train", "val"))
+        self._prepare_cases()
+
+    def _build_optimisation(self, checkpoint: dict | None) -> None:
+        """Optimiser, schedule and loss scaler, continuing a resumed run's states."""
+        self.optimizer = build_optimizer(self.model, self.config.lr)
+        self.scheduler = build_scheduler(self.optimizer, self.config.epochs)
+        self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
+        self.epoch, self.best_dice = 0, None
+        if checkpoint is not None:
+            restore_training_state(checkpoint, self.optimizer, self.scheduler, self.scaler)
+            self.epoch, self.best_dice = checkpoint["epoch"], checkpoint["best_dice"]
+
+    def _prepare_cases(self) -> None:
+        """Preprocess every case into the cache: rank 0 first, then the others map its files."""
+        all_cases = [(cases, i) for cases in (self.train_cases, self.val_cases) for i in range(len(cases))]
+        for main_turn in (True, False):
+            if self.context.is_main == main_turn:
+                for cases, index in tqdm(all_cases, desc="preparing cases", unit="case",
+                                         disable=not self.context.is_main, leave=False):
+                    cases[index]  # loads the cache entry, preparing it on a miss
+            barrier(self.context)
+
+    def _create_model(self) -> nn.Module:
+        classes = len(self.target.class_names)
+        sizes = {"in_channels": len(self.channel_names), "input_shape": self.preprocess.working_shape,
+                 "num_classes": 1 if classes == 1 else classes + 1}
+        if isinstance(models.PRESETS.get(self.config.model), models.OccupancyConfig):
+            sizes["global_downscale"] = self.preprocess.global_downscale
+        return models.create(self.config.model, **sizes, **self.config.model_overrides)
+
+    def _training_samples(self):
+        config, model_config = self.config, self.model.config
+        if isinstance(self.model, models.OccupancyNetwork):
+            return LocationSamples(self.train_cases, config.seed, model_config, config.locations,
+                                   config.border_fraction)
+        if model_config.dims == 2:
+            return SliceSamples(self.train_cases, config.seed, config.border_fraction)
+        return VolumeSamples(self.train_cases, config.seed)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        """Train from the current epoch to `epochs`, validating and writing the run files every epoch."""
+        run_dir = Path(self.config.run_dir)
+        if self.context.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / "config.json", self._resolved_config())
+            _write_json(run_dir / "split.json", self.split)
+            self.log = MetricsLog(run_dir / "metrics.csv", completed_epochs=self.epoch)
+        loader = self._loader()
+        for epoch in range(self.epoch, self.config.epochs):
+            started = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            loader.sampler.set_epoch(epoch)
+            self.samples.epoch = epoch
+            train_loss, aux = self._train_epoch(loader, epoch)
+            self.scheduler.step()
+            scores = (None, None)
+            if (epoch + 1) % self.config.val_every == 0 or epoch + 1 == self.config.epochs:
+                with self._autocast():
+                    scores = self._validate()
+            self.epoch = epoch + 1
+            improved = scores[0] is not None and (self.best_dice is None or scores[0] > self.best_dice)
+            if improved:
+                self.best_dice = scores[0]
+            if self.context.is_main:
+                self._record_epoch(run_dir, {"epoch": self.epoch, "train_loss": train_loss, "aux_loss": aux,
+                                             "val_dice": scores[0], "val_iou": scores[1],
+                                             "seconds": time.perf_counter() - started,
+                                             "peak_memory_mb": self._peak_memory_mb()}, improved)
+        return TrainResult(run_dir, self.epoch, self.best_dice)
+
+    def _record_epoch(self, run_dir: Path, row: dict, improved: bool) -> None:
+        """metrics.csv row, curves.png, best.pt if the Dice improved, and last.pt (last, so it never
+        claims an epoch whose other files are missing)."""
+        self.log.append(row)
+        plot_curves(self.log.path, run_dir / "curves.png")
+        if improved:
+            save_checkpoint(run_dir / BEST, self.model, self._metadata())
+        save_checkpoint(run_dir / LAST, self.model, self._metadata(), self.optimizer, self.scheduler, self.scaler)
+
+    def _loader(self) -> DataLoader:
+        sampler = DistributedSampler(self.samples, num_replicas=self.context.world_size, rank=self.context.rank,
+                                     shuffle=True, seed=self.config.seed)
+        collate = _concatenate if isinstance(self.samples, SliceSamples) else default_collate
+        return DataLoader(self.samples, batch_size=self.config.batch_size, sampler=sampler,
+                          num_workers=self.config.workers, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda")
+
+    def _autocast(self) -> torch.autocast:
+        """The mixed-precision context of `precision` (disabled for fp32)."""
+        dtype = PRECISIONS[self.config.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _train_epoch(self, loader: DataLoader, epoch: int) -> tuple[float, float | None]:
+        """One pass over the training cases -> mean loss and mean auxiliary loss (None without a head)."""
+        self.model.train()
+        totals = np.zeros(4)  # loss, aux loss, steps with aux, steps
+        started, supervised = time.perf_counter(), 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step",
+                   disable=not self.context.is_main, dynamic_ncols=True)
+        for batch in bar:
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            with self._autocast():
+                main, aux, count = step_losses(self.step_model, batch)
+            loss = main if aux is None else main + AUX_WEIGHT * aux
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            totals += (main.item(), 0.0 if aux is None else aux.item(), aux is not None, 1)
+            supervised += count * self.context.world_size
+            bar.set_postfix({"loss": f"{main.item():.4f}",
+                             "loc/s": f"{supervised / (time.perf_counter() - started):.0f}"})
+        loss_sum, aux_sum, aux_steps, steps = all_reduce_sum(totals.tolist(), self.context, self.device)
+        return loss_sum / steps, (aux_sum / aux_steps if aux_steps else None)
+
+    @torch.no_grad()
+    def _validate(self) -> tuple[float | None, float | None]:
+        """Mean Dice and IoU over the validation cases (each rank segments its share); None without any."""
+        self.model.eval()
+        classes = range(1, len(self.target.class_names) + 1)
+        totals = np.zeros(3)  # Dice, IoU, cases
+        for index in range(self.context.rank, len(self.val_cases), self.context.world_size):
+            case = self.val_cases[index]
+            result = segment_volume(self.model, np.array(case.volume), np.array(case.global_volume),
+                                    mode="guided", chunk=VALIDATION_CHUNK, device=self.device)
+            totals += (np.mean([dice(result.labels == k, case.label == k) for k in classes]),
+                       np.mean([iou(result.labels == k, case.label == k) for k in classes]), 1)
+        dice_sum, iou_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
+        return (dice_sum / count, iou_sum / count) if count else (None, None)
+
+    # ------------------------------------------------------------------ what is written
+
+    def _metadata(self) -> dict:
+        """Run entries of both checkpoints; the keys `ossnet predict` reads are preprocess, layout, target,
+        label_values and channel_names."""
+        return {"train_config": self.config.to_dict(), "preprocess": asdict(self.preprocess),
+                "layout": self.layout, "target": self.target.name, "class_names": list(self.target.class_names),
+                "label_values": list(self.label_values), "channel_names": list(self.channel_names),
+                "epoch": self.epoch, "best_dice": self.best_dice, "split": self.split}
+
+    def _resolved_config(self) -> dict:
+        model = self.model
+        return {"train": self.config.to_dict(), "model": {"name": model.name, "config": asdict(model.config)},
+                "preprocess": asdict(self.preprocess), "layout": self.layout, "target": self.target.name,
+                "class_names": list(self.target.class_names), "channel_names": list(self.channel_names),
+                "lr_milestones": lr_milestones(self.config.epochs), "device": str(self.device),
+                "world_size": self.context.world_size,
+                "cases": {"train": len(self.train_cases), "val": len(self.val_cases)}}
+
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of this process: CUDA allocations this epoch, or the CPU resident set so far."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def step_losses(model: nn.Module, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Forward one batch -> (segmentation loss, auxiliary loss or None, supervised locations / voxels)."""
+    if "coords" in batch:
+        logits, latents = model(batch["global_volume"], batch["coords"], batch.get("patches"))
+        main = segmentation_loss(logits.transpose(1, 2), batch["targets"])
+        aux = None if latents.aux_logits is None else aux_loss(latents.aux_logits, batch["aux_targets"])
+        return main, aux, batch["targets"].numel()
+    return segmentation_loss(model(batch["volume"]), batch["label"]), None, batch["label"].numel()
+
+
+def resumed_config(checkpoint: dict, requested: TrainConfig) -> TrainConfig:
+    """The stored run's settings with RESUMABLE_FIELDS taken from the new request; a different model or
+    target is an error rather than a silent change."""
+    stored = TrainConfig.from_dict(_tuples(checkpoint["train_config"]))
+    if requested.model != stored.model or requested.target not in (None, checkpoint["target"]):
+        raise OssnetError(f"{requested.run_dir}: the run trains {stored.model} on target {checkpoint['target']!r};"
+                          f" resume with the same --model and --target or choose another -o")
+    return replace(stored, **{name: getattr(requested, name) for name in RESUMABLE_FIELDS})
+
+
+def common_working_shape(sources: list, config: TrainConfig) -> tuple[int, int, int]:
+    """--working-shape, else the one shape every case rounds up to (from the headers), so the run and its
+    checkpoints name an explicit grid that `ossnet predict` fits any input to."""
+    if config.working_shape is not None:
+        return config.working_shape
+    shapes = {PreprocessConfig().working_shape_for(source.inspect().shape) for source in sources}
+    if len(shapes) > 1:
+        raise DatasetError(f"{config.data}: cases round up to different working shapes {sorted(shapes)}; "
+                           f"pass --working-shape X Y Z")
+    return shapes.pop()
+
+
+def choose_split(cases: list, config: TrainConfig) -> dict[str, list[str]]:
+    """{"train": ids, "val": ids}: from the split file, or a seeded random `val_fraction` of the cases
+    (at least one if the fraction is positive and there are two cases); then cut to max_*_cases."""
+    ids = [case.case_id for case in cases]
+    if config.split_file is not None:
+        split = read_split_file(config.split_file, ids)
+    else:
+        n_val = round(config.val_fraction * len(ids))
+        if config.val_fraction > 0 and len(ids) > 1:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        chosen = set(np.random.default_rng(config.seed).permutation(len(ids))[:n_val].tolist())
+        split = {"train": [i for n, i in enumerate(ids) if n not in chosen],
+                 "val": [i for n, i in enumerate(ids) if n in chosen]}
+    return {"train": split["train"][:config.max_train_cases], "val": split["val"][:config.max_val_cases]}
+
+
+def read_split_file(path: Path, case_ids: list[str]) -> dict[str, list[str]]:
+    """A JSON split {"train": [ids], "val": [ids]}, checked against the dataset's case ids."""
+    try:
+        split = json.loads(Path(path).read_text())
+        train_ids, val_ids = [str(i) for i in split["train"]], [str(i) for i in split["val"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"{path}: not a split file {{\"train\": [ids], \"val\": [ids]}} ({error})") from None
+    if unknown := sorted(set(train_ids + val_ids) - set(case_ids)):
+        raise DatasetError(f"{path}: case ids not in the dataset: {unknown[:5]}")
+    if both := sorted(set(train_ids) & set(val_ids)):
+        raise DatasetError(f"{path}: cases in both train and val: {both[:5]}")
+    return {"train": train_ids, "val": val_ids}
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.csv, one row per epoch, flushed as written. A resumed run drops rows of epochs
+    after its checkpoint (written before a crash, they are trained again)."""
+
+    def __init__(self, path: Path, completed_epochs: int) -> None:
+        self.path = path
+        rows = []
+        if completed_epochs and path.is_file():
+            with path.open(newline="") as stream:
+                rows = [row for row in csv.DictReader(stream) if int(row["epoch"]) <= completed_epochs]
+        with path.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        values = {key: "" if row.get(key) is None else
+                  (f"{row[key]:.6g}" if isinstance(row[key], float) else row[key]) for key in METRICS_COLUMNS}
+        with self.path.open("a", newline="") as stream:
+            csv.DictWriter(stream, METRICS_COLUMNS).writerow(values)
+            stream.flush()
+
+
+def _concatenate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate slice items (S, ...) of B volumes into one batch of B * S slices."""
+    return {key: torch.cat([item[key] for item in items]) for key in items[0]}
+
+
+def _default_cache_dir(data: Path) -> Path:
+    return (data if data.is_dir() else data.parent) / ".ossnet-cache"
+
+
+def _tuples(values: dict) -> dict:
+    """Checkpoints store tuples as lists; dataclass fields want tuples back (nested dicts kept)."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+
+
+def _write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, default=str) + "\n")

@@ -1,0 +1,123 @@
+"""`train` end to end on a tiny synthetic BraTS-like dataset: learning, run files, resume, refusal, torchrun."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ossnet import models
+from ossnet.data import write_synthetic_dataset
+from ossnet.errors import OssnetError
+from ossnet.training import TrainConfig, train
+from ossnet.training import loop
+
+SHAPE = (24, 24, 24)  # divisible by the tiny encoder's 2 * 2**2 and the tiny U-Nets' 2 * 2
+RUN_FILES = {"last.pt", "best.pt", "metrics.csv", "curves.png", "config.json", "split.json"}
+TINY_MODELS = {
+    "ossnet-c": {"encoder_channels": (4, 8), "decoder_width": 32, "decoder_blocks": 2},
+    "unet3d": {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1},
+    "unet2d": {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("brats"), "brats", 5, shape=SHAPE, seed=0)
+
+
+def tiny_config(dataset, run_dir, model="ossnet-c", **changes) -> TrainConfig:
+    settings = dict(data=dataset, run_dir=run_dir, model=model, epochs=3, batch_size=1, locations=512,
+                    lr=1e-2, device="cpu", working_shape=SHAPE, model_overrides=TINY_MODELS[model])
+    return TrainConfig(**{**settings, **changes})
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.parametrize("model", ["ossnet-c", "unet3d", "unet2d"])
+def test_training_lowers_the_loss_and_writes_the_run_files(dataset, tmp_path, model):
+    result = train(tiny_config(dataset, tmp_path / "run", model, val_every=3))
+    run_dir = tmp_path / "run"
+    assert RUN_FILES <= {path.name for path in run_dir.iterdir()}
+    rows = read_metrics(run_dir)
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert [bool(row["val_dice"]) for row in rows] == [False, False, True]  # validated at the end only
+    assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
+    assert result.best_dice == pytest.approx(float(rows[-1]["val_dice"]), abs=1e-5)
+    assert bool(rows[0]["aux_loss"]) == (model == "ossnet-c")
+    network, checkpoint = models.load(run_dir / "last.pt")
+    assert network.name == model and checkpoint["epoch"] == 3
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) == 4 and len(split["val"]) == 1
+    assert not set(split["train"]) & set(split["val"])
+
+
+def test_resume_after_an_interruption_continues_like_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
+    config = tiny_config(dataset, tmp_path / "whole", epochs=2, batch_size=2, max_val_cases=0)
+    train(config)
+    interrupted = replace(config, run_dir=tmp_path / "interrupted")
+    train_epoch = loop._Run._train_epoch
+
+    def killed_in_second_epoch(self, loader, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, loader, epoch)
+
+    monkeypatch.setattr(loop._Run, "_train_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted)
+    monkeypatch.undo()
+    assert models.load(interrupted.run_dir / "last.pt")[1]["epoch"] == 1
+    train(replace(interrupted, resume=True))
+    whole, resumed = read_metrics(config.run_dir), read_metrics(interrupted.run_dir)
+    assert len(resumed) == 2
+    assert float(resumed[1]["train_loss"]) == pytest.approx(float(whole[1]["train_loss"]), rel=1e-5)
+    whole_checkpoint = models.load(config.run_dir / "last.pt")[1]
+    resumed_checkpoint = models.load(interrupted.run_dir / "last.pt")[1]
+    for name, value in whole_checkpoint["model_state"].items():
+        torch.testing.assert_close(resumed_checkpoint["model_state"][name], value, rtol=1e-5, atol=1e-6)
+    assert resumed_checkpoint["scheduler_state"] == whole_checkpoint["scheduler_state"]
+
+
+def test_a_finished_run_folder_is_not_overwritten(dataset, tmp_path):
+    config = tiny_config(dataset, tmp_path / "run", epochs=1, max_train_cases=1, max_val_cases=0)
+    train(config)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(OssnetError, match="--resume"):
+        train(config)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from ossnet.training import TrainConfig, train
+train(TrainConfig(**json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_two_process_torchrun_writes_one_set_of_run_files(dataset, tmp_path):
+    script = tmp_path / "train_script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    settings = {"data": str(dataset), "run_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 1,
+                "locations": 256, "device": "cpu", "val_every": 2, "working_shape": SHAPE,
+                "model_overrides": TINY_MODELS["ossnet-c"]}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         json.dumps(settings)], env=environment, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert {path.name for path in run_dir.iterdir()} == RUN_FILES
+    assert [int(row["epoch"]) for row in read_metrics(run_dir)] == [1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+    assert models.load(run_dir / "last.pt")[1]["epoch"] == 2
