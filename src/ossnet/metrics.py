@@ -15,8 +15,6 @@ Summary statistics ignore NaN and report how many values they used (`count`).
 from __future__ import annotations
 
 import csv
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from ossnet.atomic import atomic_path
 from ossnet.data import Target, get_target, open_dataset
 from ossnet.data.case import NIFTI_READ_ERRORS
 from ossnet.errors import CaseError, DatasetError
@@ -288,15 +287,9 @@ def _check_same_grid(pred: _LabelFile, gt: _LabelFile) -> None:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
-    """Write a CSV atomically: a hidden temporary file in the same folder, then `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{uuid.uuid4().hex}.tmp.{path.name}")
-    try:
-        with temporary.open("w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write a CSV atomically (see `ossnet.atomic`)."""
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        writer.writerows(rows)
     return path

@@ -7,12 +7,9 @@ matplotlib's object-oriented `Figure` (Agg rendering, no display, no pyplot glob
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
-import os
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -23,26 +20,13 @@ from matplotlib.ticker import MaxNLocator
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
+from ossnet.atomic import atomic_path
 from ossnet.errors import OssnetError
 
 PREDICTION_COLOUR = "#ff3b1f"
 LABEL_COLOUR = "#00e5ff"
 # Label drawn first and solid, prediction on top and dashed: where they agree both colours stay visible.
 CONTOUR_STYLES = {"label": (LABEL_COLOUR, "-"), "prediction": (PREDICTION_COLOUR, "--")}
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path` (same suffixes, so writers pick the same format); on success
-    it replaces `path`, on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{uuid.uuid4().hex}.tmp.{path.name}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_nifti(

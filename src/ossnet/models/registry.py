@@ -6,7 +6,6 @@ and the weights, plus whatever the caller adds (training state, preprocessing, t
 """
 
 import os
-import tempfile
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ossnet.atomic import atomic_path
 from ossnet.errors import CheckpointError, OssnetError
 from ossnet.models.occupancy import Latents, OccupancyConfig, OccupancyNetwork
 from ossnet.models.unet import ResidualUNet, UNetConfig
@@ -69,16 +69,8 @@ def save(path: str | os.PathLike, model: nn.Module, **extra) -> None:
                "model_config": asdict(model.config), "model_state": model.state_dict()}
     if clash := entries.keys() & extra.keys():
         raise OssnetError(f"{path}: extra checkpoint entries {sorted(clash)} would overwrite the model")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            torch.save({**entries, **extra}, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        torch.save({**entries, **extra}, temporary)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -318,7 +318,7 @@ class _Run:
         totals = np.zeros(3)  # Dice, IoU, cases
         for index in range(self.context.rank, len(self.val_cases), self.context.world_size):
             case = self.val_cases[index]
-            result = segment_volume(self.model, np.array(case.volume), np.array(case.global_volume),
+            result = segment_volume(self.model, case.volume, case.global_volume,
                                     mode="guided", chunk=VALIDATION_CHUNK, device=self.device)
             totals += (np.mean([dice(result.labels == k, case.label == k) for k in classes]),
                        np.mean([iou(result.labels == k, case.label == k) for k in classes]), 1)

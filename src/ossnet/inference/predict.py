@@ -1,0 +1,200 @@
+"""`ossnet predict`: a checkpoint + cases -> masks (NIfTI on the input's grid), meshes and overlays.
+
+A checkpoint carries everything needed to treat a new scan exactly as training did: the model config and
+weights, the preprocessing settings, the target and the channel names. Each case is preprocessed to the
+working grid, segmented there (optionally on an S times finer grid), and mapped back onto the input's own
+voxel grid and affine, so the mask overlays the scan in any viewer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ossnet.data import Case, PreprocessConfig, get_target, open_dataset, prepare_case
+from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
+from ossnet.inference.export import save_nifti, save_overlays, write_mesh
+from ossnet.inference.volume import fine_grid_affine, fine_grid_shape, segment_volume
+from ossnet.models import load as load_model
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; anything else is passed to torch (cpu, cuda, cuda:1)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OssnetError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    mode: str = "guided"
+    chunk: int = 2 ** 17
+    device: str = "auto"
+    probabilities: bool = False
+    scale: float = 1.0
+    mesh: str | None = None
+    overlay: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class CasePrediction:
+    """One case's result on the original voxel grid (S times finer when scale != 1).
+
+    labels: (X, Y, Z) uint8 class map; probabilities: (X, Y, Z) foreground (binary) or (K, X, Y, Z) float32.
+    """
+
+    case_id: str
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    affine: np.ndarray
+    queries: int
+    fraction_of_dense: float
+    mode: str
+    seconds: float
+
+
+class Predictor:
+    """A trained model with the preprocessing it was trained with, ready to segment cases."""
+
+    def __init__(self, checkpoint: Path | str, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model, state = load_model(checkpoint, map_location=self.device)
+        self.model.to(self.device).eval()
+        try:
+            self.preprocess = PreprocessConfig(**_tuples(state["preprocess"]))
+            self.target = get_target(state["layout"], state["target"], state.get("label_values"))
+            self.channel_names = tuple(state["channel_names"])
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"{checkpoint}: not a training checkpoint of ossnet (missing {error}); "
+                                  "use RUN_DIR/best.pt or last.pt written by `ossnet train`") from error
+
+    def check_case(self, case: Case) -> None:
+        """The case must have the model's channels (same count; names compared when both are known)."""
+        if case.image.shape[0] != len(self.channel_names):
+            raise CaseError(f"{case.case_id}: the model expects {len(self.channel_names)} channels "
+                            f"{list(self.channel_names)}, the case has {case.image.shape[0]} "
+                            f"{list(case.channel_names)}")
+
+    def predict_case(self, case: Case, options: PredictOptions) -> CasePrediction:
+        self.check_case(case)
+        started = time.perf_counter()
+        prepared = prepare_case(case, self.preprocess, self.target)
+        result = segment_volume(self.model, prepared.volume, prepared.global_volume, mode=options.mode,
+                                chunk=options.chunk, scale=options.scale,
+                                return_probabilities=options.probabilities, device=self.device)
+        geometry = prepared.geometry
+        source_affine = fine_grid_affine(geometry.working_affine(), options.scale)
+        target_affine = fine_grid_affine(geometry.affine, options.scale)
+        target_shape = fine_grid_shape(geometry.original_shape, options.scale)
+        labels = resample_nearest(result.labels, source_affine, target_affine, target_shape)
+        probabilities = None
+        if result.probabilities is not None:
+            probabilities = resample_nearest(np.asarray(result.probabilities, dtype=np.float32),
+                                             source_affine, target_affine, target_shape)
+            if probabilities.shape[0] == 1:
+                probabilities = probabilities[0]
+        return CasePrediction(case.case_id, labels.astype(np.uint8), probabilities, target_affine,
+                              result.queries, result.fraction_of_dense, result.mode,
+                              time.perf_counter() - started)
+
+
+def resample_nearest(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
+                     target_shape: tuple[int, int, int]) -> np.ndarray:
+    """(..., X, Y, Z) on the grid of `source_affine` -> (..., *target_shape) on the grid of `target_affine`.
+
+    Both grids share their axes (the voxel map between them is a per-axis scale and shift: padding,
+    cropping, resizing, finer sampling), so nearest-neighbour lookup is separable. Target voxels outside
+    the source grid are 0. With an integer shift this is an exact copy, which makes padding invertible.
+    """
+    voxel_map = np.linalg.inv(source_affine) @ target_affine
+    linear = voxel_map[:3, :3]
+    if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):
+        raise OssnetError("resample_nearest: the two grids do not share their axes")
+    out = np.zeros((*array.shape[:-3], *target_shape), dtype=array.dtype)
+    indices, inside = [], []
+    for axis, n_out in enumerate(target_shape):
+        position = np.arange(n_out) * linear[axis, axis] + voxel_map[axis, 3]
+        index = np.floor(position + 0.5 + 1e-6).astype(np.int64)
+        valid = (index >= 0) & (index < array.shape[-3 + axis])
+        indices.append(index[valid])
+        inside.append(np.flatnonzero(valid))
+    out[(..., *np.ix_(*inside))] = array[(..., *np.ix_(*indices))]
+    return out
+
+
+def output_paths(output_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
+    """Every file `predict` writes for one case, nnU-Net style names (CASE.nii.gz ...)."""
+    paths = {"mask": output_dir / f"{case_id}.nii.gz"}
+    if options.probabilities:
+        paths["probabilities"] = output_dir / f"{case_id}_prob.nii.gz"
+    if options.mesh:
+        paths["mesh"] = output_dir / f"{case_id}.{options.mesh}"
+    if options.overlay:
+        paths["overlay"] = output_dir / f"{case_id}_overlay.png"
+    return paths
+
+
+def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | str,
+            options: PredictOptions = PredictOptions()) -> list[CasePrediction]:
+    """Segment every case of `input_path` (NIfTI file, case folder or dataset) into `output_dir`.
+
+    Returns the per-case results (without keeping arrays of earlier cases alive beyond their summary).
+    """
+    if options.scale <= 0:
+        raise OssnetError(f"--scale must be positive, got {options.scale}")
+    output_dir = Path(output_dir)
+    predictor = Predictor(checkpoint, options.device)
+    dataset = open_dataset(input_path)
+    sources = list(dataset.cases) + list(dataset.test_cases)
+    if not sources:
+        raise DatasetError(f"{input_path}: no cases to segment")
+    if not options.overwrite:
+        existing = [p for s in sources for p in output_paths(output_dir, s.case_id, options).values()
+                    if p.exists()]
+        if existing:
+            raise OssnetError(f"{existing[0]} exists ({len(existing)} output files in all); "
+                              "pass --overwrite to replace them or choose another -o")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for source in tqdm(sources, desc="cases", unit="case", disable=len(sources) == 1):
+        case = source.load()
+        prediction = predictor.predict_case(case, options)
+        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options))
+        tqdm.write(f"{case.case_id}: {prediction.seconds:.1f} s, {prediction.mode}, "
+                   f"{prediction.queries:,} queries ({100 * prediction.fraction_of_dense:.2f} % of dense), "
+                   f"{int((prediction.labels > 0).sum()):,} foreground voxels")
+        prediction.probabilities = None
+        summaries.append(prediction)
+    return summaries
+
+
+def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path]) -> None:
+    """Write the files of one case; each file is written atomically by the export functions."""
+    same_grid = prediction.labels.shape == case.image.shape[1:]
+    header = case.header if same_grid else None
+    save_nifti(prediction.labels, prediction.affine, paths["mask"], header=header, dtype=np.uint8)
+    if "probabilities" in paths:
+        save_nifti(prediction.probabilities, prediction.affine, paths["probabilities"], header=header,
+                   dtype=np.float32)
+    if "mesh" in paths:
+        write_mesh(prediction.labels > 0, prediction.affine, paths["mesh"])
+    if "overlay" in paths:
+        image = case.image[0] if same_grid else None
+        label = case.label if same_grid and case.label is not None else None
+        if image is not None:
+            save_overlays(image, paths["overlay"], prediction=prediction.labels > 0,
+                          label=None if label is None else label > 0, title=case.case_id,
+                          spacing=case.spacing)
+
+
+def _tuples(fields: dict) -> dict:
+    """Checkpoint dicts store tuples as lists; dataclass fields want tuples back."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()}

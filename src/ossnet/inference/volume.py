@@ -1,0 +1,123 @@
+"""Segment one preprocessed volume with any of the seven models, on its working grid (optionally finer).
+
+Occupancy models are queried as a continuous field through the engine (dense, coarse-to-fine or
+guided); U-Nets predict densely (3D: one forward pass; 2D: axial slice by slice). Both return the same
+`SegmentationResult`, so training's validation and `ossnet predict` share this one path.
+
+Grids: `scale` S samples the working grid S times finer. Fine index j sits at working voxel coordinate
+w = (j + 0.5) / S - 0.5 on each axis (voxel centres aligned, the `align_corners=False` convention), so
+S = 1 is the working grid itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ossnet.inference.engine import SegmentationResult, segment
+from ossnet.models import OccupancyNetwork, ResidualUNet, extract_patches, voxel_to_normalized
+
+
+def fine_grid_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int, int]:
+    """Shape of the grid S times finer than `shape` (at least one voxel per axis)."""
+    return tuple(max(1, int(round(n * scale))) for n in shape)
+
+
+def fine_grid_affine(affine: np.ndarray, scale: float) -> np.ndarray:
+    """(4, 4) affine of the grid S times finer than the grid of `affine` (same field of view)."""
+    to_coarse = np.diag([1.0 / scale] * 3 + [1.0])
+    to_coarse[:3, 3] = 0.5 / scale - 0.5
+    return np.asarray(affine, dtype=np.float64) @ to_coarse
+
+
+def probabilities_from_logits(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sigmoid for one output channel (binary), softmax over classes otherwise."""
+    return torch.sigmoid(logits) if logits.shape[dim] == 1 else torch.softmax(logits, dim=dim)
+
+
+def occupancy_field(model: OccupancyNetwork, volume: torch.Tensor, latents, scale: float = 1.0
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network as a field over a grid S times finer than its working grid.
+
+    volume: (C, X', Y', Z') normalised full-resolution volume on the model's device (patches come from it).
+    Returns field(coords (N, 3) float fine-grid voxel coordinates) -> probabilities (N, K).
+    Patches are cut around the nearest working voxel; the decoder sees the exact continuous position.
+    """
+    config = model.config
+    shape = torch.tensor(config.input_shape, device=volume.device)
+
+    def field(coords: torch.Tensor) -> torch.Tensor:
+        working = (coords.to(volume.device, torch.float32) + 0.5) / scale - 0.5
+        voxels = torch.minimum(working.round().long().clamp(min=0), shape - 1)
+        patches = None
+        if config.local_patches:
+            patches = extract_patches(volume, voxels, local=True, mid=config.mid_patches,
+                                      size=config.patch_size)[None]
+        normalized = voxel_to_normalized(working, config.input_shape)[None]
+        logits = model.decode(latents, normalized, patches)[0]
+        return probabilities_from_logits(logits.float(), dim=-1)
+
+    return field
+
+
+def low_resolution_prior(latents) -> torch.Tensor | None:
+    """The auxiliary head's probabilities (K, gx, gy, gz) for guided decoding, or None without a head."""
+    if latents.aux_logits is None:
+        return None
+    return probabilities_from_logits(latents.aux_logits[0].float(), dim=0)
+
+
+@torch.no_grad()
+def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
+                   global_volume: np.ndarray | torch.Tensor | None, mode: str = "guided",
+                   chunk: int = 2 ** 17, scale: float = 1.0, return_probabilities: bool = False,
+                   device: torch.device | str = "cpu", progress: bool = False) -> SegmentationResult:
+    """Segment a preprocessed volume (C, X', Y', Z') on its working grid S times finer.
+
+    global_volume: (C, X'/d, Y'/d, Z'/d) encoder input (occupancy models only).
+    Returns labels (fine grid) as a numpy uint8 array, probabilities (K, ...) if asked, and the number
+    of decoder queries (U-Nets: voxels of the dense forward pass).
+    """
+    model.eval()
+    # np.array copies: the cache hands out read-only memory maps, which torch will not wrap.
+    volume = torch.as_tensor(np.array(volume), dtype=torch.float32, device=device)
+    grid = fine_grid_shape(volume.shape[1:], scale)
+    if isinstance(model, ResidualUNet):
+        return _segment_dense_unet(model, volume, grid, return_probabilities)
+    global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)
+    latents = model.encode(global_tensor[None])
+    field = occupancy_field(model, volume, latents, scale)
+    return segment(field, grid, mode=mode, chunk=chunk, prior=low_resolution_prior(latents),
+                   return_probabilities=return_probabilities, device=volume.device, progress=progress)
+
+
+def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: tuple[int, int, int],
+                        return_probabilities: bool) -> SegmentationResult:
+    """Dense U-Net prediction; a finer grid is sampled by trilinear interpolation of probabilities."""
+    if model.config.dims == 3:
+        logits = model(volume[None])[0]
+    else:  # axial slices (B = Z, C, X, Y) one slice batch at a time keeps memory at slice size
+        slices = volume.permute(3, 0, 1, 2)
+        logits = torch.cat([model(slices[z:z + 8]) for z in range(0, slices.shape[0], 8)])
+        logits = logits.permute(1, 2, 3, 0)
+    probabilities = probabilities_from_logits(logits.float(), dim=0)
+    if tuple(probabilities.shape[1:]) != grid:
+        probabilities = F.interpolate(probabilities[None], size=grid, mode="trilinear",
+                                      align_corners=False)[0]
+    labels = _labels_from_probabilities(probabilities)
+    return SegmentationResult(
+        labels=labels.cpu().numpy().astype(np.uint8),
+        probabilities=probabilities.cpu().numpy() if return_probabilities else None,
+        queries=math.prod(grid), fraction_of_dense=1.0, mode="dense", stage_queries={1: math.prod(grid)},
+    )
+
+
+def _labels_from_probabilities(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(K, ...) probabilities -> class map: threshold for one channel, argmax otherwise."""
+    if probabilities.shape[0] == 1:
+        return (probabilities[0] > threshold).to(torch.uint8)
+    return probabilities.argmax(0).to(torch.uint8)

@@ -1,0 +1,107 @@
+"""`predict` on a tiny trained OSS-Net C: the output grid, the affine, finer sampling, meshes, the modes."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case
+from ossnet.errors import CaseError, OssnetError
+from ossnet.inference.predict import PredictOptions, predict, resample_nearest
+from ossnet.inference.volume import segment_volume
+from ossnet.models import load
+
+
+def oblique_anisotropic_affine() -> np.ndarray:
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.9, 1.1, 2.5])
+    affine[:3, 3] = (-12.0, 30.0, 7.5)
+    return affine
+
+
+@pytest.fixture(scope="module")
+def brats_case(tiny_brats):
+    return open_dataset(tiny_brats).cases[0].load()
+
+
+def write_4d_nifti(case, path, affine, crop=(slice(1, 31), slice(2, 30), slice(3, 29))):
+    """The case's four channels as one 4D NIfTI (X, Y, Z, C), cropped to a shape that needs padding."""
+    data = np.moveaxis(case.image[(slice(None), *crop)], 0, -1)
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=2)
+    nib.save(image, path)
+    return data.shape[:3]
+
+
+def test_predict_keeps_the_input_grid_and_its_oblique_affine(trained_checkpoint, brats_case, tmp_path):
+    affine = oblique_anisotropic_affine()
+    shape = write_4d_nifti(brats_case, tmp_path / "scan.nii.gz", affine)
+    predict(trained_checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out")
+    mask = nib.load(tmp_path / "out" / "scan.nii.gz")
+    assert mask.shape == shape
+    assert np.allclose(mask.affine, affine, atol=1e-5)
+    assert int(mask.header["sform_code"]) == 2 and int(mask.header["qform_code"]) == 1
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+def test_scale_two_doubles_the_grid_and_halves_the_spacing(trained_checkpoint, brats_case, tmp_path):
+    affine = oblique_anisotropic_affine()
+    shape = write_4d_nifti(brats_case, tmp_path / "scan.nii.gz", affine)
+    predict(trained_checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out", PredictOptions(scale=2))
+    fine = nib.load(tmp_path / "out" / "scan.nii.gz")
+    assert fine.shape == tuple(2 * n for n in shape)
+    assert np.allclose(fine.header.get_zooms()[:3], np.array([0.9, 1.1, 2.5]) / 2, atol=1e-5)
+    # The finer grid covers the same field of view: its voxel (-0.5, ...) corner is the original's corner.
+    corner = np.array([-0.5, -0.5, -0.5, 1.0])
+    assert np.allclose(fine.affine @ corner, affine @ corner, atol=1e-5)
+
+
+def test_mesh_vertices_lie_inside_the_volumes_world_bounding_box(trained_checkpoint, tiny_brats, tmp_path):
+    predict(trained_checkpoint, tiny_brats, tmp_path / "out", PredictOptions(mesh="obj", overlay=True))
+    case = open_dataset(tiny_brats).cases[0].load()
+    lines = (tmp_path / "out" / f"{case.case_id}.obj").read_text().splitlines()
+    vertices = np.array([[float(v) for v in line.split()[1:4]] for line in lines if line.startswith("v ")])
+    assert len(vertices) > 0
+    corners = np.array([[x, y, z, 1.0] for x in (0, 31) for y in (0, 31) for z in (0, 31)]) @ case.affine.T
+    low, high = corners[:, :3].min(0) - 0.5, corners[:, :3].max(0) + 0.5
+    assert np.all(vertices >= low) and np.all(vertices <= high)
+    assert (tmp_path / "out" / f"{case.case_id}_overlay.png").stat().st_size > 1000
+
+
+def test_modes_agree_with_dense_and_query_less(trained_checkpoint, tiny_brats):
+    model, state = load(trained_checkpoint)
+    dataset = open_dataset(tiny_brats)
+    prepared = prepare_case(dataset.cases[-1].load(), PreprocessConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()}),
+        get_target("brats", state["target"]))
+    results = {mode: segment_volume(model, prepared.volume, prepared.global_volume, mode=mode, chunk=4096)
+               for mode in ("dense", "coarse-to-fine", "guided")}
+    dense = results["dense"]
+    assert dense.queries == prepared.volume[0].size
+    for mode in ("coarse-to-fine", "guided"):
+        agreement = (results[mode].labels == dense.labels).mean()
+        assert agreement >= 0.995, (mode, agreement)
+        assert results[mode].queries < dense.queries
+    assert results["guided"].mode == "guided"
+
+
+def test_predict_refuses_to_overwrite_and_rejects_wrong_channels(trained_checkpoint, brats_case, tmp_path):
+    write_4d_nifti(brats_case, tmp_path / "scan.nii.gz", np.eye(4))
+    predict(trained_checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out")
+    with pytest.raises(OssnetError, match="--overwrite"):
+        predict(trained_checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out")
+    nib.save(nib.Nifti1Image(brats_case.image[0], np.eye(4)), tmp_path / "t1_only.nii.gz")
+    with pytest.raises(CaseError, match="expects 4 channels"):
+        predict(trained_checkpoint, tmp_path / "t1_only.nii.gz", tmp_path / "out2")
+
+
+def test_resample_nearest_inverts_padding_exactly():
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 3, size=(5, 6, 7)).astype(np.uint8)
+    shifted = np.eye(4)
+    shifted[:3, 3] = (-2, -1, -3)  # working voxel 0 sits at original voxel -2, -1, -3
+    working = resample_nearest(original, np.eye(4), shifted, (10, 8, 12))
+    assert working[2:7, 1:7, 3:10].tolist() == original.tolist() and working.sum() == original.sum()
+    assert np.array_equal(resample_nearest(working, shifted, np.eye(4), (5, 6, 7)), original)
