@@ -76,7 +76,7 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from ossnet.metrics import evaluate_folders
 
-    result = evaluate_folders(args.pred, args.gt)
+    result = evaluate_folders(args.pred, args.gt, target=args.target)
     print(result.format_summary())
     if args.output:
         result.write_csv(args.output)
@@ -84,10 +84,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from ossnet.demo import DemoOptions, run_demo as demo
 
-    demo(DemoOptions(output=args.output, retrain=args.retrain, device=args.device,
-                     minutes=args.minutes))
+    options = DemoOptions(output=args.output, retrain=args.retrain, device=args.device)
+    demo(options if args.epochs is None else replace(options, epochs=args.epochs))
 
 
 def _parse_override(item: str) -> tuple[str, object]:
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--pred", type=Path, required=True, help="folder of predicted masks")
     p.add_argument("-g", "--gt", type=Path, required=True, help="folder of label NIfTIs or a dataset folder")
     p.add_argument("-o", "--output", type=Path, default=None, help="write per-case metrics CSV here")
+    p.add_argument("--target", default=None,
+                   help="when -g is a dataset: the target its labels are turned into (default: the paper's)")
     p.set_defaults(func=run_evaluate)
 
     p = verbs.add_parser("demo", help="synthesise data, train ossnet-c, segment, evaluate",
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
     p.add_argument("--retrain", action="store_true", help="train again even if a model exists")
     p.add_argument("--device", default="auto")
-    p.add_argument("--minutes", type=float, default=None, help="training time budget")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
     p.set_defaults(func=run_demo)
     return parser
 

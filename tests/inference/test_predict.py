@@ -59,8 +59,9 @@ def test_scale_two_doubles_the_grid_and_halves_the_spacing(trained_checkpoint, b
 
 
 def test_mesh_vertices_lie_inside_the_volumes_world_bounding_box(trained_checkpoint, tiny_brats, tmp_path):
-    predict(trained_checkpoint, tiny_brats, tmp_path / "out", PredictOptions(mesh="obj", overlay=True))
-    case = open_dataset(tiny_brats).cases[0].load()
+    source = open_dataset(tiny_brats).cases[0]
+    predict(trained_checkpoint, source.image_paths[0].parent, tmp_path / "out", PredictOptions(mesh="obj", overlay=True))
+    case = source.load()
     lines = (tmp_path / "out" / f"{case.case_id}.obj").read_text().splitlines()
     vertices = np.array([[float(v) for v in line.split()[1:4]] for line in lines if line.startswith("v ")])
     assert len(vertices) > 0

@@ -4,6 +4,15 @@ Occupancy models are queried as a continuous field through the engine (dense, co
 guided); U-Nets predict densely (3D: one forward pass; 2D: axial slice by slice). Both return the same
 `SegmentationResult`, so training's validation and `ossnet predict` share this one path.
 
+Decoder batch norm at inference: in training, each conditional batch norm normalises over the locations
+of the step's few volumes, which also removes each volume's constant latent offset from the features.
+Running averages over many volumes cannot do that: with the small batches of CPU runs, eval-mode
+predictions drifted to all-background (Dice 0.0 where the same weights in train mode gave 0.8). So before
+decoding a volume we set the decoder's batch-norm statistics from a fixed-seed uniform sample of *that
+volume's* locations (`CALIBRATION_LOCATIONS`), the way training computed them, and use them for every
+chunk of every mode (so dense, coarse-to-fine and guided decode the same function). The model's own
+buffers are restored afterwards.
+
 Grids: `scale` S samples the working grid S times finer. Fine index j sits at working voxel coordinate
 w = (j + 0.5) / S - 0.5 on each axis (voxel centres aligned, the `align_corners=False` convention), so
 S = 1 is the working grid itself.
@@ -11,6 +20,7 @@ S = 1 is the working grid itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -20,6 +30,42 @@ import torch.nn.functional as F
 
 from ossnet.inference.engine import SegmentationResult, segment
 from ossnet.models import OccupancyNetwork, ResidualUNet, extract_patches, voxel_to_normalized
+
+
+CALIBRATION_LOCATIONS = 2 ** 13
+
+
+@contextlib.contextmanager
+def volume_statistics(model: OccupancyNetwork, volume: torch.Tensor, latents, seed: int = 0):
+    """Within the block, the decoder's batch norms use statistics of a uniform sample of this volume.
+
+    volume: (C, X', Y', Z') on the model's device. See the module docstring for why.
+    """
+    norms = [m for m in model.decoder_norms() if m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for m in norms]
+    shape = model.config.input_shape
+    generator = torch.Generator().manual_seed(seed)
+    voxels = torch.stack([torch.randint(0, n, (CALIBRATION_LOCATIONS,), generator=generator) for n in shape], 1)
+    voxels = voxels.to(volume.device)
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average: one pass gives exactly this sample's statistics
+            norm.train()
+        field = occupancy_field(model, volume, latents)
+        for chunk in voxels.split(CALIBRATION_LOCATIONS):
+            field(chunk.float())
+        for norm in norms:
+            norm.eval()
+        yield
+    finally:
+        for norm, (mean, var, count, momentum) in zip(norms, saved):
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.num_batches_tracked.copy_(count)
+            norm.momentum = momentum
+            norm.eval()
 
 
 def fine_grid_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int, int]:
@@ -90,9 +136,10 @@ def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
         return _segment_dense_unet(model, volume, grid, return_probabilities)
     global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)
     latents = model.encode(global_tensor[None])
-    field = occupancy_field(model, volume, latents, scale)
-    return segment(field, grid, mode=mode, chunk=chunk, prior=low_resolution_prior(latents),
-                   return_probabilities=return_probabilities, device=volume.device, progress=progress)
+    with volume_statistics(model, volume, latents):
+        return segment(occupancy_field(model, volume, latents, scale), grid, mode=mode, chunk=chunk,
+                       prior=low_resolution_prior(latents), return_probabilities=return_probabilities,
+                       device=volume.device, progress=progress)
 
 
 def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: tuple[int, int, int],

@@ -207,6 +207,10 @@ class OccupancyNetwork(nn.Module):
             for d_in, d_out in zip(widths[:-1], widths[1:]))
         self.classifier = nn.Linear(config.decoder_width, config.num_classes, bias=False)
 
+    def decoder_norms(self) -> list[nn.BatchNorm1d]:
+        """The batch norms inside the decoder's conditional batch norms (inference re-estimates their statistics)."""
+        return [module for module in self.blocks.modules() if isinstance(module, nn.BatchNorm1d)]
+
     def encode(self, global_volume: torch.Tensor) -> Latents:
         """global_volume: (B, C, *global_shape) -> Latents (vectors (B, K, L), aux logits or None)."""
         expected = (self.config.in_channels, *self.config.global_shape)

@@ -1,0 +1,100 @@
+"""`ossnet demo`: the whole method on built-in data, in minutes on a laptop CPU.
+
+1. synthesise a BraTS-like training set and a separate held-out set (different seeds, same layout);
+2. train OSS-Net C (reduced sizes, see `DEMO_OVERRIDES`) unless a trained model is already there;
+3. segment the held-out cases in guided mode, with meshes and overlays;
+4. evaluate them (Dice, IoU, HD95, ASD) and write `report.md` linking everything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ossnet.data import write_synthetic_dataset
+from ossnet.inference.predict import PredictOptions, predict
+from ossnet.metrics import evaluate_folders
+from ossnet.training import TrainConfig, train
+
+# OSS-Net C with the paper's structure (skip latents, auxiliary head, 7^3 local patches, 5 CBN blocks,
+# PAU) but a 128-wide decoder, so that training fits a few minutes on two CPU cores.
+DEMO_OVERRIDES = {"decoder_width": 128}
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    output: Path = Path("runs/demo")
+    retrain: bool = False
+    device: str = "auto"
+    train_cases: int = 12
+    test_cases: int = 4
+    shape: tuple[int, int, int] = (96, 96, 64)
+    epochs: int = 16
+    locations: int = 4096
+    batch_size: int = 2
+    lr: float = 3e-3
+    model_overrides: dict = field(default_factory=lambda: dict(DEMO_OVERRIDES))
+
+
+def run_demo(options: DemoOptions = DemoOptions()) -> float:
+    """Run the demo into `options.output`; returns the held-out mean Dice."""
+    out = Path(options.output)
+    train_data, test_data = out / "data" / "train", out / "data" / "test"
+    run_dir, predictions = out / "run", out / "predictions"
+    _synthesise(train_data, options.train_cases, options.shape, seed=0)
+    _synthesise(test_data, options.test_cases, options.shape, seed=1)
+
+    checkpoint = run_dir / "best.pt"
+    if options.retrain or not checkpoint.exists():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        print(f"training ossnet-c (decoder width {options.model_overrides.get('decoder_width')}) "
+              f"for {options.epochs} epochs on {options.train_cases} cases ...")
+        train(TrainConfig(data=train_data, run_dir=run_dir, model="ossnet-c", epochs=options.epochs,
+                          batch_size=options.batch_size, locations=options.locations, lr=options.lr,
+                          val_fraction=0.2, val_every=options.epochs, device=options.device,
+                          model_overrides=options.model_overrides))
+    else:
+        print(f"reusing the trained model {checkpoint} (pass --retrain to train again)")
+
+    print(f"segmenting {options.test_cases} held-out cases (guided decoding) ...")
+    predict(checkpoint, test_data, predictions,
+            PredictOptions(mode="guided", device=options.device, mesh="obj", overlay=True, overwrite=True))
+    result = evaluate_folders(predictions, test_data)
+    result.write_csv(out / "metrics.csv")
+    mean_dice = next(s.mean for s in result.summary() if s.metric == "dice")
+    _write_report(out, result, mean_dice)
+    print(result.format_summary())
+    print(f"\nheld-out mean Dice {mean_dice:.4f}; everything is in {out}/ (start with {out / 'report.md'})")
+    return mean_dice
+
+
+def _synthesise(folder: Path, cases: int, shape: tuple[int, int, int], seed: int) -> None:
+    if folder.exists() and any(folder.iterdir()):
+        return
+    if folder.exists():
+        folder.rmdir()
+    write_synthetic_dataset(folder, "brats", cases, shape=shape, seed=seed)
+
+
+def _write_report(out: Path, result, mean_dice: float) -> None:
+    """report.md: the figures and links to every artefact, relative to `out`."""
+    overlays = sorted((out / "predictions").glob("*_overlay.png"))
+    meshes = sorted((out / "predictions").glob("*.obj"))
+    lines = [
+        "# ossnet demo report", "",
+        "OSS-Net C (reduced decoder width) trained on synthetic BraTS-like cases and evaluated on held-out",
+        "synthetic cases, segmented in guided mode.", "",
+        f"**Held-out mean Dice: {mean_dice:.4f}**", "",
+        "```", result.format_summary(), "```", "",
+        "- training curves: [run/curves.png](run/curves.png), per-epoch figures: [run/metrics.csv](run/metrics.csv)",
+        "- model: [run/best.pt](run/best.pt) (config inside; `ossnet predict -c runs/demo/run/best.pt ...`)",
+        "- per-case metrics: [metrics.csv](metrics.csv)",
+        "- masks: " + ", ".join(f"[{p.name}](predictions/{p.name})" for p in sorted(
+            (out / "predictions").glob("*.nii.gz"))),
+        "- meshes (world mm): " + ", ".join(f"[{p.name}](predictions/{p.name})" for p in meshes), "",
+        "![training curves](run/curves.png)", "",
+    ]
+    lines += [f"![{p.stem}](predictions/{p.name})" for p in overlays]
+    (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,78 @@
+"""The `ossnet` command line as a user meets it: help, synth -> info, predict -> evaluate, one-line errors."""
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ossnet.cli import build_parser, main
+
+VERBS = ["synth", "info", "models", "train", "predict", "evaluate", "demo"]
+
+
+def run_cli(*args):
+    """Run `python -m ossnet ARGS` in a subprocess: exit code, stdout, stderr."""
+    done = subprocess.run([sys.executable, "-m", "ossnet", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_every_verb_has_help_text(capsys):
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([verb, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: ossnet " + verb in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout, channels", [("brats", 4), ("lits", 1), ("msd", 4)])
+def test_synth_then_info_reports_layout_cases_and_channels(tmp_path, capsys, layout, channels):
+    assert main(["synth", "--layout", layout, "--cases", "2", "--shape", "32", "32", "24",
+                 "-o", str(tmp_path / "d")]) == 0
+    assert main(["info", str(tmp_path / "d")]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert lines["layout"].strip() == layout
+    assert lines["cases"].startswith("2 labelled")
+    assert len(lines["channels"].split(",")) == channels
+
+
+def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path):
+    code, out, err = run_cli("info", tmp_path / "does-not-exist")
+    assert code == 2 and "does-not-exist" in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "scan.nii.gz")
+    code, out, err = run_cli("predict", "-c", tmp_path / "corrupt.pt", "-i", tmp_path / "scan.nii.gz",
+                             "-o", tmp_path / "out")
+    assert code == 2 and "corrupt.pt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_then_evaluate_from_the_command_line(trained_checkpoint, tiny_brats, tmp_path):
+    code, out, err = run_cli("predict", "-c", trained_checkpoint, "-i", tiny_brats, "-o", tmp_path / "pred")
+    assert code == 0, err
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 4
+    assert "queries" in out + err
+    code, out, err = run_cli("evaluate", "-p", tmp_path / "pred", "-g", tiny_brats, "-o", tmp_path / "m.csv")
+    assert code == 0, err
+    assert "dice" in out.lower()
+    assert len((tmp_path / "m.csv").read_text().strip().splitlines()) == 1 + 4
+    code, out, err = run_cli("predict", "-c", trained_checkpoint, "-i", tiny_brats, "-o", tmp_path / "pred")
+    assert code == 2 and "--overwrite" in err
+
+
+def test_readme_command_reference_lists_every_option_of_every_verb():
+    import argparse
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    reference = readme.split("## Command reference", 1)[1].split("\n## ", 1)[0]
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(verbs) == set(VERBS)
+    for verb, verb_parser in verbs.items():
+        assert f"ossnet {verb} " in reference, verb
+        for action in verb_parser._actions:
+            assert any(option in reference for option in action.option_strings) or not action.option_strings, \
+                (verb, action.option_strings)
