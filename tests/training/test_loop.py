@@ -121,3 +121,13 @@ def test_two_process_torchrun_writes_one_set_of_run_files(dataset, tmp_path):
     assert [int(row["epoch"]) for row in read_metrics(run_dir)] == [1, 2]
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
     assert models.load(run_dir / "last.pt")[1]["epoch"] == 2
+
+
+def test_lits_layout_trains_on_a_windowed_resized_cube(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "lits", "lits", 3, shape=(40, 36, 24), seed=1)
+    train(TrainConfig(data=data, run_dir=tmp_path / "run", model="ossnet-a", epochs=1, batch_size=2,
+                      locations=256, device="cpu", model_overrides=TINY_MODELS["ossnet-c"]))
+    network, checkpoint = models.load(tmp_path / "run" / "last.pt")
+    assert network.config.in_channels == 1
+    assert tuple(checkpoint["preprocess"]["working_shape"]) == (64, 64, 64)  # max in-plane 40 -> 64, cubic
+    assert checkpoint["preprocess"]["fit"] == "resize" and checkpoint["target"] == "liver"

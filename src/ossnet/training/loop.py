@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from tqdm import tqdm
 
 from ossnet import models
-from ossnet.data import PreparedCache, PreprocessConfig, get_target, open_dataset
+from ossnet.data import PreparedCache, PreprocessConfig, dataset_preprocess_config, get_target, open_dataset
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.volume import segment_volume
@@ -181,9 +181,10 @@ class _Run:
             raise DatasetError(f"{config.data}: cases {missing[:5]} of the run's split are not in the dataset")
         if not self.split["train"]:
             raise DatasetError(f"{config.data}: no training cases")
+        run_sources = [sources[i] for ids in self.split.values() for i in ids]
         self.preprocess = (PreprocessConfig(**_tuples(checkpoint["preprocess"])) if checkpoint else
-                           PreprocessConfig(working_shape=common_working_shape(
-                               [sources[i] for ids in self.split.values() for i in ids], config)))
+                           dataset_preprocess_config(dataset.layout, [s.inspect().shape for s in run_sources],
+                                                     config.working_shape))
         cache = PreparedCache(config.cache_dir or _default_cache_dir(Path(config.data)))
         self.train_cases, self.val_cases = (
             PreparedCases([sources[i] for i in self.split[part]], cache, self.preprocess, self.target)
@@ -370,18 +371,6 @@ def resumed_config(checkpoint: dict, requested: TrainConfig) -> TrainConfig:
         raise OssnetError(f"{requested.run_dir}: the run trains {stored.model} on target {checkpoint['target']!r};"
                           f" resume with the same --model and --target or choose another -o")
     return replace(stored, **{name: getattr(requested, name) for name in RESUMABLE_FIELDS})
-
-
-def common_working_shape(sources: list, config: TrainConfig) -> tuple[int, int, int]:
-    """--working-shape, else the one shape every case rounds up to (from the headers), so the run and its
-    checkpoints name an explicit grid that `ossnet predict` fits any input to."""
-    if config.working_shape is not None:
-        return config.working_shape
-    shapes = {PreprocessConfig().working_shape_for(source.inspect().shape) for source in sources}
-    if len(shapes) > 1:
-        raise DatasetError(f"{config.data}: cases round up to different working shapes {sorted(shapes)}; "
-                           f"pass --working-shape X Y Z")
-    return shapes.pop()
 
 
 def choose_split(cases: list, config: TrainConfig) -> dict[str, list[str]]:
