@@ -216,3 +216,12 @@ def test_prior_with_other_channels_than_the_field_is_rejected():
 def test_bad_options_are_rejected(options):
     with pytest.raises(OssnetError):
         segment(sphere_field((20.0, 20.0, 16.0), 8.0), SHAPE, **{"mode": "coarse-to-fine", **options})
+
+
+def test_guided_does_not_trust_a_confidently_positive_prior(blob):
+    """A prior saying 'this cell holds tumour' with certainty (the aux head's training target, max-pooled,
+    unsmoothed) must not fill the whole cell: guided still reproduces dense."""
+    sharp_prior = F.adaptive_max_pool3d((blob > 0.5).float(), (8, 8, 5))
+    result = segment(lookup_field(blob), BRATS_LIKE, mode="guided", prior=sharp_prior)
+    assert agreement(result, blob) >= 0.999
+    assert result.fraction_of_dense < 0.2

@@ -96,7 +96,8 @@ def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk
       answered it, so positives are re-examined as much as negatives, and so are values from the prior.
     Raising `band_margin` or `certainty` costs queries and misses less. In guided mode the prior's band
     (its uncertain cells and its class changes) decides the first stage; what the prior calls certain
-    there and is far from the band is taken as known, so a lesion the prior misses entirely stays missed.
+    there is taken as known only where it calls background (its foreground is always queried), so a lesion
+    the prior misses entirely stays missed.
 
     threshold: foreground cut for K = 1 (ignored for K >= 2). chunk: locations per field call.
     device: where the lattices and coordinates live (the field's device).
@@ -110,7 +111,7 @@ def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk
     first_axes = _lattice_axes(grid_shape, strides[0], device)
     stage_queries = {}
     if mode_used == "guided":
-        start = _prior_stage(prior, first_axes, grid_shape)
+        start = _prior_stage(prior, first_axes, grid_shape, threshold)
         stage, stage_queries[strides[0]] = refiner.refine(start, first_axes, strides[0])
     else:
         stage = refiner.decode_lattice(first_axes, strides[0])
@@ -197,11 +198,16 @@ def _lattice_axes(grid_shape: Sequence[int], stride: int, device: torch.device) 
     return tuple(axes)
 
 
-def _prior_stage(prior: torch.Tensor | np.ndarray, axes: Axes, grid_shape: Sequence[int]) -> _Stage:
+def _prior_stage(prior: torch.Tensor | np.ndarray, axes: Axes, grid_shape: Sequence[int],
+                 threshold: float) -> _Stage:
     """The prior (K, gx, gy, gz) upsampled trilinearly to the lattice `axes`, nothing known yet.
 
     Prior cells are centred over the volume (align_corners=False): voxel a of n sits at prior index
-    (a + 0.5) g / n - 0.5, clamped to the outermost cell centres.
+    (a + 0.5) g / n - 0.5, clamped to the outermost cell centres. The prior only rules locations *out*:
+    where it calls a point foreground, the point is set undecided (p = 0.5, or 1 / K for K classes) so the
+    first stage queries it, as the paper decodes inside the prior's mask. Trusting confident positives
+    instead would fill every coarse cell a lesion merely touches (benchmarks: 1 % of voxels wrong at BraTS
+    shape); confident background is kept, which is where the savings are.
     """
     prior = torch.as_tensor(prior, dtype=torch.float32, device=axes[0].device)
     if prior.dim() != 4:
@@ -209,6 +215,8 @@ def _prior_stage(prior: torch.Tensor | np.ndarray, axes: Axes, grid_shape: Seque
     positions = [((axis + 0.5) * g / n - 0.5).clamp(0, g - 1)
                  for axis, g, n in zip(axes, prior.shape[1:], grid_shape)]
     values = _resample(prior, positions)
+    foreground = _labels(values, threshold) > 0
+    values.movedim(0, -1)[foreground] = 0.5 if len(values) == 1 else 1.0 / len(values)
     return _Stage(axes, values, torch.zeros(values.shape[1:], dtype=torch.bool, device=values.device))
 
 
