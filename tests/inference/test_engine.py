@@ -219,9 +219,10 @@ def test_bad_options_are_rejected(options):
 
 
 def test_guided_does_not_trust_a_confidently_positive_prior(blob):
-    """A prior saying 'this cell holds tumour' with certainty (the aux head's training target, max-pooled,
-    unsmoothed) must not fill the whole cell: guided still reproduces dense."""
-    sharp_prior = F.adaptive_max_pool3d((blob > 0.5).float(), (8, 8, 5))
+    """A prior saying 'tumour here' with certainty over a region larger than the lesion (max-pooled truth,
+    grown by one cell, unsmoothed) must not fill that region: guided still reproduces dense."""
+    pooled = F.adaptive_max_pool3d((blob > 0.5).float(), (4, 4, 3))  # cells of 4 lattice points a side
+    sharp_prior = F.max_pool3d(pooled, 3, stride=1, padding=1)
     result = segment(lookup_field(blob), BRATS_LIKE, mode="guided", prior=sharp_prior)
     assert agreement(result, blob) >= 0.999
     assert result.fraction_of_dense < 0.2
