@@ -1,0 +1,246 @@
+"""The paper's memory table (REFERENCE 6) for all seven models at the BraTS working shape 4 x 256 x 256 x 160.
+
+    .venv/bin/python benchmarks/memory.py [--device cpu|cuda] [--quick] [--measure-batch8] [--ablations]
+
+Figures (each in a fresh process, see steps.py for the exact definition of "memory"):
+- occupancy networks: one training step with 2^14 locations per volume at batch 1 and batch 8; inference =
+  encode once + one decoder chunk of 2^14 / 2^17 locations incl. patch extraction from the full volume;
+- 3D U-Net: one training step on the whole working volume (batch 1); dense prediction of the volume;
+- 2D U-Net: one training step on 8 axial slices per volume (batch 1: 8 slices, batch 8: 64 slices, as
+  `ossnet train` batches them); prediction of one slice.
+Batch 8 (occupancy networks and the 3D U-Net) is measured on CUDA (or with --measure-batch8); on CPU it is
+estimated from batch 1 (see `estimate_batch`; checked once against a measured OSS-Net C batch 2), because
+batch-8 steps take minutes each on a laptop CPU and the U-Net's would not fit in its memory.
+A run whose estimate exceeds `skip_above` is skipped; a child whose resident set passes the cap is killed.
+On CPU, 2^17-location inference is measured for O-Net, OSS-Net C and D (the three decoder inputs: no
+patches, local, local + mid-range); A and B, whose decoders equal C's and D's, are estimated from them
+plus their own measured 2^14 difference (the encoder differs). --ablations adds OSS-Net C with Leaky ReLU
+instead of PAU, OSS-Net C and the 3D U-Net under bfloat16 autocast (what would lower the figures), and a
+3D U-Net whose first level works at full resolution (what a classic 3D U-Net holds).
+--quick: O-Net, OSS-Net C and the U-Nets, batch 1 and 2^14 locations only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ossnet import models
+
+from common import (BRATS_WORKING_SHAPE, GB, PAPER_MEMORY_GB, PAPER_NAMES, Provenance, argument_parser,
+                    check_device, gb, markdown_table, write_results)
+from steps import StepResult, StepSpec, run_isolated
+
+OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
+UNETS = ("unet3d", "unet2d")
+# Do not start a CPU measurement estimated above SKIP_ABOVE; kill a child whose resident set passes CAP.
+SKIP_ABOVE = 14 * GB
+CAP = 16 * GB
+# The 3D U-Net is first measured at half the resolution per axis (1/8 of the voxels) to estimate the full one.
+PROBE_SHAPE = tuple(n // 2 for n in BRATS_WORKING_SHAPE)
+# 2^17-location inference of A and B on CPU: estimated from the model with the same decoder.
+SAME_DECODER = {"ossnet-a": "ossnet-c", "ossnet-b": "ossnet-d"}
+
+
+def memory_cap() -> float:
+    """CAP, or less when the shared machine has less memory available (keep 1 GB for everyone else)."""
+    available = int(re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1))
+    return min(CAP, available * 1024 - GB)
+
+
+def skip_above(device: str) -> float:
+    """Largest estimated peak worth starting: SKIP_ABOVE on the CPU, 90 % of the GPU's memory on CUDA."""
+    return 0.9 * torch.cuda.get_device_properties(0).total_memory if device == "cuda" else SKIP_ABOVE
+
+
+def static_bytes(model_name: str) -> int:
+    """Memory that does not grow with the batch: weights, gradients and the optimiser's three copies
+    (RAdam's two moments, Lookahead's slow weights), float32."""
+    with torch.device("meta"):
+        model = models.create(model_name, input_shape=BRATS_WORKING_SHAPE)
+    return 5 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def estimate_batch(measured: int, batch: int, model_name: str) -> int:
+    """Peak of a batch-`batch` step from a batch-1 peak: the part above `static_bytes` (inputs, activations,
+    workspaces) scales with the batch, since every activation is per volume or per location."""
+    static = static_bytes(model_name)
+    return static + batch * (measured - static)
+
+
+class Figures:
+    """Runs measurements one at a time and keeps every spec with its result for the JSON file."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.records = device, []
+
+    def measure(self, model: str, task: str, batch: int = 1, locations: int = 2**14,
+                shape: tuple[int, int, int] = BRATS_WORKING_SHAPE, estimate: float | None = None,
+                precision: str = "fp32", overrides: dict | None = None) -> StepResult:
+        spec = StepSpec(model, shape, task, batch, locations, self.device, precision=precision,
+                        overrides=overrides or {})
+        if estimate is not None and estimate > skip_above(self.device):
+            result = StepResult("skipped", note=f"~{estimate / GB:.1f} GB estimated")
+        else:
+            result = run_isolated(spec, memory_cap())
+        self.records.append({"spec": asdict(spec), "estimate_bytes": estimate, **asdict(result)})
+        print(f"{model:9s} {task:5s} batch {batch} locations {locations:6d} shape {shape} {precision} "
+              f"{overrides or ''}: {describe(result)}", flush=True)
+        return result
+
+    def estimated(self, model: str, task: str, batch: int, estimate: int, basis: str) -> StepResult:
+        result = StepResult("estimated", estimate, note=basis)
+        self.records.append({"spec": {"model": model, "task": task, "batch": batch, "device": self.device},
+                             **asdict(result)})
+        print(f"{model:9s} {task:5s} batch {batch}: {describe(result)}", flush=True)
+        return result
+
+
+def describe(result: StepResult) -> str:
+    if result.status == "ok":
+        return f"{result.peak_bytes / GB:.2f} GB in {result.seconds:.1f} s"
+    if result.status == "estimated":
+        return f"~{result.peak_bytes / GB:.2f} GB (estimate: {result.note})"
+    return f"{result.status}: {result.note}"
+
+
+def cell(result: StepResult | None) -> str:
+    """A table cell: the figure, "~x (est.)", "> cap (killed)", "skipped (~x GB estimated)" or empty."""
+    if result is None:
+        return ""
+    if result.status == "ok":
+        return gb(result.peak_bytes)
+    if result.status == "estimated":
+        return f"~{gb(result.peak_bytes)} (est.)"
+    if result.status == "killed":
+        return f"> {gb(result.peak_bytes)} (killed)"
+    if result.status == "skipped":
+        return f"skipped ({result.note})"
+    return "failed"
+
+
+def run(device: str, quick: bool, measure_batch8: bool) -> tuple[dict, Figures]:
+    figures = Figures(device)
+    table: dict[str, dict[str, StepResult]] = {}
+    for name in ("onet", "ossnet-c") if quick else ("onet", "ossnet-c", "ossnet-d", "ossnet-a", "ossnet-b"):
+        row = table[name] = {"train1": figures.measure(name, "train"), "infer14": figures.measure(name, "infer")}
+        if quick:
+            continue
+        row["infer17"] = (figures.measure(name, "infer", locations=2**17)
+                          if device == "cuda" or name not in SAME_DECODER else infer17_estimate(figures, table, name))
+        if row["train1"].status == "ok":
+            estimate = estimate_batch(row["train1"].peak_bytes, 8, name)
+            row["train8"] = (figures.measure(name, "train", batch=8, estimate=estimate) if measure_batch8
+                             else figures.estimated(name, "train", 8, estimate, "batch 1 scaled, see estimate_batch"))
+    if not quick and not measure_batch8 and table["ossnet-c"]["train1"].status == "ok":
+        # check the batch extrapolation once against a measured batch 2
+        estimate = estimate_batch(table["ossnet-c"]["train1"].peak_bytes, 2, "ossnet-c")
+        table["ossnet-c"]["train2"] = figures.measure("ossnet-c", "train", batch=2, estimate=estimate)
+        table["ossnet-c"]["train2_estimate"] = figures.estimated("ossnet-c", "train", 2, estimate, "check")
+    table["unet3d"] = unet3d_row(figures, quick, measure_batch8)
+    table["unet2d"] = {"train1": figures.measure("unet2d", "train"), "infer14": figures.measure("unet2d", "infer")}
+    if not quick:
+        table["unet2d"]["train8"] = figures.measure("unet2d", "train", batch=8)
+    return {name: table[name] for name in (*OCCUPANCY, *UNETS) if name in table}, figures
+
+
+def infer17_estimate(figures: Figures, table: dict, name: str) -> StepResult:
+    """2^17 inference of A / B: that of C / D (same decoder) plus the 2^14 difference (their encoders)."""
+    twin = table[SAME_DECODER[name]]
+    if twin["infer17"].status != "ok" or table[name]["infer14"].status != "ok":
+        return StepResult("failed", note="no basis for the estimate")
+    estimate = twin["infer17"].peak_bytes + table[name]["infer14"].peak_bytes - twin["infer14"].peak_bytes
+    return figures.estimated(name, "infer", 1, estimate, f"{SAME_DECODER[name]} at 2^17 + the 2^14 difference")
+
+
+FULL_RESOLUTION_UNET = "3D res. U-Net, first level at full resolution (strides 1, 2, 2, 2)"
+
+
+def ablations(figures: Figures) -> list[tuple[str, StepResult]]:
+    """Training steps at batch 1 with what would lower memory (no PAU, bfloat16 autocast) and the U-Net of
+    the kind the paper's figure suggests (its first level at full resolution)."""
+    return [("OSS-Net C, Leaky ReLU instead of PAU", figures.measure("ossnet-c", "train",
+                                                                    overrides={"activation": "leaky_relu"})),
+            ("OSS-Net C, bf16 autocast", figures.measure("ossnet-c", "train", precision="bf16")),
+            ("3D res. U-Net, bf16 autocast", figures.measure("unet3d", "train", precision="bf16")),
+            # MONAI's U-Net downsamples in its first unit, so no 16-channel map exists at full resolution;
+            # the classic 3D U-Net convolves there first (stride 1), which is what a volume's size costs.
+            (FULL_RESOLUTION_UNET, figures.measure("unet3d", "train", overrides={"strides": (1, 2, 2, 2)}))]
+
+
+def unet3d_row(figures: Figures, quick: bool, measure_batch8: bool) -> dict[str, StepResult]:
+    """Training at half resolution first; the full volume only if 8x that stays below `skip_above`."""
+    probe = figures.measure("unet3d", "train", shape=PROBE_SHAPE)
+    estimate = 8 * probe.peak_bytes if probe.status == "ok" else float("inf")
+    row = {"train1": figures.measure("unet3d", "train", estimate=estimate), "probe": probe,
+           "infer14": figures.measure("unet3d", "infer")}
+    if row["train1"].status == "skipped":
+        row["train1"] = replace(row["train1"], status="estimated", peak_bytes=int(estimate),
+                                note=f"8 x the {'x'.join(map(str, PROBE_SHAPE))} step")
+    if not quick and row["train1"].peak_bytes:
+        estimate = estimate_batch(row["train1"].peak_bytes, 8, "unet3d")
+        row["train8"] = (figures.measure("unet3d", "train", batch=8, estimate=estimate) if measure_batch8
+                         else figures.estimated("unet3d", "train", 8, estimate, "batch 1 scaled, see estimate_batch"))
+    return row
+
+
+def report(table: dict, full_resolution_unet: StepResult | None) -> str:
+    """The table beside the paper's, the U-Net / OSS-Net C ratios and the check of the batch estimate;
+    `full_resolution_unet`: the ablation's training step, if measured."""
+    header = ["model", "train b1", "train b8", "paper train", "inf 2^14", "paper inf 2^14", "inf 2^17",
+              "paper inf 2^17", "train step b1 (s)"]
+    rows = []
+    for name, row in table.items():
+        paper = PAPER_MEMORY_GB[name]
+        seconds = row["train1"].seconds
+        rows.append([PAPER_NAMES[name], cell(row["train1"]), cell(row.get("train8")), f"{paper[0]:.2f}",
+                     cell(row["infer14"]), f"{paper[1]:.2f}", cell(row.get("infer17")),
+                     "" if paper[2] is None else f"{paper[2]:.2f}", "" if seconds is None else f"{seconds:.0f}"])
+    text = ("Memory in GB (2^30 bytes) at the BraTS working shape 4x256x256x160 (encoder input 4x128x128x80). "
+            "U-Nets: inference column = dense 3D prediction / one 2D slice; 2D training = 8 slices per volume "
+            "(b1: 8 slices, b8: 64). `(est.)` = estimated, not measured.\n\n" + markdown_table(header, rows))
+    unet, onet_c = table["unet3d"], table["ossnet-c"]
+    pairs = [("batch 1", unet["train1"], onet_c["train1"])]
+    if "train8" in unet and "train8" in onet_c:
+        pairs.append(("batch 8", unet["train8"], onet_c["train8"]))
+    if full_resolution_unet is not None:
+        pairs.append(("batch 1, U-Net with its first level at full resolution (ablation)", full_resolution_unet,
+                      onet_c["train1"]))
+    ratios = [f"{label}: **{a.peak_bytes / b.peak_bytes:.1f}x** ({cell(a)} / {cell(b)})"
+              for label, a, b in pairs if a.peak_bytes and b.peak_bytes]
+    text += ("\nRatio 3D U-Net / OSS-Net C, training step with 2^14 locations, " + "; ".join(ratios)
+             + ". Paper: 14.41 / 2.59 = 5.6x.\n")
+    if "train2" in onet_c:
+        text += (f"\nCheck of the batch extrapolation: OSS-Net C batch 2 measured {cell(onet_c['train2'])} GB, "
+                 f"estimated from batch 1 {gb(onet_c['train2_estimate'].peak_bytes)} GB.\n")
+    return text
+
+
+def main() -> None:
+    parser = argument_parser(__doc__.split("\n")[0])
+    parser.add_argument("--measure-batch8", action="store_true",
+                        help="measure batch-8 training steps instead of estimating them (default on cuda)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also measure OSS-Net C without PAU, OSS-Net C / 3D U-Net under bf16 autocast and "
+                             "a 3D U-Net with a full-resolution first level")
+    args = parser.parse_args()
+    check_device(args.device)
+    provenance = Provenance.collect(args.device)
+    measure_batch8 = args.measure_batch8 or args.device == "cuda"
+    table, figures = run(args.device, args.quick, measure_batch8)
+    variants = ablations(figures) if args.ablations else []
+    body = report(table, dict(variants).get(FULL_RESOLUTION_UNET))
+    if variants:
+        rows = [[label, cell(result), "" if result.seconds is None else f"{result.seconds:.0f}"]
+                for label, result in variants]
+        body += ("\nAblations, training step at batch 1 with 2^14 locations:\n\n"
+                 + markdown_table(["variant", "train b1 (GB)", "step (s)"], rows))
+    print("\n" + body)
+    write_results("memory", args.device, args.quick, provenance, body, {"measurements": figures.records})
+
+
+if __name__ == "__main__":
+    main()
