@@ -30,7 +30,7 @@ class DemoOptions:
     train_cases: int = 12
     test_cases: int = 4
     shape: tuple[int, int, int] = (96, 96, 64)
-    epochs: int = 16
+    epochs: int = 48
     locations: int = 4096
     batch_size: int = 2
     lr: float = 3e-3
