@@ -4,9 +4,9 @@
 
 Cubic 4-channel volumes of side 64 ... 224 (224^3 = 11.2 M voxels, a little more than BraTS' 256x256x160).
 Each point is one training step at batch 1 in a fresh process (steps.py defines the memory figure): the
-3D U-Nets on the whole volume, OSS-Net C on 2^14 sampled locations. Two U-Nets: ossnet's `unet3d` (MONAI,
-whose first unit already downsamples) and the same network with its first level at full resolution
-(strides 1, 2, 2, 2), the kind of 3D U-Net the paper's 14.41 GB suggests (see memory.py --ablations).
+3D U-Nets on the whole volume, OSS-Net C on 2^14 sampled locations. Two U-Nets: ossnet's `unet3d` (first
+level at full resolution, as a classic U-Net and as the paper's 14.41 GB suggests) and MONAI's default,
+whose first unit already downsamples (channels 16-256, strides 2, 2, 2, 2; see memory.py --ablations).
 A point whose estimate (the model's previous point scaled by the voxel count) exceeds
 `memory.skip_above` is not run and is plotted as an estimate.
 The second panel counts forward multiply-accumulates (no run needed): per U-Net volume, per OSS-Net
@@ -39,9 +39,9 @@ QUICK_SIDES = (64, 96, 128)
 LOCATIONS = 2**14
 # name -> (preset, configuration overrides, legend label, colour)
 MODELS = {
-    "unet3d": ("unet3d", {}, "3D res. U-Net (ossnet unet3d)", "tab:red"),
-    "unet3d-full-res": ("unet3d", {"strides": (1, 2, 2, 2)}, "3D res. U-Net, first level at full resolution",
-                        "tab:orange"),
+    "unet3d": ("unet3d", {}, "3D res. U-Net (ossnet unet3d, full-resolution first level)", "tab:orange"),
+    "unet3d-strided": ("unet3d", {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2)},
+                       "3D res. U-Net, MONAI's default (first unit strides)", "tab:red"),
     "ossnet-c": ("ossnet-c", {}, "OSS-Net C (2^14 locations)", "tab:blue"),
 }
 BRATS_VOXELS = 256 * 256 * 160
@@ -120,8 +120,8 @@ def plot(rows: list[dict], path) -> None:
     costs = {side: next(r for r in rows if r["side"] == side) for side in sides}
     voxels = [side**3 / 1e6 for side in sides]
     for key, label, colour, style in (
-            ("unet3d-full-res_per_volume", "3D U-Net, first level at full res.: one volume", "tab:orange", "o-"),
-            ("unet3d_per_volume", "3D U-Net (ossnet unet3d): one volume", "tab:red", "o-"),
+            ("unet3d_per_volume", "3D U-Net (ossnet unet3d): one volume", "tab:orange", "o-"),
+            ("unet3d-strided_per_volume", "3D U-Net, MONAI's default: one volume", "tab:red", "o-"),
             ("ossnet_dense", "OSS-Net C: every voxel queried (dense inference)", "tab:purple", "s--"),
             ("ossnet_per_training_sample", "OSS-Net C: one training sample (encoder + 2^14 queries)", "tab:blue",
              "o-"),
@@ -151,19 +151,19 @@ def report(rows: list[dict], png_name: str, csv_name: str) -> str:
         by_side.setdefault(row["side"], {})[row["model"]] = row
     table = []
     for side, points in by_side.items():
-        full_res, occupancy = points["unet3d-full-res"], points["ossnet-c"]
-        ratio = (f"{full_res['peak_bytes'] / occupancy['peak_bytes']:.1f}"
-                 if full_res["peak_bytes"] and occupancy["peak_bytes"] else "")
+        unet, occupancy = points["unet3d"], points["ossnet-c"]
+        ratio = (f"{unet['peak_bytes'] / occupancy['peak_bytes']:.1f}"
+                 if unet["peak_bytes"] and occupancy["peak_bytes"] else "")
         table.append([f"{side}³", f"{side**3 / 1e6:.2f}", *(_cell(points[name]) for name in MODELS), ratio,
                       f"{occupancy['unet3d_per_volume'] / 1e9:.1f}",
-                      f"{occupancy['unet3d-full-res_per_volume'] / 1e9:.1f}",
+                      f"{occupancy['unet3d-strided_per_volume'] / 1e9:.1f}",
                       f"{occupancy['ossnet_per_training_sample'] / 1e9:.1f}",
                       f"{occupancy['ossnet_per_query'] / 1e6:.2f}"])
-    header = ["volume", "voxels (M)", "U-Net3D (GB)", "U-Net3D full-res (GB)", "OSS-Net C (GB)",
-              "full-res / C", "U-Net3D GMAC / volume", "full-res GMAC / volume", "OSS-Net C GMAC / sample",
+    header = ["volume", "voxels (M)", "U-Net3D (GB)", "U-Net3D strided (GB)", "OSS-Net C (GB)",
+              "U-Net3D / C", "U-Net3D GMAC / volume", "strided GMAC / volume", "OSS-Net C GMAC / sample",
               "OSS-Net C MMAC / query"]
     return ("Peak memory of one training step at batch 1 (4 channels; OSS-Net C: 2^14 locations) and forward "
-            "multiply-accumulates. U-Net3D full-res: the same U-Net with strides (1, 2, 2, 2). `(est.)`: the "
+            "multiply-accumulates. U-Net3D strided: MONAI's default, whose first unit strides. `(est.)`: the "
             "model's previous point scaled by the voxel count, not run.\n\n"
             + markdown_table(header, table) + f"\n![scaling]({png_name})\n\nRaw figures: [{csv_name}]({csv_name})\n")
 

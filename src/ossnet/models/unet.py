@@ -1,9 +1,17 @@
 """Dense residual U-Net baselines (REFERENCE 3.6): 3D on the full volume, 2D on axial slices.
 
 The paper does not publish their depths and widths. We use MONAI's residual U-Net
-(`monai.networks.nets.UNet`, Kerfoot et al. 2018): five levels with channels (16, 32, 64, 128, 256),
-strided-convolution downsampling by 2 (four times), two residual units per level, batch norm and
-PReLU; a standard configuration of the size the reference suggests.
+(`monai.networks.nets.UNet`, Kerfoot et al. 2018) with two residual units per level, batch norm and
+PReLU: five resolution levels with channels (16, 32, 64, 128, 256) from full resolution down to 1/16,
+strided-convolution downsampling by 2, and a 320-channel bottleneck at 1/16.
+
+Two choices differ from MONAI's defaults, both for a classic U-Net:
+- the first level works at full resolution (stride 1): MONAI's first unit strides at once, so no
+  feature map would exist at full resolution; with it, the training step at BraTS shape needs about the
+  paper's 14 GB (docs/benchmarks).
+- MONAI's body ends with `channels[0]` features and a plain 1x1(x1) convolution maps them to the logits.
+  With out_channels = num_classes MONAI's last transposed convolution has a single channel followed by
+  batch norm and PReLU, a one-channel bottleneck that kept the loss above a constant prediction's.
 """
 
 import math
@@ -29,8 +37,8 @@ class UNetConfig:
     in_channels: int = 4
     input_shape: tuple[int, int, int] = (256, 256, 160)
     num_classes: int = 1
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
-    strides: tuple[int, ...] = (2, 2, 2, 2)
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256, 320)
+    strides: tuple[int, ...] = (1, 2, 2, 2, 2)
     num_res_units: int = 2
 
     def __post_init__(self) -> None:
@@ -51,12 +59,14 @@ class ResidualUNet(nn.Module):
     def __init__(self, config: UNetConfig, name: str = "custom") -> None:
         super().__init__()
         self.config, self.name = config, name
-        self.net = UNet(spatial_dims=config.dims, in_channels=config.in_channels, out_channels=config.num_classes,
+        self.net = UNet(spatial_dims=config.dims, in_channels=config.in_channels, out_channels=config.channels[0],
                         channels=config.channels, strides=config.strides, num_res_units=config.num_res_units,
                         norm="batch")
+        convolution = nn.Conv3d if config.dims == 3 else nn.Conv2d
+        self.head = convolution(config.channels[0], config.num_classes, kernel_size=1)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         if volume.ndim != self.config.dims + 2:
             raise OssnetError(f"{self.config.dims}D U-Net expects (B, C, {self.config.dims} spatial axes), "
                               f"got a tensor of shape {tuple(volume.shape)}")
-        return self.net(volume)
+        return self.head(self.net(volume))
