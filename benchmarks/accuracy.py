@@ -11,8 +11,8 @@ Every model's run lives in WORK_DIR/<budget>/<layout>/runs/<model> with its scor
 interrupted table resumes: scored models are skipped, trained ones only re-predicted, half-trained ones
 continued from last.pt.
 
-    .venv/bin/python benchmarks/accuracy.py --quick        # 8 + 4 cases of 64x64x48, ~20 min on 2 CPU cores
-    .venv/bin/python benchmarks/accuracy.py                # the CPU table (96x96x64)
+    .venv/bin/python benchmarks/accuracy.py --quick        # 8 + 4 cases of 64x64x48, ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/accuracy.py --lits         # the CPU table (96x96x64): ~30 min per dataset
     .venv/bin/python benchmarks/accuracy.py --gpu --lits   # a larger configuration for a GPU
 """
 
@@ -80,10 +80,10 @@ class Budget:
 
 
 BUDGETS = {
-    # ~2 minutes a model on 2 CPU cores: a smoke-sized table
+    # ~1-2 minutes a model on 2 CPU cores: a smoke-sized table
     "quick": Budget("quick", train_cases=8, test_cases=4, shape=(64, 64, 48), epochs=30, locations=2048,
                     batch_size=2, lr=3e-3, onet_width=64, occupancy_width=128),
-    # the demo's settings (src/ossnet/demo.py) for every model: aim <= 60 minutes on 2 CPU cores
+    # the demo's settings (src/ossnet/demo.py), half its epochs: BraTS-like 29 min on 2 CPU cores
     "cpu": Budget("cpu", train_cases=12, test_cases=4, shape=(96, 96, 64), epochs=24, locations=4096,
                   batch_size=2, lr=3e-3, onet_width=64, occupancy_width=128),
     # for a GPU: the paper's widths and locations, more and larger cases, more epochs
