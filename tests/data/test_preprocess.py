@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
@@ -370,6 +371,25 @@ def test_racing_loaders_share_one_entry(tmp_path):
         assert_same_prepared(result, results[0])
     assert len(list((tmp_path / "cache").iterdir())) == 1  # no staging folders left
 
+
+
+def test_folders_a_killed_writer_left_are_swept_on_the_next_write(tmp_path):
+    """A kill between mkdtemp and rename leaves `.staging-*` (or `.trash-*`) behind; an hour later nobody
+    owns it, and the next write removes it. Fresh ones may belong to a live writer and stay."""
+    source, target = write_source(tmp_path, small_case()), get_target("brats")
+    cache_dir = tmp_path / "cache"
+    abandoned = [cache_dir / ".staging-killed", cache_dir / ".trash-killed"]
+    live = cache_dir / ".staging-live"
+    for folder in (*abandoned, live):
+        folder.mkdir(parents=True)
+        (folder / "volume.npy").write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    for folder in abandoned:
+        os.utime(folder, (old, old))
+    cache = PreparedCache(cache_dir)
+    cache.load(source, SMALL, target)
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([".staging-live",
+                                                                  cache.entry_dir(source, SMALL, target).name])
 
 def test_dataset_preprocess_pads_every_case_to_one_working_shape():
     from ossnet.data.preprocess import dataset_preprocess_config

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -36,6 +37,8 @@ Shape3 = tuple[int, int, int]
 
 # Bump when the files of a cache entry change meaning, so old entries are not reused.
 CACHE_FORMAT = 1
+# Staging and trash folders in a cache older than this (seconds) were left by a killed process.
+ABANDONED_AFTER_S = 3600
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,8 @@ class PreparedCache:
 
     An entry's name hashes the source files (resolved path, size, mtime), the `PreprocessConfig` and
     the `Target` (name and class values), so editing a file or a setting makes a new entry. Entries
-    are written into a temporary folder and renamed into place: a crash leaves no half entry, and of
+    are written into a temporary folder and renamed into place: a crash leaves no half entry (a killed
+    process's temporary folder is swept by a later write once it is an hour old), and of
     workers racing on one entry the first rename wins and the others use its files. An unreadable
     entry is rebuilt.
     `hits` / `misses` count loads served from disk / rebuilt in this process.
@@ -301,6 +305,7 @@ class PreparedCache:
 
     def _write(self, entry: Path, prepared: PreparedCase) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_abandoned(self.cache_dir)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
         try:
             arrays = dict(zip(self.ARRAYS, (prepared.volume, prepared.global_volume, prepared.label,
@@ -334,6 +339,18 @@ def _read_entry(entry: Path) -> PreparedCase:
         raise ValueError(f"{entry}: cached arrays do not match the working shape {working}")
     return PreparedCase(meta["case_id"], volume, global_volume, arrays.get("label"),
                         arrays.get("border"), geometry)
+
+
+def _sweep_abandoned(cache_dir: Path) -> None:
+    """Delete staging / trash folders a killed process left behind: those untouched for ABANDONED_AFTER_S
+    (a live writer finishes an entry within seconds, so an old one has no owner)."""
+    cutoff = time.time() - ABANDONED_AFTER_S
+    for folder in [*cache_dir.glob(".staging-*"), *cache_dir.glob(".trash-*")]:
+        try:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass  # removed meanwhile by another process
 
 
 def _discard(entry: Path, cache_dir: Path) -> None:
