@@ -223,9 +223,12 @@ def test_evaluate_folders_maps_a_brats_ground_truth_through_its_target(tmp_path)
     assert (result.missing, result.extra) == (["BraTS20_Training_002"], [])
     assert len(result.class_names) == 1 and result.cases["BraTS20_Training_001"][0].dice == 1.0
 
-    regions = evaluate_folders(pred_dir, tmp_path / "brats", target="regions")
-    assert len(regions.class_names) == 3
-    # The binary prediction reads as class 1 (oedema) on all 60 tumour voxels; the oedema is 60 - 6 = 54 of
-    # them (the core's 3 x 2 x 1 voxels, enhancing voxel included, replace it): Dice 2 * 54 / (60 + 54).
+    # Multi-class predictions are in the dataset's label values, as `ossnet predict` writes them: here the
+    # enhancing voxel (4) was called necrotic core (1), so core has 6 predicted voxels for 5 true ones.
+    regions_dir = tmp_path / "pred-regions"
+    regions_dir.mkdir()
+    write_labels(regions_dir / "BraTS20_Training_001.nii.gz", np.where(seg == 4, 1, seg))
+    regions = evaluate_folders(regions_dir, tmp_path / "brats", target="regions")
+    assert regions.class_names == ("oedema", "necrotic-core", "enhancing")
     oedema, core, enhancing = regions.cases["BraTS20_Training_001"]
-    assert oedema.dice == pytest.approx(2 * 54 / (60 + 54)) and core.dice == enhancing.dice == 0.0
+    assert oedema.dice == 1.0 and core.dice == pytest.approx(2 * 5 / (6 + 5)) and enhancing.dice == 0.0

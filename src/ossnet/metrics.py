@@ -178,7 +178,8 @@ def evaluate_folders(
     """Score the NIfTI class maps in `pred_dir` (named `CASE.nii.gz` or `CASE.nii`) against `gt_dir`.
 
     `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset`; its labels
-    are mapped by `target`, the dataset's default target if None, and `class_names` default to the target's)
+    and the predictions, both in the dataset's label values, are mapped by `target`, the dataset's default
+    target if None, and `class_names` default to the target's)
     or a plain folder of label NIfTIs with the predictions' file names. For a plain folder, `class_names=None`
     scores one class "foreground" (label > 0 in both); given names score label value k as `class_names[k-1]`.
     Spacing comes from the ground truth's affine. Raises CaseError if a pair differs in shape or affine.
@@ -196,7 +197,10 @@ def evaluate_folders(
     for case_id in tqdm(sorted(ground_truth.keys() & predictions.keys()), desc="evaluate", unit="case"):
         pred, gt = _read_labels(predictions[case_id]), _read_labels(ground_truth[case_id])
         _check_same_grid(pred, gt)
-        pred_labels, gt_labels = pred.labels, gt.labels if gt_target is None else gt_target.apply(gt.labels)
+        if gt_target is None:
+            pred_labels, gt_labels = pred.labels, gt.labels
+        else:  # both in the dataset's label values (as `ossnet predict` writes them), mapped to classes
+            pred_labels, gt_labels = gt_target.apply(pred.labels), gt_target.apply(gt.labels)
         if binarize:
             pred_labels, gt_labels = (pred_labels > 0).astype(np.uint8), (gt_labels > 0).astype(np.uint8)
         spacing = np.linalg.norm(gt.affine[:3, :3], axis=0)

@@ -59,3 +59,16 @@ def test_target_is_plain_data_rebuilt_from_its_name():
 def test_unknown_or_unbuildable_targets_raise(layout, name, values):
     with pytest.raises(DatasetError):
         get_target(layout, name, values)
+
+
+def test_class_maps_go_back_to_the_datasets_label_values():
+    class_map = np.array([0, 1, 2, 3], dtype=np.uint8)
+    np.testing.assert_array_equal(get_target("brats", "regions").to_label_values(class_map), [0, 2, 1, 4])
+    np.testing.assert_array_equal(get_target("brats").to_label_values(class_map[:2]), [0, 1])  # wt: 1, 2, 4 -> 1
+    np.testing.assert_array_equal(get_target("lits", "liver-tumour").to_label_values(class_map[:3]), [0, 1, 2])
+    many = get_target("msd", "all", (0, 3, 300)).to_label_values(class_map[:3])
+    np.testing.assert_array_equal(many, [0, 3, 300])
+    assert many.dtype == np.uint16
+    regions = get_target("brats", "regions")
+    raw = np.array([0, 1, 2, 4])
+    np.testing.assert_array_equal(regions.to_label_values(regions.apply(raw)), raw)  # a round trip

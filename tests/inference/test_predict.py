@@ -106,3 +106,37 @@ def test_resample_nearest_inverts_padding_exactly():
     working = resample_nearest(original, np.eye(4), shifted, (10, 8, 12))
     assert working[2:7, 1:7, 3:10].tolist() == original.tolist() and working.sum() == original.sum()
     assert np.array_equal(resample_nearest(working, shifted, np.eye(4), (5, 6, 7)), original)
+
+
+@pytest.mark.parametrize("winning_class, written", [(1, 2), (2, 1), (3, 4)])
+def test_multi_class_masks_are_written_in_the_datasets_label_values(tiny_brats, tmp_path, winning_class, written):
+    """A BraTS `regions` model writes oedema 2, necrotic core 1, enhancing 4 (the dataset's own values, not
+    the class indices 1, 2, 3), and `evaluate_folders` reads them back as those classes."""
+    from dataclasses import asdict
+
+    import torch
+
+    from ossnet.metrics import evaluate_folders
+    from ossnet.models import create, save
+
+    target, preprocess = get_target("brats", "regions"), PreprocessConfig(working_shape=(32, 32, 32))
+    model = create("unet3d", input_shape=(32, 32, 32), num_classes=4, channels=(4, 8, 16), strides=(1, 2),
+                   num_res_units=0)
+    with torch.no_grad():  # the head alone decides: every voxel is `winning_class`
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(winning_class), 4).float())
+    checkpoint = tmp_path / "regions.pt"
+    save(checkpoint, model, preprocess=asdict(preprocess), layout="brats", target=target.name,
+         label_values=[0, 1, 2, 4], channel_names=["flair", "t1", "t1ce", "t2"])
+    case_dir = next(p for p in sorted(tiny_brats.rglob("BraTS20_Training_*")) if p.is_dir())
+    predict(checkpoint, case_dir, tmp_path / "out")
+    mask = np.asarray(nib.load(tmp_path / "out" / f"{case_dir.name}.nii.gz").dataobj)
+    assert set(np.unique(mask)) == {written}
+
+    scores = evaluate_folders(tmp_path / "out", tiny_brats, target="regions").cases[case_dir.name]
+    truth = target.apply(open_dataset(tiny_brats).cases[0].load().label)
+    for k, score in enumerate(scores, start=1):
+        predicted, true = truth.size if k == winning_class else 0, int((truth == k).sum())
+        expected = 1.0 if predicted == true == 0 else 2 * min(predicted, true) / (predicted + true)  # both empty: 1
+        assert score.dice == pytest.approx(expected)
+    assert (truth == 1).any()  # the blobs are oedema (raw 2): class 1 is scored on a real overlap

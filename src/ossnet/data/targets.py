@@ -43,6 +43,14 @@ class Target:
             class_map[np.isin(raw_label, values)] = k
         return class_map
 
+    def to_label_values(self, class_map: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) class map 0..K -> the dataset's own label values, so that a written mask reads like
+        the dataset's labels (BraTS `regions`: 2 oedema, 1 necrotic core, 4 enhancing). A class made of
+        several raw values (BraTS whole tumour = 1, 2, 4) is written as its index k; background stays 0."""
+        lookup = np.array([0, *(values[0] if len(values) == 1 else k
+                                for k, values in enumerate(self.class_values, start=1))])
+        return lookup.astype(np.min_scalar_type(lookup.max()))[class_map]
+
 
 def get_target(layout: str, name: str | None = None, label_values: tuple[int, ...] | None = None) -> Target:
     """The target `name` (default: the layout's, e.g. BraTS `wt`) for a dataset of `layout`.

@@ -48,7 +48,9 @@ class PredictOptions:
 class CasePrediction:
     """One case's result on the original voxel grid (S times finer when scale != 1).
 
-    labels: (X, Y, Z) uint8 class map; probabilities: (X, Y, Z) foreground (binary) or (K, X, Y, Z) float32.
+    labels: (X, Y, Z) mask in the dataset's label values (`Target.to_label_values`: binary 0 / 1, BraTS
+    regions 0 / 1 / 2 / 4); probabilities: (X, Y, Z) foreground (binary) or (K, X, Y, Z) float32, one
+    channel per class in the target's class order.
     """
 
     case_id: str
@@ -101,7 +103,7 @@ class Predictor:
                                              source_affine, target_affine, target_shape)
             if probabilities.shape[0] == 1:
                 probabilities = probabilities[0]
-        return CasePrediction(case.case_id, labels.astype(np.uint8), probabilities, target_affine,
+        return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, target_affine,
                               result.queries, result.fraction_of_dense, result.mode,
                               time.perf_counter() - started)
 
@@ -180,7 +182,7 @@ def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Pa
     """Write the files of one case; each file is written atomically by the export functions."""
     same_grid = prediction.labels.shape == case.image.shape[1:]
     header = case.header if same_grid else None
-    save_nifti(prediction.labels, prediction.affine, paths["mask"], header=header, dtype=np.uint8)
+    save_nifti(prediction.labels, prediction.affine, paths["mask"], header=header, dtype=prediction.labels.dtype)
     if "probabilities" in paths:
         save_nifti(prediction.probabilities, prediction.affine, paths["probabilities"], header=header,
                    dtype=np.float32)
