@@ -11,7 +11,7 @@ Every model's run lives in WORK_DIR/<budget>/<layout>/runs/<model> with its scor
 interrupted table resumes: scored models are skipped, trained ones only re-predicted, half-trained ones
 continued from last.pt.
 
-    .venv/bin/python benchmarks/accuracy.py --quick        # 8 + 4 cases of 64x64x48, ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/accuracy.py --quick        # 8 + 4 cases of 64x64x48, 11 min on 2 CPU cores
     .venv/bin/python benchmarks/accuracy.py --lits         # the CPU table (96x96x64): ~30 min per dataset
     .venv/bin/python benchmarks/accuracy.py --gpu --lits   # a larger configuration for a GPU
 """
