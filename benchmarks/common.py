@@ -41,6 +41,9 @@ PAPER_MEMORY_GB = {
 }
 PAPER_NAMES = {"unet3d": "3D res. U-Net", "unet2d": "2D res. U-Net", "onet": "O-Net", "ossnet-a": "OSS-Net A",
                "ossnet-b": "OSS-Net B", "ossnet-c": "OSS-Net C", "ossnet-d": "OSS-Net D"}
+# The ablation U-Net: MONAI's default residual U-Net, whose first unit strides (no full-resolution level);
+# `models.create("unet3d", **MONAI_DEFAULT_UNET)`.
+MONAI_DEFAULT_UNET = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2)}
 # BraTS: 240 x 240 x 155 padded to the working shape; the encoder sees it downscaled by 2.
 BRATS_SHAPE = (240, 240, 155)
 BRATS_WORKING_SHAPE = (256, 256, 160)

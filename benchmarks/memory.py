@@ -30,8 +30,8 @@ import torch
 
 from ossnet import models
 
-from common import (BRATS_WORKING_SHAPE, GB, PAPER_MEMORY_GB, PAPER_NAMES, Provenance, argument_parser,
-                    check_device, gb, markdown_table, write_results)
+from common import (BRATS_WORKING_SHAPE, GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, Provenance,
+                    argument_parser, check_device, gb, markdown_table, write_results)
 from steps import StepResult, StepSpec, run_isolated
 
 OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
@@ -168,8 +168,7 @@ def ablations(figures: Figures) -> list[tuple[str, StepResult]]:
             ("3D res. U-Net, bf16 autocast", figures.measure("unet3d", "train", precision="bf16")),
             # MONAI's default downsamples in its first unit, so no feature map exists at full resolution;
             # the preset (like a classic U-Net) convolves there first, which is what a volume's size costs.
-            (STRIDED_UNET, figures.measure("unet3d", "train", overrides={"channels": (16, 32, 64, 128, 256),
-                                                                          "strides": (2, 2, 2, 2)}))]
+            (STRIDED_UNET, figures.measure("unet3d", "train", overrides=MONAI_DEFAULT_UNET))]
 
 
 def unet3d_row(figures: Figures, quick: bool, measure_batch8: bool) -> dict[str, StepResult]:

@@ -29,8 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ossnet import models
 from ossnet.models.registry import decoder_macs_per_query, unet_macs_per_voxel
 
-from common import (GB, PAPER_MEMORY_GB, PAPER_NAMES, RESULTS_DIR, Provenance, argument_parser, check_device, gb,
-                    markdown_table, result_stem, write_results)
+from common import (GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, RESULTS_DIR, Provenance, argument_parser,
+                    check_device, gb, markdown_table, result_stem, write_results)
 from memory import memory_cap, skip_above
 from steps import StepResult, StepSpec, run_isolated
 
@@ -40,8 +40,8 @@ LOCATIONS = 2**14
 # name -> (preset, configuration overrides, legend label, colour)
 MODELS = {
     "unet3d": ("unet3d", {}, "3D res. U-Net (ossnet unet3d, full-resolution first level)", "tab:orange"),
-    "unet3d-strided": ("unet3d", {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2)},
-                       "3D res. U-Net, MONAI's default (first unit strides)", "tab:red"),
+    "unet3d-strided": ("unet3d", MONAI_DEFAULT_UNET, "3D res. U-Net, MONAI's default (first unit strides)",
+                       "tab:red"),
     "ossnet-c": ("ossnet-c", {}, "OSS-Net C (2^14 locations)", "tab:blue"),
 }
 BRATS_VOXELS = 256 * 256 * 160

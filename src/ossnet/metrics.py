@@ -175,7 +175,7 @@ def evaluate_folders(
     class_names: Sequence[str] | None = None,
     target: str | None = None,
 ) -> EvaluationResult:
-    """Score the NIfTI class maps in `pred_dir` (named `CASE.nii.gz` or `CASE.nii`) against `gt_dir`.
+    """Score the NIfTI masks in `pred_dir` (named `CASE.nii.gz` or `CASE.nii`) against `gt_dir`.
 
     `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset`; its labels
     and the predictions, both in the dataset's label values, are mapped by `target`, the dataset's default
