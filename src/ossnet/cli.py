@@ -2,22 +2,111 @@
 
 Verbs follow what a user does, nnU-Net style: `synth` (make a dataset), `info` (check one), `models`
 (list the architectures), `train`, `predict`, `evaluate`, and `demo` (all of it on built-in data).
-Any `OssnetError` becomes one line on stderr and exit code 2.
+The options of `train`, `predict` and `demo` are built from the fields of `TrainConfig`, `PredictOptions`
+and `DemoOptions` (`ossnet.options`): each default, help text and check is declared once, there.
+Whatever goes wrong reaches the user as one line on stderr: exit code 2 for bad input, a refused
+option or an OS fault (read-only folder, disk full, a file in the way), 1 for an internal error.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import os
 import sys
+import typing
 from pathlib import Path
+from typing import Literal
 
 from ossnet.errors import OssnetError
 
 PROG = "ossnet"
 
 
-def _shape(values: list[int] | None) -> tuple[int, int, int] | None:
-    return tuple(values) if values else None
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of ossnet."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- options from dataclass fields
+
+
+def add_options(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
+    """One argument per field of the dataclass `config_type` (see `ossnet.options.option`), except `skip`
+    and fields marked hidden: flag, type, choices, nargs and default all come from the field."""
+    hints = typing.get_type_hints(config_type)
+    for field in dataclasses.fields(config_type):
+        meta = field.metadata
+        if field.name in skip or meta.get("hidden"):
+            continue
+        annotation = _strip_optional(hints[field.name])
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = field.default if field.default is not dataclasses.MISSING else None
+        kwargs: dict = {"dest": field.name, "help": _help(meta.get("help", ""), default)}
+        if annotation is bool:
+            kwargs["action"] = "store_true"
+        elif annotation is dict:
+            kwargs.update(action="append", type=_parse_override, default=None)
+        elif origin is tuple:
+            kwargs.update(nargs=len(args), type=args[0], default=default)
+        elif origin is Literal:
+            kwargs.update(choices=args, type=type(args[0]), default=default)
+        else:
+            kwargs.update(type=annotation, default=default)
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        if required:
+            kwargs["required"] = True
+        parser.add_argument(*meta.get("flags", (f"--{field.name.replace('_', '-')}",)), **kwargs)
+
+
+def options_from(args: argparse.Namespace, config_type: type, **given):
+    """An instance of `config_type` from the parsed arguments `add_options` declared, plus `given`;
+    fields without an argument (hidden ones, no --override given) keep their defaults."""
+    hints = typing.get_type_hints(config_type)
+    values = dict(given)
+    for field in dataclasses.fields(config_type):
+        value = getattr(args, field.name, None)
+        if field.name in values or not hasattr(args, field.name):
+            continue
+        if _strip_optional(hints[field.name]) is dict:
+            if value is None:
+                continue
+            value = dict(value)
+        values[field.name] = value
+    return config_type(**values)
+
+
+def _strip_optional(annotation):
+    """`X | None` -> X; other annotations unchanged."""
+    args = typing.get_args(annotation)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return annotation
+
+
+def _help(text: str, default) -> str:
+    if default is None or default is False or isinstance(default, dict):
+        return text
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{text} (default {shown})"
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    """`key=value` with value parsed as a Python literal when possible (`decoder_width=128`)."""
+    if "=" not in item:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
 
 
 # --------------------------------------------------------------------------- verbs
@@ -50,27 +139,13 @@ def run_models(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> None:
     from ossnet.training import TrainConfig, train
 
-    overrides = dict(_parse_override(item) for item in args.override)
-    config = TrainConfig(
-        data=args.data, model=args.model, run_dir=args.output, epochs=args.epochs,
-        batch_size=args.batch_size, locations=args.locations, border_fraction=args.border_fraction,
-        lr=args.lr, val_fraction=args.val_fraction, split_file=args.split_file, device=args.device,
-        precision=args.precision, seed=args.seed, workers=args.workers, resume=args.resume,
-        target=args.target, working_shape=_shape(args.working_shape), cache_dir=args.cache_dir,
-        max_train_cases=args.max_train_cases, max_val_cases=args.max_val_cases,
-        val_every=args.val_every, model_overrides=overrides,
-    )
-    train(config)
+    train(options_from(args, TrainConfig))
 
 
 def run_predict(args: argparse.Namespace) -> None:
     from ossnet.inference.predict import PredictOptions, predict
 
-    options = PredictOptions(
-        mode=args.mode, chunk=args.chunk, device=args.device, probabilities=args.probabilities,
-        scale=args.scale, mesh=args.mesh, overlay=args.overlay, overwrite=args.overwrite,
-    )
-    predict(args.checkpoint, args.input, args.output, options)
+    predict(args.checkpoint, args.input, args.output, options_from(args, PredictOptions))
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -84,32 +159,20 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from ossnet.demo import DemoOptions, run_demo as demo
 
-    options = DemoOptions(output=args.output, retrain=args.retrain, device=args.device)
-    demo(options if args.epochs is None else replace(options, epochs=args.epochs))
-
-
-def _parse_override(item: str) -> tuple[str, object]:
-    """`key=value` with value parsed as a Python literal when possible (`decoder_width=128`)."""
-    import ast
-
-    if "=" not in item:
-        raise OssnetError(f"--override expects key=value, got {item!r}")
-    key, value = item.split("=", 1)
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+    demo(options_from(args, DemoOptions))
 
 
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ossnet.demo import DemoOptions
+    from ossnet.inference.predict import PredictOptions
+    from ossnet.training import TrainConfig
+
+    parser = _Parser(
         prog=PROG,
         description="OSS-Net: memory-efficient 3D medical segmentation with occupancy networks.",
         epilog="Run `ossnet VERB --help` for the options of each verb. Quick start: `ossnet demo`.",
@@ -147,34 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train onet, ossnet-a..d, unet3d or unet2d with the paper's defaults. "
                                      "Writes RUN_DIR/{last.pt,best.pt,metrics.csv,curves.png,config.json}. "
                                      "Multi-GPU/CPU: torchrun --nproc_per_node N -m ossnet train ...")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (any layout `ossnet info` reads)")
-    p.add_argument("--model", default="ossnet-c",
-                   help="onet | ossnet-a | ossnet-b | ossnet-c | ossnet-d | unet3d | unet2d (default ossnet-c)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="run folder")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8, help="volumes per step (default 8, as the paper)")
-    p.add_argument("--locations", type=int, default=2 ** 14, help="sampled locations per volume (2^14)")
-    p.add_argument("--border-fraction", type=float, default=0.5,
-                   help="share of locations drawn from the label border band (0 = uniform)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    split = p.add_mutually_exclusive_group()
-    split.add_argument("--val-fraction", type=float, default=0.2)
-    split.add_argument("--split-file", type=Path, default=None, help="JSON {train: [ids], val: [ids]}")
-    p.add_argument("--target", default=None, help="wt|regions (BraTS), liver|liver-tumour (LiTS), "
-                                                  "foreground|all (MSD); default: the paper's")
-    p.add_argument("--working-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="padded working shape (default: each axis rounded up to a multiple of 32)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-array cache (default DATA/.ossnet-cache)")
-    p.add_argument("--max-train-cases", type=int, default=None)
-    p.add_argument("--max-val-cases", type=int, default=None)
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field, e.g. --override decoder_width=128")
+    add_options(p, TrainConfig)
     p.set_defaults(func=run_train)
 
     p = verbs.add_parser("predict", help="segment NIfTI files, case folders or datasets",
@@ -184,15 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="NIfTI file, BraTS/LiTS case folder, or dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    p.add_argument("--mode", choices=["guided", "coarse-to-fine", "dense"], default="guided")
-    p.add_argument("--chunk", type=int, default=2 ** 17, help="locations per decoder call (2^17)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--probabilities", action="store_true", help="also write CASE_prob.nii.gz (float)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="sample the continuous function on a grid S times finer (affine adjusted)")
-    p.add_argument("--mesh", choices=["obj", "ply", "stl"], default=None, help="also write a surface mesh (mm)")
-    p.add_argument("--overlay", action="store_true", help="also write CASE_overlay.png")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_options(p, PredictOptions)
     p.set_defaults(func=run_predict)
 
     p = verbs.add_parser("evaluate", help="Dice, IoU, HD95, ASD of predictions against labels",
@@ -208,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="synthesise data, train ossnet-c, segment, evaluate",
                          description="The main job on built-in data: writes runs/demo/ with masks, "
                                      "meshes, overlays, metrics and a report.")
-    p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
-    p.add_argument("--retrain", action="store_true", help="train again even if a model exists")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
+    add_options(p, DemoOptions)
     p.set_defaults(func=run_demo)
     return parser
 
@@ -221,9 +246,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except OssnetError as error:
-        print(f"{PROG} {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args.verb, str(error), 2)
+    except OSError as error:
+        return _fail(args.verb, _os_error(error), 2)
+    except MemoryError:
+        return _fail(args.verb, "out of memory; use smaller shapes, a smaller --chunk or fewer --workers", 2)
     except KeyboardInterrupt:
-        print(f"{PROG} {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args.verb, "interrupted", 130)
+    except Exception as error:  # noqa: BLE001 - the last line of defence: a user never sees a traceback
+        if os.environ.get("OSSNET_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return _fail(args.verb, f"internal error ({type(error).__name__}: {message}); please report it, "
+                                f"with the traceback that OSSNET_DEBUG=1 shows", 1)
     return 0
+
+
+def _os_error(error: OSError) -> str:
+    """`PATH: what the system said` for an OSError, naming both paths of a failed rename."""
+    paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+    reason = error.strerror or str(error)
+    return f"{paths}: {reason}" if paths else reason
+
+
+def _fail(verb: str, message: str, code: int) -> int:
+    print(f"{PROG} {verb}: error: {message}", file=sys.stderr)
+    return code

@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ossnet.data import write_synthetic_dataset
+from ossnet.device import DEVICE_HELP
 from ossnet.inference.predict import PredictOptions, predict
 from ossnet.metrics import evaluate_folders
+from ossnet.options import check_fields, option, positive
 from ossnet.training import TrainConfig, train
 
 # OSS-Net C with the paper's structure (skip latents, auxiliary head, 7^3 local patches, 5 CBN blocks,
@@ -24,17 +26,24 @@ DEMO_OVERRIDES = {"decoder_width": 128}
 
 @dataclass(frozen=True)
 class DemoOptions:
-    output: Path = Path("runs/demo")
-    retrain: bool = False
-    device: str = "auto"
-    train_cases: int = 12
-    test_cases: int = 4
-    shape: tuple[int, int, int] = (96, 96, 64)
-    epochs: int = 48
-    locations: int = 4096
-    batch_size: int = 2
-    lr: float = 3e-3
-    model_overrides: dict = field(default_factory=lambda: dict(DEMO_OVERRIDES))
+    """What `ossnet demo` does; the sizes are chosen to train in minutes on two CPU cores."""
+
+    output: Path = option(Path("runs/demo"), "folder of everything the demo writes", flags=("-o", "--output"))
+    retrain: bool = option(False, "train again even if a trained model exists")
+    device: str = option("auto", DEVICE_HELP)
+    epochs: int = option(48, "training epochs")
+    train_cases: int = option(12, "synthetic training cases", hidden=True)
+    test_cases: int = option(4, "synthetic held-out cases", hidden=True)
+    shape: tuple[int, int, int] = option((96, 96, 64), "volume shape", hidden=True)
+    locations: int = option(4096, "sampled locations per volume", hidden=True)
+    batch_size: int = option(2, "volumes per step", hidden=True)
+    lr: float = option(3e-3, "learning rate", hidden=True)
+    model_overrides: dict = option(default_factory=lambda: dict(DEMO_OVERRIDES), help="model config changes",
+                                   hidden=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "demo")
+        positive({"epochs": self.epochs, "train_cases": self.train_cases, "test_cases": self.test_cases}, "demo")
 
 
 def run_demo(options: DemoOptions = DemoOptions()) -> float:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ossnet.errors import CaseError, OssnetError
+from ossnet.options import check_fields
 
 if TYPE_CHECKING:
     from ossnet.data.case import Case, CaseSource
@@ -65,6 +66,7 @@ class PreprocessConfig:
     border_radius: int = 6
 
     def __post_init__(self) -> None:
+        check_fields(self, "preprocessing")
         if self.fit not in ("pad", "resize"):
             raise OssnetError(f"preprocessing: fit must be 'pad' or 'resize', got {self.fit!r}")
         if self.normalization not in ("zscore", "zscore-foreground"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -24,7 +25,10 @@ from tqdm import tqdm
 from ossnet.errors import OssnetError
 
 Field = Callable[[torch.Tensor], torch.Tensor]
-MODES = ("guided", "coarse-to-fine", "dense")
+Mode = Literal["guided", "coarse-to-fine", "dense"]
+MODES: tuple[str, ...] = get_args(Mode)
+# Locations per decoder call: the paper's inference chunk of 2^17 queries.
+DEFAULT_CHUNK = 2**17
 Axes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -71,7 +75,7 @@ def decode_chunked(field: Field, coords: torch.Tensor, chunk: int, progress: boo
     return decoded if decoded is not None else coords.new_empty((0, 0))
 
 
-def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk: int = 2 ** 17,
+def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk: int = DEFAULT_CHUNK,
             prior: torch.Tensor | np.ndarray | None = None, threshold: float = 0.5,
             return_probabilities: bool = False, device: torch.device | str = "cpu",
             strides: Sequence[int] = (4, 2, 1), band_margin: int = 1, certainty: float = 0.9,

@@ -11,37 +11,47 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ossnet.data import Case, PreprocessConfig, get_target, open_dataset, prepare_case
+from ossnet.device import DEVICE_HELP, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
+from ossnet.inference.engine import DEFAULT_CHUNK, Mode
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
 from ossnet.inference.volume import fine_grid_affine, fine_grid_shape, segment_volume
 from ossnet.models import load as load_model
+from ossnet.options import check_fields, finite, option, positive
+
+MeshFormat = Literal["obj", "ply", "stl"]
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; anything else is passed to torch (cpu, cuda, cuda:1)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OssnetError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+# Bytes per voxel of the output grid that prediction holds at once (labels, probabilities and the engine's
+# lattices, with room to spare): the basis of the memory estimate that refuses a huge --scale up front.
+BYTES_PER_OUTPUT_VOXEL = 24
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    mode: str = "guided"
-    chunk: int = 2 ** 17
-    device: str = "auto"
-    probabilities: bool = False
-    scale: float = 1.0
-    mesh: str | None = None
-    overlay: bool = False
-    overwrite: bool = False
+    """How `ossnet predict` segments and what it writes; one field per command-line option."""
+
+    mode: Mode = option("guided", "decoding: guided by the encoder's low-resolution prediction (C, D), "
+                                  "coarse-to-fine, or dense (every voxel)")
+    chunk: int = option(DEFAULT_CHUNK, "locations per decoder call (memory grows with it)")
+    device: str = option("auto", DEVICE_HELP)
+    probabilities: bool = option(False, "also write CASE_prob.nii.gz (float)")
+    scale: float = option(1.0, "sample the continuous function on a grid S times finer (affine adjusted)")
+    mesh: MeshFormat | None = option(None, "also write a surface mesh in world mm")
+    overlay: bool = option(False, "also write CASE_overlay.png")
+    overwrite: bool = option(False, "replace existing outputs")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "predict")
+        positive({"chunk": self.chunk}, "predict")
+        finite(self.scale, "predict: --scale", 0.0, low_open=True)
 
 
 @dataclass
@@ -71,7 +81,7 @@ class Predictor:
         self.model, state = load_model(checkpoint, map_location=self.device)
         self.model.to(self.device).eval()
         try:
-            self.preprocess = PreprocessConfig(**_tuples(state["preprocess"]))
+            self.preprocess = PreprocessConfig(**state["preprocess"])
             self.target = get_target(state["layout"], state["target"], state.get("label_values"))
             self.channel_names = tuple(state["channel_names"])
         except (KeyError, TypeError) as error:
@@ -150,8 +160,6 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
 
     Returns the per-case results (without keeping arrays of earlier cases alive beyond their summary).
     """
-    if options.scale <= 0:
-        raise OssnetError(f"--scale must be positive, got {options.scale}")
     output_dir = Path(output_dir)
     predictor = Predictor(checkpoint, options.device)
     dataset = open_dataset(input_path)
@@ -195,8 +203,3 @@ def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Pa
             save_overlays(image, paths["overlay"], prediction=prediction.labels > 0,
                           label=None if label is None else label > 0, title=case.case_id,
                           spacing=case.spacing)
-
-
-def _tuples(fields: dict) -> dict:
-    """Checkpoint dicts store tuples as lists; dataclass fields want tuples back."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ossnet.inference.engine import SegmentationResult, decode_chunked, segment
+from ossnet.inference.engine import DEFAULT_CHUNK, SegmentationResult, decode_chunked, segment
 from ossnet.models import OccupancyNetwork, ResidualUNet, extract_patches, voxel_to_normalized
 
 
@@ -151,7 +151,7 @@ def low_resolution_prior(latents) -> torch.Tensor | None:
 @torch.no_grad()
 def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
                    global_volume: np.ndarray | torch.Tensor | None, mode: str = "guided",
-                   chunk: int = 2 ** 17, scale: float = 1.0, return_probabilities: bool = False,
+                   chunk: int = DEFAULT_CHUNK, scale: float = 1.0, return_probabilities: bool = False,
                    device: torch.device | str = "cpu", progress: bool = False) -> SegmentationResult:
     """Segment a preprocessed volume (C, X', Y', Z') on its working grid S times finer.
 

@@ -1,7 +1,8 @@
 """Training: border-balanced location sampling, losses, the RAdam + Lookahead optimiser, checkpoints that
 survive interruption, and the loop `train(TrainConfig)` (single process or torchrun / DDP)."""
 
-from ossnet.training.loop import TrainConfig, TrainResult, train
+from ossnet.training.config import TrainConfig
+from ossnet.training.loop import TrainResult, train
 from ossnet.training.optim import Lookahead, build_optimizer, build_scheduler, lr_milestones
 from ossnet.training.sampling import case_rng, sample_locations
 

@@ -21,12 +21,13 @@ Precision: "bf16" autocasts to bfloat16 (CPU or CUDA); "fp16" autocasts to float
 scaler and needs CUDA (on CPU use bf16).
 """
 
-import csv
-import json
+import hashlib
 import os
 import resource
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from ossnet import models
 from ossnet.data import PreparedCache, PreprocessConfig, dataset_preprocess_config, get_target, open_dataset
+from ossnet.device import resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.volume import segment_volume
@@ -45,83 +47,14 @@ from ossnet.metrics import dice, iou
 from ossnet.training.checkpoints import (BEST, LAST, check_run_dir, load_training_checkpoint,
                                          restore_training_state, save_checkpoint)
 from ossnet.training.datasets import LocationSamples, PreparedCases, SliceSamples, VolumeSamples
-from ossnet.training.distributed import (DistributedContext, all_reduce_sum, barrier, init_distributed,
-                                         resolve_device, shutdown)
+from ossnet.training.config import PRECISIONS, TrainConfig, resumed_config
+from ossnet.training.distributed import DistributedContext, all_reduce_sum, barrier, init_distributed, shutdown
 from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
 from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
+from ossnet.training.run_files import MetricsLog, choose_split, write_json
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-METRICS_COLUMNS = ("epoch", "train_loss", "aux_loss", "val_dice", "val_iou", "seconds", "peak_memory_mb")
-# Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
-RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "workers", "resume", "cache_dir",
-                    "val_every")
 # Locations per decoder call when validating (the paper's smaller inference setting).
 VALIDATION_CHUNK = 2**14
-# Model sizes the data decides (channels, working shape, classes, encoder downscale).
-DATA_FIELDS = ("in_channels", "input_shape", "num_classes", "global_downscale")
-
-
-@dataclass
-class TrainConfig:
-    """Everything `ossnet train` is told; one field per command-line option.
-
-    model_overrides: model configuration fields to change (e.g. {"decoder_width": 128}).
-    max_train_cases / max_val_cases: use only the first cases of each split (small runs).
-    """
-
-    data: Path
-    run_dir: Path
-    model: str = "ossnet-c"
-    epochs: int = 50
-    batch_size: int = 8
-    locations: int = 2**14
-    border_fraction: float = 0.5
-    lr: float = 3e-4
-    val_fraction: float = 0.2
-    split_file: Path | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    seed: int = 0
-    workers: int = 0
-    resume: bool = False
-    target: str | None = None
-    working_shape: tuple[int, int, int] | None = None
-    cache_dir: Path | None = None
-    max_train_cases: int | None = None
-    max_val_cases: int | None = None
-    val_every: int = 1
-    model_overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("data", "run_dir", "split_file", "cache_dir"):
-            if getattr(self, name) is not None:
-                setattr(self, name, Path(getattr(self, name)))
-        if self.working_shape is not None:
-            self.working_shape = tuple(int(n) for n in self.working_shape)
-        # JSON (config files, torchrun scripts) turns tuples into lists; model configs want tuples
-        self.model_overrides = {key: tuple(value) if isinstance(value, list) else value
-                                for key, value in self.model_overrides.items()}
-        positive = ("epochs", "batch_size", "locations", "val_every")
-        if bad := [name for name in positive if getattr(self, name) < 1]:
-            raise OssnetError(f"training: {', '.join(bad)} must be at least 1")
-        if not 0.0 <= self.border_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:
-            raise OssnetError("training: border fraction must lie in [0, 1] and validation fraction in [0, 1)")
-        if self.lr <= 0 or self.workers < 0:
-            raise OssnetError("training: lr must be positive and workers non-negative")
-        if self.precision not in PRECISIONS:
-            raise OssnetError(f"training: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if clash := sorted(set(self.model_overrides) & set(DATA_FIELDS)):
-            raise OssnetError(f"training: model fields {clash} are set by the data (use --working-shape for "
-                              f"the shape), not by overrides")
-
-    def to_dict(self) -> dict:
-        """Plain values (paths as strings) for config.json and checkpoints."""
-        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 @dataclass
@@ -155,7 +88,7 @@ class _Run:
         model = checkpoint = None
         if resume_from is not None:
             model, checkpoint = load_training_checkpoint(resume_from, device)
-            config = resumed_config(checkpoint, config)
+            config = resumed_config(checkpoint["train_config"], checkpoint["target"], config)
         self.config = config
         self._open_data(checkpoint)
         if model is None:
@@ -175,17 +108,17 @@ class _Run:
         self.layout, self.label_values = dataset.layout, tuple(dataset.label_values)
         self.channel_names = tuple(dataset.channel_names)
         self.target = get_target(dataset.layout, config.target, self.label_values)
-        self.split = checkpoint["split"] if checkpoint else choose_split(dataset.cases, config)
+        self.split = checkpoint["split"] if checkpoint else choose_split([c.case_id for c in dataset.cases], config)
         sources = {source.case_id: source for source in dataset.cases}
         if missing := [i for ids in self.split.values() for i in ids if i not in sources]:
             raise DatasetError(f"{config.data}: cases {missing[:5]} of the run's split are not in the dataset")
         if not self.split["train"]:
             raise DatasetError(f"{config.data}: no training cases")
         run_sources = [sources[i] for ids in self.split.values() for i in ids]
-        self.preprocess = (PreprocessConfig(**_tuples(checkpoint["preprocess"])) if checkpoint else
+        self.preprocess = (PreprocessConfig(**checkpoint["preprocess"]) if checkpoint else
                            dataset_preprocess_config(dataset.layout, [s.inspect().shape for s in run_sources],
                                                      config.working_shape))
-        cache = PreparedCache(config.cache_dir or _default_cache_dir(Path(config.data)))
+        cache = PreparedCache(cache_folder(config))
         self.train_cases, self.val_cases = (
             PreparedCases([sources[i] for i in self.split[part]], cache, self.preprocess, self.target)
             for part in ("train", "val"))
@@ -235,8 +168,8 @@ class _Run:
         run_dir = Path(self.config.run_dir)
         if self.context.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(run_dir / "config.json", self._resolved_config())
-            _write_json(run_dir / "split.json", self.split)
+            write_json(run_dir / "config.json", self._resolved_config())
+            write_json(run_dir / "split.json", self.split)
             self.log = MetricsLog(run_dir / "metrics.csv", completed_epochs=self.epoch)
         loader = self._loader()
         for epoch in range(self.epoch, self.config.epochs):
@@ -363,82 +296,26 @@ def step_losses(model: nn.Module, batch: dict[str, torch.Tensor]
     return segmentation_loss(model(batch["volume"]), batch["label"]), None, batch["label"].numel()
 
 
-def resumed_config(checkpoint: dict, requested: TrainConfig) -> TrainConfig:
-    """The stored run's settings with RESUMABLE_FIELDS taken from the new request; a different model or
-    target is an error rather than a silent change."""
-    stored = TrainConfig.from_dict(_tuples(checkpoint["train_config"]))
-    if requested.model != stored.model or requested.target not in (None, checkpoint["target"]):
-        raise OssnetError(f"{requested.run_dir}: the run trains {stored.model} on target {checkpoint['target']!r};"
-                          f" resume with the same --model and --target or choose another -o")
-    return replace(stored, **{name: getattr(requested, name) for name in RESUMABLE_FIELDS})
-
-
-def choose_split(cases: list, config: TrainConfig) -> dict[str, list[str]]:
-    """{"train": ids, "val": ids}: from the split file, or a seeded random `val_fraction` of the cases
-    (at least one if the fraction is positive and there are two cases); then cut to max_*_cases."""
-    ids = [case.case_id for case in cases]
-    if config.split_file is not None:
-        split = read_split_file(config.split_file, ids)
-    else:
-        n_val = round(config.val_fraction * len(ids))
-        if config.val_fraction > 0 and len(ids) > 1:
-            n_val = min(max(n_val, 1), len(ids) - 1)
-        chosen = set(np.random.default_rng(config.seed).permutation(len(ids))[:n_val].tolist())
-        split = {"train": [i for n, i in enumerate(ids) if n not in chosen],
-                 "val": [i for n, i in enumerate(ids) if n in chosen]}
-    return {"train": split["train"][:config.max_train_cases], "val": split["val"][:config.max_val_cases]}
-
-
-def read_split_file(path: Path, case_ids: list[str]) -> dict[str, list[str]]:
-    """A JSON split {"train": [ids], "val": [ids]}, checked against the dataset's case ids."""
-    try:
-        split = json.loads(Path(path).read_text())
-        train_ids, val_ids = [str(i) for i in split["train"]], [str(i) for i in split["val"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DatasetError(f"{path}: not a split file {{\"train\": [ids], \"val\": [ids]}} ({error})") from None
-    if unknown := sorted(set(train_ids + val_ids) - set(case_ids)):
-        raise DatasetError(f"{path}: case ids not in the dataset: {unknown[:5]}")
-    if both := sorted(set(train_ids) & set(val_ids)):
-        raise DatasetError(f"{path}: cases in both train and val: {both[:5]}")
-    return {"train": train_ids, "val": val_ids}
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.csv, one row per epoch, flushed as written. A resumed run drops rows of epochs
-    after its checkpoint (written before a crash, they are trained again)."""
-
-    def __init__(self, path: Path, completed_epochs: int) -> None:
-        self.path = path
-        rows = []
-        if completed_epochs and path.is_file():
-            with path.open(newline="") as stream:
-                rows = [row for row in csv.DictReader(stream) if int(row["epoch"]) <= completed_epochs]
-        with path.open("w", newline="") as stream:
-            writer = csv.DictWriter(stream, METRICS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def append(self, row: dict) -> None:
-        values = {key: "" if row.get(key) is None else
-                  (f"{row[key]:.6g}" if isinstance(row[key], float) else row[key]) for key in METRICS_COLUMNS}
-        with self.path.open("a", newline="") as stream:
-            csv.DictWriter(stream, METRICS_COLUMNS).writerow(values)
-            stream.flush()
-
-
 def _concatenate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Collate slice items (S, ...) of B volumes into one batch of B * S slices."""
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 
-def _default_cache_dir(data: Path) -> Path:
-    return (data if data.is_dir() else data.parent) / ".ossnet-cache"
-
-
-def _tuples(values: dict) -> dict:
-    """Checkpoints store tuples as lists; dataclass fields want tuples back (nested dicts kept)."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
-
-
-def _write_json(path: Path, values: dict) -> None:
-    path.write_text(json.dumps(values, indent=2, default=str) + "\n")
+def cache_folder(config: TrainConfig) -> Path:
+    """Where preprocessed arrays are cached: `--cache-dir`, else DATA/.ossnet-cache, else (a read-only
+    dataset) a folder of the user's cache ($XDG_CACHE_HOME or ~/.cache) named after the dataset's path."""
+    if config.cache_dir is not None:
+        return config.cache_dir
+    data = Path(config.data)
+    folder = (data if data.is_dir() else data.parent) / ".ossnet-cache"
+    try:
+        folder.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return folder
+    except OSError as error:
+        digest = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:16]
+        user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        fallback = user_cache / "ossnet" / f"{data.name}-{digest}"
+        print(f"cannot write the cache inside {folder.parent} ({error.strerror}); caching preprocessed "
+              f"arrays in {fallback} instead (choose with --cache-dir)", file=sys.stderr)
+        return fallback

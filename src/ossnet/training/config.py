@@ -1,0 +1,103 @@
+"""`TrainConfig`: every setting of a training run, each declared once (default, help text, check).
+
+`ossnet train`'s options are built from these fields (`ossnet.cli`), the run folder's config.json and both
+checkpoints store them, and `--resume` takes them back from last.pt (`resumed_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ossnet import models
+from ossnet.errors import OssnetError
+from ossnet.options import check_fields, finite, option, positive
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
+RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "workers", "resume", "cache_dir",
+                    "val_every")
+# Model sizes the data decides (channels, working shape, classes, encoder downscale).
+DATA_FIELDS = ("in_channels", "input_shape", "num_classes", "global_downscale")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ossnet train` is told; one field per command-line option."""
+
+    data: Path = option(help="dataset folder (any layout `ossnet info` reads)", flags=("--data",))
+    run_dir: Path = option(help="run folder (new, or the run to --resume)", flags=("-o", "--output"))
+    model: str = option("ossnet-c", "model preset", choices=tuple(models.PRESETS))
+    epochs: int = option(50, "training epochs")
+    batch_size: int = option(8, "volumes per step (the paper's 8)")
+    locations: int = option(2**14, "sampled locations per volume (the paper's 2^14)")
+    border_fraction: float = option(0.5, "share of locations drawn from the label border band (0 = uniform)")
+    lr: float = option(3e-4, "learning rate (Padé coefficients keep 1e-2)")
+    val_fraction: float = option(0.2, "seeded share of the cases held out for validation (ignored with "
+                                      "--split-file)")
+    split_file: Path | None = option(None, 'JSON {"train": [ids], "val": [ids]}')
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA)")
+    seed: int = option(0, "seed of the split, the initial weights and every random draw")
+    workers: int = option(0, "DataLoader worker processes")
+    resume: bool = option(False, "continue RUN_DIR/last.pt exactly")
+    target: str | None = option(None, "wt|regions (BraTS), liver|liver-tumour (LiTS), foreground|all (MSD, "
+                                      "NIfTI); default: the paper's")
+    working_shape: tuple[int, int, int] | None = option(
+        None, "padded working shape (default: every axis of the largest case rounded up to a multiple of 32)",
+        metavar=("X", "Y", "Z"))
+    cache_dir: Path | None = option(None, "preprocessed-array cache (default DATA/.ossnet-cache, or the user "
+                                          "cache folder when DATA is read-only)")
+    max_train_cases: int | None = option(None, "use only the first N training cases")
+    max_val_cases: int | None = option(None, "use only the first N validation cases (0: no validation)")
+    val_every: int = option(1, "validate every N epochs (and after the last)")
+    model_overrides: dict = option(default_factory=dict, help="change a model config field, e.g. "
+                                   "--override decoder_width=128 (repeatable)", flags=("--override",),
+                                   metavar="KEY=VALUE")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "training")
+        if self.model not in models.PRESETS:
+            raise OssnetError(f"training: unknown model {self.model!r}; choose one of {', '.join(models.PRESETS)}")
+        positive({"epochs": self.epochs, "batch_size": self.batch_size, "locations": self.locations,
+                  "val_every": self.val_every, "max_train_cases": self.max_train_cases}, "training")
+        positive({"workers": self.workers, "max_val_cases": self.max_val_cases}, "training", minimum=0)
+        finite(self.border_fraction, "training: border fraction", 0.0, 1.0)
+        finite(self.val_fraction, "training: validation fraction", 0.0)
+        if self.val_fraction >= 1.0:
+            raise OssnetError(f"training: validation fraction must be below 1, got {self.val_fraction}")
+        finite(self.lr, "training: learning rate", 0.0, low_open=True)
+        if self.working_shape is not None and min(self.working_shape) < 1:
+            raise OssnetError(f"training: working shape must be positive sizes, got {self.working_shape}")
+        self.model_overrides = {key: tuple(value) if isinstance(value, list) else value
+                                for key, value in self.model_overrides.items()}
+        if clash := sorted(set(self.model_overrides) & set(DATA_FIELDS)):
+            raise OssnetError(f"training: model fields {clash} are set by the data (use --working-shape for "
+                              f"the shape), not by overrides")
+
+    def to_dict(self) -> dict:
+        """Plain values (paths as strings) for config.json and checkpoints."""
+        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """The config of a stored dict (config.json, a checkpoint); keys of older or newer versions that
+        this one does not know are ignored."""
+        if not isinstance(values, dict):
+            raise OssnetError(f"training settings must be a mapping, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def resumed_config(stored_values: dict, stored_target: str, requested: TrainConfig) -> TrainConfig:
+    """The stored run's settings with RESUMABLE_FIELDS taken from the new request; a different model or
+    target is an error rather than a silent change."""
+    stored = TrainConfig.from_dict(stored_values)
+    if requested.model != stored.model or requested.target not in (None, stored_target):
+        raise OssnetError(f"{requested.run_dir}: the run trains {stored.model} on target {stored_target!r};"
+                          f" resume with the same --model and --target or choose another -o")
+    return replace(stored, **{name: getattr(requested, name) for name in RESUMABLE_FIELDS})
