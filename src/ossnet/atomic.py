@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ossnet.errors import OssnetError
+
 PREFIX = ".ossnet-tmp"
 # Temporary files of another host (shared file systems) untouched this long have no live writer.
 ABANDONED_AFTER_S = 3600
@@ -33,16 +35,24 @@ def _host() -> str:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same suffixes, so writers pick the same format); on success
-    it replaces `path`, on failure it is removed. Stale temporary files in the folder are swept first."""
+    it replaces `path`, on failure it is removed. Stale temporary files in the folder are swept first.
+
+    An OSError of the writer or of the rename (read-only folder, disk full, file-size limit, a folder in
+    the way) becomes an OssnetError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path.parent)
     temporary = path.with_name(f"{PREFIX}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(path.parent)
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        raise OssnetError(f"{path}: cannot write ({error.strerror or error})") from error
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself is unwritable: nothing was created
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,6 +1,8 @@
-"""Which torch device a `--device` option names, checked against what this machine has."""
+"""What this machine has: the torch device a `--device` option names, and memory for large outputs."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -28,3 +30,26 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise OssnetError(f"unsupported device {spec!r}; expected {DEVICE_HELP}")
     return device
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux MemAvailable; physical memory elsewhere), or None."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: float, what: str) -> None:
+    """OssnetError before allocating when `what` would need more than the available memory (bytes)."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise OssnetError(f"{what} would need about {needed / 2**30:,.1f} GiB of memory; "
+                          f"this machine has {available / 2**30:,.1f} GiB available")

@@ -319,9 +319,10 @@ class PreparedCache:
                     "labelled": prepared.label is not None}
             (staging / "meta.json").write_text(json.dumps(meta))
             os.rename(staging, entry)
-        except OSError:
+        except OSError as error:
             if not entry.is_dir():  # a real failure, not a lost race against another writer
-                raise
+                raise OssnetError(f"{self.cache_dir}: cannot write the preprocessing cache ({error.strerror or error}"
+                                  f"); free some space or choose another --cache-dir") from error
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

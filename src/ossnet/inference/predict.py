@@ -8,6 +8,7 @@ voxel grid and affine, so the mask overlays the scan in any viewer.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ossnet.data import Case, PreprocessConfig, get_target, open_dataset, prepare_case
-from ossnet.device import DEVICE_HELP, resolve_device
+from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DEFAULT_CHUNK, Mode
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
@@ -161,6 +162,8 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
     Returns the per-case results (without keeping arrays of earlier cases alive beyond their summary).
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OssnetError(f"{output_dir}: exists and is not a folder; -o names the folder the masks go to")
     predictor = Predictor(checkpoint, options.device)
     dataset = open_dataset(input_path)
     sources = list(dataset.cases) + list(dataset.test_cases)
@@ -175,6 +178,7 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
     output_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     for source in tqdm(sources, desc="cases", unit="case", disable=len(sources) == 1):
+        check_output_memory(source.inspect().shape, options)
         case = source.load()
         prediction = predictor.predict_case(case, options)
         write_prediction(case, prediction, output_paths(output_dir, case.case_id, options))
@@ -184,6 +188,15 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
         prediction.probabilities = None
         summaries.append(prediction)
     return summaries
+
+
+def check_output_memory(shape: tuple[int, int, int], options: PredictOptions) -> None:
+    """OssnetError before anything is allocated when the output grid of a case of `shape` at `options.scale`
+    cannot fit in memory (e.g. --scale 1000)."""
+    grid = fine_grid_shape(shape, options.scale)
+    copies = 2 if options.probabilities else 1
+    check_memory(math.prod(grid) * BYTES_PER_OUTPUT_VOXEL * copies,
+                 f"--scale {options.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)")
 
 
 def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path]) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ossnet.errors import OssnetError
+from ossnet.options import check_fields, positive
 from ossnet.models.layers import (ACTIVATIONS, PatchConv3d, ResidualDecoderBlock, ResidualEncoderBlock,
                                   make_activation)
 
@@ -58,6 +59,12 @@ class OccupancyConfig:
     fourier_features: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
+        positive({"in_channels": self.in_channels, "global_downscale": self.global_downscale,
+                  "patch_size": self.patch_size, "decoder_width": self.decoder_width,
+                  "decoder_blocks": self.decoder_blocks, "num_classes": self.num_classes,
+                  "encoder_channels": min(self.encoder_channels, default=0)}, "model")
+        positive({"fourier_features": self.fourier_features}, "model", minimum=0)
         factor = self.global_downscale * 2 ** len(self.encoder_channels)
         if len(self.input_shape) != 3 or any(n <= 0 or n % factor for n in self.input_shape):
             raise OssnetError(f"input_shape {tuple(self.input_shape)} must be 3D and divisible by global_downscale"

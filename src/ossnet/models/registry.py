@@ -5,6 +5,8 @@ Presets are configuration values: each OSS-Net variant is the previous one with 
 and the weights, plus whatever the caller adds (training state, preprocessing, target ...).
 """
 
+import hashlib
+import io
 import os
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -56,28 +58,67 @@ def create(name: str, **overrides) -> nn.Module:
     """The preset `name` with configuration fields replaced by `overrides` (e.g. in_channels, input_shape)."""
     if name not in PRESETS:
         raise OssnetError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    try:
-        config = replace(PRESETS[name], **overrides)
-    except TypeError as exc:
-        raise OssnetError(f"model {name!r}: {exc}") from None
-    return build(config, name)
+    known = {f.name for f in fields(PRESETS[name])}
+    if unknown := sorted(set(overrides) - known):
+        raise OssnetError(f"model {name!r} has no field {', '.join(unknown)}; its fields are {', '.join(sorted(known))}")
+    return build(replace(PRESETS[name], **overrides), name)
 
 
 def save(path: str | os.PathLike, model: nn.Module, **extra) -> None:
-    """Write the (unwrapped) model and `extra` entries to `path` atomically: a temporary file, then rename."""
+    """Write the (unwrapped) model and `extra` entries to `path` atomically: a temporary file, then rename.
+
+    The file also holds `weights_sha256`, the digest `load` checks the weights against."""
+    state = model.state_dict()
     entries = {"model_name": model.name, "model_kind": model_kind(model.config),
-               "model_config": asdict(model.config), "model_state": model.state_dict()}
+               "model_config": asdict(model.config), "model_state": state, "weights_sha256": weights_digest(state)}
     if clash := entries.keys() & extra.keys():
         raise OssnetError(f"{path}: extra checkpoint entries {sorted(clash)} would overwrite the model")
-    with atomic_path(path) as temporary:
-        torch.save({**entries, **extra}, temporary)
+    with atomic_path(path) as temporary, temporary.open("wb") as stream:
+        recording = _RecordingWriter(stream)
+        try:
+            torch.save({**entries, **extra}, recording)
+        except RuntimeError as error:  # torch reports a failed write as "unexpected pos ..."
+            raise recording.error or error
+
+
+class _RecordingWriter(io.RawIOBase):
+    """A binary stream that remembers the OSError of a failed write, which torch.save turns into a
+    RuntimeError without the reason (disk full, file-size limit)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream, self.error = stream, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The model stored at `path` (on `map_location`, in eval mode) and the whole checkpoint dict.
 
-    CheckpointError if the file is missing, unreadable, of an unknown model kind or inconsistent with its
-    configuration. Call `model.train()` to resume training."""
+    CheckpointError if the file is missing, unreadable, damaged (its weights no longer match the digest
+    written with them), of an unknown model kind or inconsistent with its configuration. Checkpoints
+    written before digests existed load unchecked. Call `model.train()` to resume training."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -89,18 +130,39 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else "all"
     if missing:
         raise CheckpointError(f"{path}: not an ossnet model checkpoint (missing entries: {missing})")
-    kind = checkpoint["model_kind"]
-    if kind not in MODEL_KINDS:
+    kind, config_fields, state = checkpoint["model_kind"], checkpoint["model_config"], checkpoint["model_state"]
+    if not isinstance(kind, str) or kind not in MODEL_KINDS:
         raise CheckpointError(f"{path}: unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+    if not isinstance(config_fields, dict) or not isinstance(state, dict) or \
+            not isinstance(checkpoint["model_name"], str):
+        raise CheckpointError(f"{path}: model_config and model_state must be mappings and model_name a string")
+    if "weights_sha256" in checkpoint and checkpoint["weights_sha256"] != weights_digest(state):
+        raise CheckpointError(f"{path}: the weights are damaged (their SHA-256 differs from the one saved with "
+                              f"them); use another copy of the checkpoint")
     config_type, model_type = MODEL_KINDS[kind]
     try:
-        config = config_type(**{key: tuple(value) if isinstance(value, list) else value
-                                for key, value in checkpoint["model_config"].items()})
-        model = model_type(config, checkpoint["model_name"])
-        model.load_state_dict(checkpoint["model_state"])
-    except (TypeError, RuntimeError, OssnetError) as exc:
-        raise CheckpointError(f"{path}: weights do not match the stored {kind} configuration ({exc})") from None
+        model = model_type(config_type(**config_fields), checkpoint["model_name"])
+    except (TypeError, OssnetError) as exc:
+        raise CheckpointError(f"{path}: invalid stored {kind} configuration ({exc})") from None
+    if mismatch := _state_mismatch(model.state_dict(), state):
+        raise CheckpointError(f"{path}: weights do not match the stored {kind} configuration ({mismatch})")
+    model.load_state_dict(state)
     return model.to(map_location).eval(), checkpoint
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], stored: dict) -> str:
+    """One line saying how `stored` differs from the state dict `expected` ("" when it fits)."""
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    reshaped = sorted(name for name in expected.keys() & stored.keys()
+                      if not isinstance(stored[name], torch.Tensor) or stored[name].shape != expected[name].shape)
+    parts = [f"{len(items)} {what}, e.g. {items[0]}" for items, what in
+             ((missing, "missing"), (unexpected, "unexpected")) if items]
+    if reshaped:
+        name = reshaped[0]
+        shape = tuple(stored[name].shape) if isinstance(stored[name], torch.Tensor) else type(stored[name]).__name__
+        parts.append(f"{len(reshaped)} of another shape, e.g. {name} {shape} where the model has "
+                     f"{tuple(expected[name].shape)}")
+    return "; ".join(parts)
 
 
 def _count_macs(run) -> int:

@@ -22,6 +22,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from ossnet.errors import OssnetError
+from ossnet.options import check_fields, positive
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class UNetConfig:
     num_res_units: int = 2
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
+        positive({"in_channels": self.in_channels, "num_classes": self.num_classes, "input_shape":
+                  min(self.input_shape), "channels": min(self.channels, default=0),
+                  "strides": min(self.strides, default=1)}, "model")
+        positive({"num_res_units": self.num_res_units}, "model", minimum=0)
         if self.dims not in (2, 3):
             raise OssnetError(f"U-Net dims must be 2 or 3, got {self.dims}")
         if len(self.strides) != len(self.channels) - 1:

@@ -22,6 +22,7 @@ scaler and needs CUDA (on CPU use bf16).
 """
 
 import hashlib
+import math
 import os
 import resource
 import sys
@@ -95,6 +96,8 @@ class _Run:
             torch.manual_seed(config.seed)  # the same initial weights on every rank
             model = self._create_model()
         self.model = model.to(device)
+        self.drop_last = self._needs_two_volumes(-(-len(self.train_cases) // context.world_size))
+        self._prepare_cases()  # after the model, so that a bad setting fails before the long part
         self._build_optimisation(checkpoint)
         self.samples = self._training_samples()
         self.step_model = (DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
@@ -122,7 +125,6 @@ class _Run:
         self.train_cases, self.val_cases = (
             PreparedCases([sources[i] for i in self.split[part]], cache, self.preprocess, self.target)
             for part in ("train", "val"))
-        self._prepare_cases()
 
     def _build_optimisation(self, checkpoint: dict | None) -> None:
         """Optimiser, schedule and loss scaler, continuing a resumed run's states."""
@@ -210,7 +212,24 @@ class _Run:
         collate = _concatenate if isinstance(self.samples, SliceSamples) else default_collate
         return DataLoader(self.samples, batch_size=self.config.batch_size, sampler=sampler,
                           num_workers=self.config.workers, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", drop_last=self.drop_last)
+
+    def _needs_two_volumes(self, cases_per_rank: int) -> bool:
+        """Whether a step must hold at least two volumes: batch norm needs two values per channel, and a
+        network whose coarsest feature map is one voxel (the smallest working shape) has one per volume.
+        Then an incomplete last batch is dropped (an odd number of cases at batch 2 would leave one)."""
+        config = self.model.config
+        if isinstance(config, models.OccupancyConfig):
+            coarsest = math.prod(config.latent_grid)
+        else:  # U-Nets: 2D steps hold several slices per volume; 3D steps one bottleneck per volume
+            coarsest = 2 if config.dims == 2 else math.prod(n // math.prod(config.strides) for n in config.input_shape)
+        if coarsest > 1:
+            return False
+        if min(self.config.batch_size, cases_per_rank) < 2:
+            raise OssnetError(f"the working shape {tuple(config.input_shape)} leaves a 1 x 1 x 1 feature map, where "
+                              f"batch norm needs two volumes per step: use --batch-size 2 or more with at least two "
+                              f"training cases per process, or a larger --working-shape")
+        return True
 
     def _autocast(self) -> torch.autocast:
         """The mixed-precision context of `precision` (disabled for fp32)."""
