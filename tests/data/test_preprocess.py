@@ -355,7 +355,7 @@ def test_failed_write_leaves_no_entry_behind(tmp_path, monkeypatch):
         real_save(path, array)
 
     monkeypatch.setattr(np, "save", save_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OssnetError, match="disk full"):
         cache.load(source, SMALL, target)
     monkeypatch.undo()
     assert list((tmp_path / "cache").iterdir()) == []

@@ -86,7 +86,7 @@ def test_save_nifti_is_atomic_and_keeps_the_old_file_when_writing_fails(tmp_path
         raise OSError("disk full")
 
     monkeypatch.setattr(export.nib, "save", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OssnetError, match="disk full"):
         save_nifti(np.ones(SHAPE, dtype=bool), oblique_affine(), path)
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
     assert not np.asanyarray(nib.load(path).dataobj).any()
