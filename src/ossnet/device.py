@@ -21,6 +21,9 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     except (RuntimeError, TypeError):
         raise OssnetError(f"unknown device {spec!r}; expected {DEVICE_HELP}") from None
     if device.type == "cuda":
+        if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise OssnetError(f"--device {spec} under torchrun would put every process on GPU {device.index}; "
+                              f"use --device cuda (each process takes the GPU of its LOCAL_RANK)")
         if not torch.cuda.is_available():
             raise OssnetError(f"device {spec!r} requested but no CUDA device is available; use --device cpu")
         if device.index is None:
@@ -30,6 +33,24 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise OssnetError(f"unsupported device {spec!r}; expected {DEVICE_HELP}")
     return device
+
+
+def configure_cuda(device: torch.device, precision_dtype: torch.dtype | None, tf32: bool,
+                   deterministic: bool) -> None:
+    """Make `device` this process's current GPU (so nothing lands on GPU 0 by accident), check that it can
+    compute in `precision_dtype`, and apply the opt-in TF32 and determinism settings (see the README)."""
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be reproducible; must be set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    if precision_dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise OssnetError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; use --precision fp16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def available_memory() -> int | None:

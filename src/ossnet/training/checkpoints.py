@@ -62,29 +62,36 @@ def restore_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, metadata: dict, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Write model + metadata (+ the training state when an optimizer is given) to `path` atomically."""
+                    scheduler=None, scaler: torch.amp.GradScaler | None = None,
+                    rng_states: list[dict] | None = None) -> None:
+    """Write model + metadata (+ the training state when an optimizer is given) to `path` atomically.
+
+    rng_states: `capture_rng_state()` of every rank, in rank order (default: this process's)."""
     training = {}
     if optimizer is not None:
         training = {"optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
                     "scaler_state": scaler.state_dict() if scaler is not None else None,
-                    "rng_state": capture_rng_state()}
+                    "rng_state": rng_states or [capture_rng_state()]}
     models.save(path, model, **metadata, **training)
 
 
 def load_training_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The model and checkpoint dict of a last.pt to resume; CheckpointError if it holds no training state."""
-    model, checkpoint = models.load(path, map_location=device)
+    """The model (moved to `device`) and the checkpoint dict (on the CPU) of a last.pt to resume;
+    CheckpointError if it holds no training state."""
+    model, checkpoint = models.load(path, map_location="cpu")
     if missing := [key for key in TRAINING_STATE_KEYS if key not in checkpoint]:
         raise CheckpointError(f"{path}: no training state to resume from (missing {missing})")
-    return model, checkpoint
+    return model.to(device), checkpoint
 
 
 def restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, scheduler,
-                           scaler: torch.amp.GradScaler | None) -> None:
-    """Load optimiser, scheduler, loss scaler and random generator states saved by `save_checkpoint`."""
+                           scaler: torch.amp.GradScaler | None, rank: int = 0, world_size: int = 1) -> None:
+    """Load optimiser, scheduler, loss scaler and this rank's random generator states saved by
+    `save_checkpoint` (the optimiser's parameters must already be on their device)."""
     optimizer.load_state_dict(checkpoint["optimizer_state"])
     scheduler.load_state_dict(checkpoint["scheduler_state"])
     if scaler is not None and checkpoint["scaler_state"] is not None:
         scaler.load_state_dict(checkpoint["scaler_state"])
-    restore_rng_state(checkpoint["rng_state"])
+    states = checkpoint["rng_state"]
+    states = states if isinstance(states, list) else [states]  # written before per-rank states
+    restore_rng_state(states[rank] if len(states) == world_size else states[0])

@@ -19,8 +19,8 @@ from ossnet.options import check_fields, finite, option, positive
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
-RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "workers", "resume", "cache_dir",
-                    "val_every")
+RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "tf32", "deterministic", "workers",
+                    "resume", "cache_dir", "val_every")
 # Model sizes the data decides (channels, working shape, classes, encoder downscale).
 DATA_FIELDS = ("in_channels", "input_shape", "num_classes", "global_downscale")
 
@@ -42,6 +42,11 @@ class TrainConfig:
     split_file: Path | None = option(None, 'JSON {"train": [ids], "val": [ids]}')
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA)")
+    tf32: bool = option(False, "CUDA: let float32 matrix products and convolutions use TF32 tensor cores "
+                               "(faster on Ampere and newer, ~1e-3 relative error)")
+    deterministic: bool = option(False, "CUDA: use deterministic algorithms where torch has them, so that a "
+                                        "resumed run repeats an uninterrupted one more closely (slower; CPU "
+                                        "runs are always bit-exact)")
     seed: int = option(0, "seed of the split, the initial weights and every random draw")
     workers: int = option(0, "DataLoader worker processes")
     resume: bool = option(False, "continue RUN_DIR/last.pt exactly")

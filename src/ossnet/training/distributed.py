@@ -5,12 +5,15 @@ so the loop has one code path. Backends: nccl on CUDA, gloo on CPU.
 """
 
 import os
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ossnet.errors import OssnetError
+# How long a rank waits in a collective (a barrier while another rank prepares cases, say).
+PROCESS_GROUP_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -31,33 +34,16 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """"auto" (CUDA if available, else CPU), "cpu", "cuda" (this rank's GPU under torchrun) or "cuda:N"."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise OssnetError(f"unknown device {spec!r}; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OssnetError(f"device {spec!r} requested but no CUDA device is available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    elif device.type != "cpu":
-        raise OssnetError(f"unsupported device {spec!r}; expected auto, cpu, cuda or cuda:N")
-    return device
-
-
 def init_distributed(device: torch.device) -> DistributedContext:
-    """Join the process group torchrun describes in the environment; a single process needs none."""
+    """Join the process group torchrun describes in the environment; a single process needs none.
+
+    Collectives wait up to PROCESS_GROUP_TIMEOUT (nccl's default of 10 minutes is shorter than preparing a
+    large dataset, which every rank does for its share before the first barrier)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistributedContext()
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -66,9 +52,21 @@ def shutdown(context: DistributedContext) -> None:
         dist.destroy_process_group()
 
 
-def barrier(context: DistributedContext) -> None:
+def barrier(context: DistributedContext, waiting_for: str = "") -> None:
+    """Wait for every rank; says so on stderr when the wait is for `waiting_for` (e.g. preprocessing)."""
     if context.enabled:
+        if waiting_for:
+            print(f"rank {context.rank}: waiting for the other ranks to finish {waiting_for}", file=sys.stderr)
         dist.barrier()
+
+
+def gather_objects(value, context: DistributedContext) -> list:
+    """`value` of every rank, in rank order (a one-element list on a single process)."""
+    if not context.enabled:
+        return [value]
+    values = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_reduce_sum(values: list[float], context: DistributedContext, device: torch.device) -> list[float]:

@@ -40,22 +40,25 @@ from tqdm import tqdm
 
 from ossnet import models
 from ossnet.data import PreparedCache, PreprocessConfig, dataset_preprocess_config, get_target, open_dataset
-from ossnet.device import resolve_device
+from ossnet.device import configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.volume import segment_volume
 from ossnet.metrics import dice, iou
-from ossnet.training.checkpoints import (BEST, LAST, check_run_dir, load_training_checkpoint,
+from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
                                          restore_training_state, save_checkpoint)
 from ossnet.training.datasets import LocationSamples, PreparedCases, SliceSamples, VolumeSamples
 from ossnet.training.config import PRECISIONS, TrainConfig, resumed_config
-from ossnet.training.distributed import DistributedContext, all_reduce_sum, barrier, init_distributed, shutdown
+from ossnet.training.distributed import (DistributedContext, all_reduce_sum, barrier, gather_objects,
+                                         init_distributed, shutdown)
 from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
 from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
 from ossnet.training.run_files import MetricsLog, choose_split, write_json
 
 # Locations per decoder call when validating (the paper's smaller inference setting).
 VALIDATION_CHUNK = 2**14
+# Steps between progress-bar updates: the only times a step's loss is read back from the device.
+LOG_EVERY = 10
 
 
 @dataclass
@@ -72,6 +75,7 @@ def train(config: TrainConfig) -> TrainResult:
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     if config.precision == "fp16" and device.type != "cuda":
         raise OssnetError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    configure_cuda(device, PRECISIONS[config.precision], config.tf32, config.deterministic)
     resume_from = check_run_dir(config.run_dir, config.resume)
     context = init_distributed(device)
     try:
@@ -133,18 +137,21 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
         self.epoch, self.best_dice = 0, None
         if checkpoint is not None:
-            restore_training_state(checkpoint, self.optimizer, self.scheduler, self.scaler)
+            restore_training_state(checkpoint, self.optimizer, self.scheduler, self.scaler, self.context.rank,
+                                   self.context.world_size)
             self.epoch, self.best_dice = checkpoint["epoch"], checkpoint["best_dice"]
 
     def _prepare_cases(self) -> None:
-        """Preprocess every case into the cache: rank 0 first, then the others map its files."""
+        """Preprocess every case into the cache: each rank prepares its share, then maps the others' files
+        (the cache is safe under races; the barrier waits as long as the slowest share takes)."""
         all_cases = [(cases, i) for cases in (self.train_cases, self.val_cases) for i in range(len(cases))]
-        for main_turn in (True, False):
-            if self.context.is_main == main_turn:
-                for cases, index in tqdm(all_cases, desc="preparing cases", unit="case",
-                                         disable=not self.context.is_main, leave=False):
-                    cases[index]  # loads the cache entry, preparing it on a miss
-            barrier(self.context)
+        share = all_cases[self.context.rank::self.context.world_size]
+        for cases, index in tqdm(share, desc="preparing cases", unit="case", disable=not self.context.is_main,
+                                 leave=False):
+            cases[index]  # loads the cache entry, preparing it on a miss
+        barrier(self.context, waiting_for="preparing their cases")
+        for cases, index in all_cases:
+            cases[index]
 
     def _create_model(self) -> nn.Module:
         classes = len(self.target.class_names)
@@ -190,21 +197,23 @@ class _Run:
             improved = scores[0] is not None and (self.best_dice is None or scores[0] > self.best_dice)
             if improved:
                 self.best_dice = scores[0]
+            rng_states = gather_objects(capture_rng_state(), self.context)  # every rank's, saved in last.pt
             if self.context.is_main:
                 self._record_epoch(run_dir, {"epoch": self.epoch, "train_loss": train_loss, "aux_loss": aux,
                                              "val_dice": scores[0], "val_iou": scores[1],
                                              "seconds": time.perf_counter() - started,
-                                             "peak_memory_mb": self._peak_memory_mb()}, improved)
+                                             "peak_memory_mb": self._peak_memory_mb()}, improved, rng_states)
         return TrainResult(run_dir, self.epoch, self.best_dice)
 
-    def _record_epoch(self, run_dir: Path, row: dict, improved: bool) -> None:
+    def _record_epoch(self, run_dir: Path, row: dict, improved: bool, rng_states: list[dict]) -> None:
         """metrics.csv row, curves.png, best.pt if the Dice improved, and last.pt (last, so it never
         claims an epoch whose other files are missing)."""
         self.log.append(row)
         plot_curves(self.log.path, run_dir / "curves.png")
         if improved:
             save_checkpoint(run_dir / BEST, self.model, self._metadata())
-        save_checkpoint(run_dir / LAST, self.model, self._metadata(), self.optimizer, self.scheduler, self.scaler)
+        save_checkpoint(run_dir / LAST, self.model, self._metadata(), self.optimizer, self.scheduler, self.scaler,
+                        rng_states)
 
     def _loader(self) -> DataLoader:
         sampler = DistributedSampler(self.samples, num_replicas=self.context.world_size, rank=self.context.rank,
@@ -237,10 +246,13 @@ class _Run:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _train_epoch(self, loader: DataLoader, epoch: int) -> tuple[float, float | None]:
-        """One pass over the training cases -> mean loss and mean auxiliary loss (None without a head)."""
+        """One pass over the training cases -> mean loss and mean auxiliary loss (None without a head).
+
+        Losses are summed on the device and read back every LOG_EVERY steps (and at the end), so a GPU
+        never waits for the host to print a progress bar."""
         self.model.train()
-        totals = np.zeros(4)  # loss, aux loss, steps with aux, steps
-        started, supervised = time.perf_counter(), 0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, aux loss
+        started, supervised, steps, aux_steps = time.perf_counter(), 0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step",
                    disable=not self.context.is_main, dynamic_ncols=True)
         for batch in bar:
@@ -256,11 +268,17 @@ class _Run:
             else:
                 loss.backward()
                 self.optimizer.step()
-            totals += (main.item(), 0.0 if aux is None else aux.item(), aux is not None, 1)
+            totals[0] += main.detach()
+            if aux is not None:
+                totals[1] += aux.detach()
+                aux_steps += 1
+            steps += 1
             supervised += count * self.context.world_size
-            bar.set_postfix({"loss": f"{main.item():.4f}",
-                             "loc/s": f"{supervised / (time.perf_counter() - started):.0f}"})
-        loss_sum, aux_sum, aux_steps, steps = all_reduce_sum(totals.tolist(), self.context, self.device)
+            if steps % LOG_EVERY == 0 and self.context.is_main:
+                bar.set_postfix({"loss": f"{totals[0].item() / steps:.4f}",
+                                 "loc/s": f"{supervised / (time.perf_counter() - started):.0f}"})
+        loss_sum, aux_sum, aux_steps, steps = all_reduce_sum([*totals.tolist(), aux_steps, steps], self.context,
+                                                             self.device)
         return loss_sum / steps, (aux_sum / aux_steps if aux_steps else None)
 
     @torch.no_grad()

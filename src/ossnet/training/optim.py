@@ -40,10 +40,10 @@ class Lookahead(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = self.optimizer.step(closure)
         self.inner_steps += 1
-        if self.inner_steps % self.k == 0:
-            for slow, fast in zip(self.slow_weights, self._params()):
-                slow.lerp_(fast, self.alpha)
-                fast.copy_(slow)
+        if self.inner_steps % self.k == 0:  # one fused pass over all tensors, not one kernel per parameter
+            fast = self._params()
+            torch._foreach_lerp_(self.slow_weights, fast, self.alpha)
+            torch._foreach_copy_(fast, self.slow_weights)
         return loss
 
     def state_dict(self) -> dict:

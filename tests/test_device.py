@@ -1,0 +1,37 @@
+"""`--device` names a device this machine has, once; torchrun processes each take their own GPU."""
+
+import pytest
+import torch
+
+from ossnet.device import check_memory, resolve_device
+from ossnet.errors import OssnetError
+
+
+def test_auto_and_cpu_resolve_to_the_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec", ["foo", "cuda:x", "mps", ""])
+def test_unknown_devices_are_refused(spec):
+    with pytest.raises(OssnetError):
+        resolve_device(spec)
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(OssnetError, match="every process on GPU 0"):
+        resolve_device("cuda:0")
+
+
+def test_cuda_without_a_gpu_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OssnetError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_a_request_beyond_the_available_memory_is_refused_with_the_figure():
+    check_memory(1, "one byte")
+    with pytest.raises(OssnetError, match="GiB"):
+        check_memory(2**60, "an exbibyte")
