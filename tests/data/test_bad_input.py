@@ -149,3 +149,18 @@ def test_channel_count_must_match_the_dataset(tmp_path):
     path = write(tmp_path / "four_d.nii.gz", image(shape=(*SHAPE, 3)))
     source = CaseSource("four_d", (path,), None, ("A", "B"))
     assert f"{path}: case four_d has 3 image channels, the dataset expects 2 (A, B)" in load_error(source)
+
+
+def test_finite_values_beyond_float32_are_not_called_nan_or_inf(tmp_path):
+    huge = image().astype(np.float64)
+    huge[0, 0, 0], huge[1, 0, 0] = 1e300, -1e39
+    source = two_channel_case(tmp_path, b=huge)
+    message = load_error(source)
+    assert f"{source.image_paths[1]}: 2 of 60 voxels are beyond the float32 range" in message
+    assert "e.g. 1e+300" in message and "NaN" not in message
+
+
+def test_float64_image_within_float32_range_loads_exactly(tmp_path):
+    values = np.random.default_rng(1).normal(size=SHAPE) * 1e30
+    case = two_channel_case(tmp_path, b=values).load()
+    np.testing.assert_array_equal(case.image[1], values.astype(np.float32))
