@@ -271,3 +271,15 @@ def test_evaluate_folders_maps_a_brats_ground_truth_through_its_target(tmp_path)
     assert regions.class_names == ("oedema", "necrotic-core", "enhancing")
     oedema, core, enhancing = regions.cases["BraTS20_Training_001"]
     assert oedema.dice == 1.0 and core.dice == pytest.approx(2 * 5 / (6 + 5)) and enhancing.dice == 0.0
+
+
+@pytest.mark.parametrize("bad_value, problem", [(np.nan, "NaN or Inf"), (0.5, "non-integer values")])
+def test_evaluate_folders_refuses_a_mask_holding_nan_or_fractions(tmp_path, bad_value, problem):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    write_labels(gt_dir / "case.nii.gz", slab(2))
+    pred = slab(2).astype(np.float32)
+    pred[0, 0, 0] = bad_value
+    nib.save(nib.Nifti1Image(pred, oblique_affine()), pred_dir / "case.nii.gz")
+    with pytest.raises(CaseError, match=rf"pred/case\.nii\.gz: .*{problem}"):
+        evaluate_folders(pred_dir, gt_dir)

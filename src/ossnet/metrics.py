@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
 from ossnet.data import Target, get_target, open_dataset
-from ossnet.data.case import NIFTI_READ_ERRORS
+from ossnet.data.case import NIFTI_READ_ERRORS, integer_label
 from ossnet.errors import CaseError, DatasetError
 
 METRIC_NAMES = ("dice", "iou", "hd95", "asd")
@@ -277,7 +277,8 @@ class _LabelFile:
 
 
 def _read_labels(path: Path) -> _LabelFile:
-    """Integer labels `(X, Y, Z)` and affine of a NIfTI file (float-stored labels are rounded)."""
+    """Integer labels `(X, Y, Z)` and affine of a NIfTI file; NaN, Inf or fractional values are a CaseError
+    (float-stored labels must hold whole numbers)."""
     try:
         image = nib.load(path)
         labels = np.asanyarray(image.dataobj)
@@ -285,9 +286,7 @@ def _read_labels(path: Path) -> _LabelFile:
         raise CaseError(f"{path}: cannot read NIfTI ({error})") from error
     if labels.ndim != 3:
         raise CaseError(f"{path}: expected a 3D label volume, got shape {labels.shape}")
-    if labels.dtype.kind == "f":
-        labels = np.rint(labels).astype(np.int16)
-    return _LabelFile(path, labels, image.affine)
+    return _LabelFile(path, integer_label(labels, path), image.affine)
 
 
 def _check_same_grid(pred: _LabelFile, gt: _LabelFile) -> None:
