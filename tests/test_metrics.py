@@ -283,3 +283,29 @@ def test_evaluate_folders_refuses_a_mask_holding_nan_or_fractions(tmp_path, bad_
     nib.save(nib.Nifti1Image(pred, oblique_affine()), pred_dir / "case.nii.gz")
     with pytest.raises(CaseError, match=rf"pred/case\.nii\.gz: .*{problem}"):
         evaluate_folders(pred_dir, gt_dir)
+
+
+def test_evaluate_folders_reads_a_label_named_like_a_brats_modality_as_a_plain_label(tmp_path):
+    # `itk_t1.nii.gz` ends like a BraTS T1 file; it is still one label file of case itk_t1.
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    write_labels(gt_dir / "itk_t1.nii.gz", slab(2))
+    write_labels(pred_dir / "itk_t1.nii.gz", slab(3))
+    result = evaluate_folders(pred_dir, gt_dir)
+    assert list(result.cases) == ["itk_t1"] and result.cases["itk_t1"][0].dice == 0.0
+
+
+def test_evaluate_without_any_matching_case_exits_2_naming_both_sides(tmp_path, capsys):
+    from ossnet.cli import main
+    from ossnet.errors import DatasetError
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    for case_id in ("case_1", "case_2"):
+        write_labels(gt_dir / f"{case_id}.nii.gz", slab(2))
+    write_labels(pred_dir / "scan_1.nii.gz", slab(2))
+    with pytest.raises(DatasetError, match=r"matches .*: predictions scan_1 \(1\); ground truth case_1, case_2 \(2\)"):
+        evaluate_folders(pred_dir, gt_dir)
+    assert main(["evaluate", "-p", str(pred_dir), "-g", str(gt_dir)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no prediction in" in err

@@ -178,18 +178,24 @@ def evaluate_folders(
     gt_dir: str | Path,
     class_names: Sequence[str] | None = None,
     target: str | None = None,
+    layout: str = "auto",
 ) -> EvaluationResult:
     """Score the NIfTI masks in `pred_dir` (named `CASE.nii.gz` or `CASE.nii`) against `gt_dir`.
 
-    `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset`; its labels
-    and the predictions, both in the dataset's label values, are mapped by `target`, the dataset's default
-    target if None, and `class_names` default to the target's)
-    or a plain folder of label NIfTIs with the predictions' file names. For a plain folder, `class_names=None`
-    scores one class "foreground" (label > 0 in both); given names score label value k as `class_names[k-1]`.
-    Spacing comes from the ground truth's affine. Raises CaseError if a pair differs in shape or affine.
+    `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset(gt_dir,
+    layout)`; its labels and the predictions, both in the dataset's label values, are mapped by `target`, the
+    dataset's default target if None, and `class_names` default to the target's)
+    or a plain folder of label NIfTIs with the predictions' file names (layout nifti). For a plain folder,
+    `class_names=None` scores one class "foreground" (label > 0 in both); given names score label value k as
+    `class_names[k-1]`. Spacing comes from the ground truth's affine. Raises CaseError if a pair differs in
+    shape or affine or a mask holds NaN or fractions, DatasetError if no prediction matches a ground truth.
     """
     predictions = _nifti_files(Path(pred_dir))
-    ground_truth, gt_target = _ground_truth(Path(gt_dir), target)
+    ground_truth, gt_target = _ground_truth(Path(gt_dir), target, layout)
+    matched = sorted(ground_truth.keys() & predictions.keys())
+    if not matched:
+        raise DatasetError(f"no prediction in {pred_dir} matches a ground-truth case of {gt_dir}: predictions "
+                           f"{_listing(predictions)}; ground truth {_listing(ground_truth)}")
     binarize = gt_target is None and class_names is None
     if class_names is None:
         class_names = ("foreground",) if gt_target is None else gt_target.class_names
@@ -198,7 +204,7 @@ def evaluate_folders(
         missing=sorted(ground_truth.keys() - predictions.keys()),
         extra=sorted(predictions.keys() - ground_truth.keys()),
     )
-    for case_id in tqdm(sorted(ground_truth.keys() & predictions.keys()), desc="evaluate", unit="case"):
+    for case_id in tqdm(matched, desc="evaluate", unit="case"):
         pred, gt = _read_labels(predictions[case_id]), _read_labels(ground_truth[case_id])
         _check_same_grid(pred, gt)
         if gt_target is None:
@@ -210,6 +216,12 @@ def evaluate_folders(
         spacing = np.linalg.norm(gt.affine[:3, :3], axis=0)
         result.cases[case_id] = evaluate_case(pred_labels, gt_labels, spacing, result.class_names)
     return result
+
+
+def _listing(files: dict[str, Path], limit: int = 5) -> str:
+    """`a, b, c (3)`, or the first `limit` case ids and the count; `none` if empty."""
+    ids = sorted(files)
+    return f"{', '.join(ids[:limit])}{' ...' if len(ids) > limit else ''} ({len(ids)})" if ids else "none"
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -257,13 +269,12 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _ground_truth(gt_dir: Path, target: str | None) -> tuple[dict[str, Path], Target | None]:
+def _ground_truth(gt_dir: Path, target: str | None, layout: str) -> tuple[dict[str, Path], Target | None]:
     """Case id -> label file, and the target mapping raw labels to classes (None for a plain label folder)."""
     if not gt_dir.is_dir():
         raise DatasetError(f"{gt_dir}: ground truth must be a dataset folder or a folder of label files")
-    try:
-        dataset = open_dataset(gt_dir)
-    except DatasetError:  # no dataset layout: a plain folder of label files
+    dataset = open_dataset(gt_dir, layout)
+    if dataset.layout == "nifti":  # a plain folder: its files are labels, named by case
         return _nifti_files(gt_dir), None
     labels = {source.case_id: source.label_path for source in dataset.cases}
     return labels, get_target(dataset.layout, target, dataset.label_values)
