@@ -111,7 +111,7 @@ def read_nifti(path: Path, reason: str) -> Dataset:
         files = _nifti_files(path, recursive=False)
         if not files:
             raise DatasetError(f"{path}: no NIfTI file lies directly in this folder ({len(_nifti_files(path))} "
-                               f"below it; {reason}); name its layout to read it anyway")
+                               f"below it; {reason}); name its layout (--layout) to read it anyway")
         groups = _channel_groups(files)
         if groups is None:
             sources = [_file_case(file) for file in files]
