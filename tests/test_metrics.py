@@ -17,6 +17,7 @@ from ossnet.metrics import (
     evaluate_folders,
     hausdorff95,
     iou,
+    surface_distances,
 )
 
 ANISOTROPIC = (0.5, 2.0, 3.0)
@@ -54,8 +55,8 @@ def test_surface_distances_of_slabs_shifted_by_k_voxels_scale_with_that_axis_spa
 def test_surface_distances_of_a_voxel_inside_a_cube_are_pooled_over_both_surfaces():
     # pred: the centre voxel of gt, a 3x3x3 cube whose surface is its 26 outer voxels. Spacing (1, 2, 2):
     # pred -> gt: 1 (nearest face neighbour, along x). gt -> pred: faces 2 x 1 + 4 x 2, edges 8 x sqrt(5)
-    # (xy, xz) + 4 x sqrt(8) (yz), corners 8 x 3. Pooled (27 values): ASD = (35 + 8 sqrt5 + 8 sqrt2) / 27;
-    # sorted, values 19..26 are 3 and the 95th percentile sits at index 24.7, so HD95 = 3.
+    # (xy, xz) + 4 x sqrt(8) (yz), corners 8 x 3. Pooled (27 values): ASD = (35 + 8 sqrt5 + 8 sqrt2) / 27.
+    # HD95: gt -> pred sorted, values 18..25 are 3 and its 95th percentile sits at index 23.75, so 3 (> 1).
     spacing = (1.0, 2.0, 2.0)
     gt = box((7, 7, 7), (2, 5), (2, 5), (2, 5))
     pred = box((7, 7, 7), (3, 4), (3, 4), (3, 4))
@@ -74,6 +75,44 @@ def test_hd95_ignores_a_single_outlier_voxel_that_asd_still_sees():
     pred[3, 3, 14] = True
     assert hausdorff95(pred, gt, ANISOTROPIC) == 0.0
     assert average_surface_distance(pred, gt, ANISOTROPIC) == pytest.approx(24 / 305)
+
+
+def test_hd95_is_the_larger_directed_percentile_not_the_pooled_one():
+    # gt: a 9x9x9 cube (386 surface voxels); pred: gt plus a 3x3 fin 4 voxels long along x. pred -> gt has
+    # the fin's distances (up to 4 * 0.5 mm) in its top 5 %; gt -> pred is mostly 0. Pooling both directions
+    # would hide the fin behind gt's zeros.
+    gt = box((16, 11, 11), (1, 10), (1, 10), (1, 10))
+    pred = gt | box((16, 11, 11), (10, 14), (4, 7), (4, 7))
+    pred_to_gt, gt_to_pred = surface_distances(pred, gt, ANISOTROPIC)
+    expected = np.percentile(pred_to_gt, 95)
+    assert expected > np.percentile(gt_to_pred, 95)
+    assert expected > np.percentile(np.concatenate([pred_to_gt, gt_to_pred]), 95)
+    assert hausdorff95(pred, gt, ANISOTROPIC) == hausdorff95(gt, pred, ANISOTROPIC) == pytest.approx(expected)
+
+
+def random_blobs(rng, shape, fraction):
+    """A mask of smoothed noise thresholded at `fraction` of the voxels: irregular blobs, some touching the
+    array's edges, so that surfaces, holes and the border convention all count."""
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(rng.normal(size=shape), sigma=1.5)
+    return noise > np.quantile(noise, 1 - fraction)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hd95_and_asd_agree_with_monai_on_random_masks_with_anisotropic_spacing(seed):
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    rng = np.random.default_rng(seed)
+    shape, spacing = (23, 17, 12), tuple(rng.uniform(0.4, 3.5, 3))
+    pred, gt = random_blobs(rng, shape, 0.2), random_blobs(rng, shape, 0.3)
+    as_batch = [torch.from_numpy(mask[None, None].astype(np.float32)) for mask in (pred, gt)]
+    monai_hd95 = compute_hausdorff_distance(*as_batch, include_background=True, percentile=95, spacing=spacing)
+    monai_asd = compute_average_surface_distance(*as_batch, include_background=True, symmetric=True,
+                                                 spacing=spacing)
+    assert hausdorff95(pred, gt, spacing) == pytest.approx(float(monai_hd95), abs=1e-4)
+    assert average_surface_distance(pred, gt, spacing) == pytest.approx(float(monai_asd), abs=1e-4)
 
 
 def test_empty_masks_follow_the_brats_convention():
@@ -232,3 +271,41 @@ def test_evaluate_folders_maps_a_brats_ground_truth_through_its_target(tmp_path)
     assert regions.class_names == ("oedema", "necrotic-core", "enhancing")
     oedema, core, enhancing = regions.cases["BraTS20_Training_001"]
     assert oedema.dice == 1.0 and core.dice == pytest.approx(2 * 5 / (6 + 5)) and enhancing.dice == 0.0
+
+
+@pytest.mark.parametrize("bad_value, problem", [(np.nan, "NaN or Inf"), (0.5, "non-integer values")])
+def test_evaluate_folders_refuses_a_mask_holding_nan_or_fractions(tmp_path, bad_value, problem):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    write_labels(gt_dir / "case.nii.gz", slab(2))
+    pred = slab(2).astype(np.float32)
+    pred[0, 0, 0] = bad_value
+    nib.save(nib.Nifti1Image(pred, oblique_affine()), pred_dir / "case.nii.gz")
+    with pytest.raises(CaseError, match=rf"pred/case\.nii\.gz: .*{problem}"):
+        evaluate_folders(pred_dir, gt_dir)
+
+
+def test_evaluate_folders_reads_a_label_named_like_a_brats_modality_as_a_plain_label(tmp_path):
+    # `itk_t1.nii.gz` ends like a BraTS T1 file; it is still one label file of case itk_t1.
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    write_labels(gt_dir / "itk_t1.nii.gz", slab(2))
+    write_labels(pred_dir / "itk_t1.nii.gz", slab(3))
+    result = evaluate_folders(pred_dir, gt_dir)
+    assert list(result.cases) == ["itk_t1"] and result.cases["itk_t1"][0].dice == 0.0
+
+
+def test_evaluate_without_any_matching_case_exits_2_naming_both_sides(tmp_path, capsys):
+    from ossnet.cli import main
+    from ossnet.errors import DatasetError
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    for case_id in ("case_1", "case_2"):
+        write_labels(gt_dir / f"{case_id}.nii.gz", slab(2))
+    write_labels(pred_dir / "scan_1.nii.gz", slab(2))
+    with pytest.raises(DatasetError, match=r"matches .*: predictions scan_1 \(1\); ground truth case_1, case_2 \(2\)"):
+        evaluate_folders(pred_dir, gt_dir)
+    assert main(["evaluate", "-p", str(pred_dir), "-g", str(gt_dir)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no prediction in" in err

@@ -1,14 +1,21 @@
 """Segmentation metrics (Dice, IoU, HD95, average surface distance) and folder evaluation.
 
 Masks are boolean numpy arrays `(X, Y, Z)` on one voxel grid; `spacing` is the voxel size `(sx, sy, sz)` in
-mm, so distances are in mm. Surface distances are computed here with scipy: the surface of a mask is its
-boundary voxels (the mask minus its erosion by the 6-connected cross; voxels on the array's edge count as
-boundary), and the distance of a boundary voxel to the other mask's surface is read from
-`scipy.ndimage.distance_transform_edt(..., sampling=spacing)`.
+mm, so distances are in mm. Surface distances follow MONAI (`compute_hausdorff_distance`,
+`compute_average_surface_distance`), which the tests check to 1e-4 mm: the surface of a mask is its boundary
+voxels (the mask minus its `scipy.ndimage.binary_erosion` by the 6-connected cross; voxels on the array's edge
+count as boundary), and the distance of a boundary voxel to the other mask's surface is the exact Euclidean
+distance in mm, read from `scipy.ndimage.distance_transform_edt(..., sampling=spacing)`.
+- HD95: the larger of the two directed 95th percentiles (pred -> gt, gt -> pred; linear interpolation), as
+  MONAI computes it with `percentile=95`; DeepMind's surface-distance and the BraTS ranking define it so too
+  (they sample the surface differently). medpy's `hd95` instead pools both directions before taking the
+  percentile, which hides errors made in one direction only.
+- ASD: the mean of both directions' distances pooled (MONAI `symmetric=True`, medpy's `assd` weights each
+  direction equally instead).
 
-Empty masks follow the BraTS / MONAI convention:
-- both empty: Dice 1, IoU 1, HD95 0, ASD 0 (a correct "nothing there");
-- exactly one empty: Dice 0, IoU 0, HD95 NaN, ASD NaN (a distance to nothing is undefined).
+Empty masks (ossnet's convention; MONAI differs as noted):
+- both empty: Dice 1, IoU 1, HD95 0, ASD 0 (a correct "nothing there"; MONAI returns NaN);
+- exactly one empty: Dice 0, IoU 0, HD95 NaN, ASD NaN (a distance to nothing is undefined; MONAI returns inf).
 Summary statistics ignore NaN and report how many values they used (`count`).
 """
 
@@ -26,7 +33,7 @@ from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
 from ossnet.data import Target, get_target, open_dataset
-from ossnet.data.case import NIFTI_READ_ERRORS
+from ossnet.data.case import NIFTI_READ_ERRORS, integer_label
 from ossnet.errors import CaseError, DatasetError
 
 METRIC_NAMES = ("dice", "iou", "hd95", "asd")
@@ -47,15 +54,16 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.count_nonzero(pred & gt) / union)
 
 
-def symmetric_surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> np.ndarray | None:
-    """Pooled surface distances in mm: `(S_pred + S_gt,)`, every boundary voxel of `pred` to the surface of
-    `gt` followed by every boundary voxel of `gt` to the surface of `pred`.
+def surface_distances(pred: np.ndarray, gt: np.ndarray,
+                      spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Directed surface distances in mm: `(S_pred,)` from every boundary voxel of `pred` to the surface of
+    `gt`, and `(S_gt,)` from every boundary voxel of `gt` to the surface of `pred`.
 
-    Returns an empty array if both masks are empty and None if exactly one is (no distance is defined).
+    Returns two empty arrays if both masks are empty and None if exactly one is (no distance is defined).
     """
     pred_surface, gt_surface = _surface(pred), _surface(gt)
     if not pred_surface.any() and not gt_surface.any():
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0)
     if not pred_surface.any() or not gt_surface.any():
         return None
     # Every surface voxel lies in the two surfaces' bounding box, so the distance transforms need no more.
@@ -63,21 +71,17 @@ def symmetric_surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Seque
     pred_surface, gt_surface = pred_surface[box], gt_surface[box]
     to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
-    return np.concatenate([to_gt[pred_surface], to_pred[gt_surface]])
+    return to_gt[pred_surface], to_pred[gt_surface]
 
 
 def hausdorff95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
-    """95th percentile (linear interpolation) of the pooled symmetric surface distances, in mm.
-
-    Pooling both directions is medpy's `hd95`; MONAI instead takes the larger of the two directed 95th
-    percentiles, which is never smaller. Both equal the Hausdorff distance's 95 % analogue for symmetric errors.
-    """
-    return _hausdorff95(symmetric_surface_distances(pred, gt, spacing))
+    """95 % Hausdorff distance in mm: the larger of the two directed 95th percentiles of surface distances."""
+    return _hausdorff95(surface_distances(pred, gt, spacing))
 
 
 def average_surface_distance(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
-    """Average symmetric surface distance in mm: the mean of the pooled distances of both surfaces."""
-    return _average(symmetric_surface_distances(pred, gt, spacing))
+    """Average symmetric surface distance in mm: the mean of both directions' surface distances, pooled."""
+    return _average(surface_distances(pred, gt, spacing))
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def evaluate_case(
     rows = []
     for value, class_name in enumerate(class_names, start=1):
         pred, gt = pred_labels == value, gt_labels == value
-        distances = symmetric_surface_distances(pred, gt, spacing)
+        distances = surface_distances(pred, gt, spacing)
         scores = (dice(pred, gt), iou(pred, gt), _hausdorff95(distances), _average(distances))
         rows.append(ClassMetrics(class_name, *scores))
     return rows
@@ -174,18 +178,24 @@ def evaluate_folders(
     gt_dir: str | Path,
     class_names: Sequence[str] | None = None,
     target: str | None = None,
+    layout: str = "auto",
 ) -> EvaluationResult:
     """Score the NIfTI masks in `pred_dir` (named `CASE.nii.gz` or `CASE.nii`) against `gt_dir`.
 
-    `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset`; its labels
-    and the predictions, both in the dataset's label values, are mapped by `target`, the dataset's default
-    target if None, and `class_names` default to the target's)
-    or a plain folder of label NIfTIs with the predictions' file names. For a plain folder, `class_names=None`
-    scores one class "foreground" (label > 0 in both); given names score label value k as `class_names[k-1]`.
-    Spacing comes from the ground truth's affine. Raises CaseError if a pair differs in shape or affine.
+    `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset(gt_dir,
+    layout)`; its labels and the predictions, both in the dataset's label values, are mapped by `target`, the
+    dataset's default target if None, and `class_names` default to the target's)
+    or a plain folder of label NIfTIs with the predictions' file names (layout nifti). For a plain folder,
+    `class_names=None` scores one class "foreground" (label > 0 in both); given names score label value k as
+    `class_names[k-1]`. Spacing comes from the ground truth's affine. Raises CaseError if a pair differs in
+    shape or affine or a mask holds NaN or fractions, DatasetError if no prediction matches a ground truth.
     """
     predictions = _nifti_files(Path(pred_dir))
-    ground_truth, gt_target = _ground_truth(Path(gt_dir), target)
+    ground_truth, gt_target = _ground_truth(Path(gt_dir), target, layout)
+    matched = sorted(ground_truth.keys() & predictions.keys())
+    if not matched:
+        raise DatasetError(f"no prediction in {pred_dir} matches a ground-truth case of {gt_dir}: predictions "
+                           f"{_listing(predictions)}; ground truth {_listing(ground_truth)}")
     binarize = gt_target is None and class_names is None
     if class_names is None:
         class_names = ("foreground",) if gt_target is None else gt_target.class_names
@@ -194,7 +204,7 @@ def evaluate_folders(
         missing=sorted(ground_truth.keys() - predictions.keys()),
         extra=sorted(predictions.keys() - ground_truth.keys()),
     )
-    for case_id in tqdm(sorted(ground_truth.keys() & predictions.keys()), desc="evaluate", unit="case"):
+    for case_id in tqdm(matched, desc="evaluate", unit="case"):
         pred, gt = _read_labels(predictions[case_id]), _read_labels(ground_truth[case_id])
         _check_same_grid(pred, gt)
         if gt_target is None:
@@ -208,6 +218,12 @@ def evaluate_folders(
     return result
 
 
+def _listing(files: dict[str, Path], limit: int = 5) -> str:
+    """`a, b, c (3)`, or the first `limit` case ids and the count; `none` if empty."""
+    ids = sorted(files)
+    return f"{', '.join(ids[:limit])}{' ...' if len(ids) > limit else ''} ({len(ids)})" if ids else "none"
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Boundary voxels of a boolean mask: the mask minus its erosion (array edges count as outside)."""
     mask = np.asarray(mask, dtype=bool)
@@ -219,16 +235,20 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(indices.min(), indices.max() + 1) for indices in np.nonzero(mask))
 
 
-def _hausdorff95(distances: np.ndarray | None) -> float:
+def _hausdorff95(distances: tuple[np.ndarray, np.ndarray] | None) -> float:
     if distances is None:
         return float("nan")
-    return float(np.percentile(distances, 95)) if distances.size else 0.0
+    pred_to_gt, gt_to_pred = distances
+    if not pred_to_gt.size:
+        return 0.0
+    return float(max(np.percentile(pred_to_gt, 95), np.percentile(gt_to_pred, 95)))
 
 
-def _average(distances: np.ndarray | None) -> float:
+def _average(distances: tuple[np.ndarray, np.ndarray] | None) -> float:
     if distances is None:
         return float("nan")
-    return float(distances.mean()) if distances.size else 0.0
+    pooled = np.concatenate(distances)
+    return float(pooled.mean()) if pooled.size else 0.0
 
 
 def _case_id(path: Path) -> str:
@@ -249,13 +269,12 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _ground_truth(gt_dir: Path, target: str | None) -> tuple[dict[str, Path], Target | None]:
+def _ground_truth(gt_dir: Path, target: str | None, layout: str) -> tuple[dict[str, Path], Target | None]:
     """Case id -> label file, and the target mapping raw labels to classes (None for a plain label folder)."""
     if not gt_dir.is_dir():
         raise DatasetError(f"{gt_dir}: ground truth must be a dataset folder or a folder of label files")
-    try:
-        dataset = open_dataset(gt_dir)
-    except DatasetError:  # no dataset layout: a plain folder of label files
+    dataset = open_dataset(gt_dir, layout)
+    if dataset.layout == "nifti":  # a plain folder: its files are labels, named by case
         return _nifti_files(gt_dir), None
     labels = {source.case_id: source.label_path for source in dataset.cases}
     return labels, get_target(dataset.layout, target, dataset.label_values)
@@ -269,7 +288,8 @@ class _LabelFile:
 
 
 def _read_labels(path: Path) -> _LabelFile:
-    """Integer labels `(X, Y, Z)` and affine of a NIfTI file (float-stored labels are rounded)."""
+    """Integer labels `(X, Y, Z)` and affine of a NIfTI file; NaN, Inf or fractional values are a CaseError
+    (float-stored labels must hold whole numbers)."""
     try:
         image = nib.load(path)
         labels = np.asanyarray(image.dataobj)
@@ -277,9 +297,7 @@ def _read_labels(path: Path) -> _LabelFile:
         raise CaseError(f"{path}: cannot read NIfTI ({error})") from error
     if labels.ndim != 3:
         raise CaseError(f"{path}: expected a 3D label volume, got shape {labels.shape}")
-    if labels.dtype.kind == "f":
-        labels = np.rint(labels).astype(np.int16)
-    return _LabelFile(path, labels, image.affine)
+    return _LabelFile(path, integer_label(labels, path), image.affine)
 
 
 def _check_same_grid(pred: _LabelFile, gt: _LabelFile) -> None:

@@ -146,3 +146,111 @@ def test_single_4d_nifti_file_is_moved_to_channel_first(tmp_path):
     case = open_dataset(tmp_path / "multi.nii").test_cases[0].load()
     assert case.channel_names == ("channel-0", "channel-1")
     np.testing.assert_array_equal(case.image[1], image[..., 1])
+
+
+# --- layout detection: a layout only when every file fits it, else plain NIfTI cases ----------------------
+
+
+def test_brats_dataset_is_detected_and_says_why(tmp_path):
+    rng = np.random.default_rng(9)
+    for case in ("BraTS20_Training_001", "BraTS20_Training_002"):
+        write_brats_case(tmp_path / case, rng)
+    dataset = open_dataset(tmp_path)
+    assert dataset.layout == "brats" and len(dataset.cases) == 2
+    assert dataset.layout_reason == "all 10 NIfTI files fit the brats layout"
+
+
+def test_single_channel_scans_named_like_a_brats_modality_are_one_case_each(tmp_path):
+    # A clinic's T1 scans: the names end in _t1.nii.gz, but no folder holds a case's four modalities.
+    rng = np.random.default_rng(10)
+    scans = {name: write(tmp_path / f"{name}.nii.gz", random_image(rng))
+             for name in ("patient07_t1", "patient08_t1", "patient11_t1")}
+    dataset = open_dataset(tmp_path)
+    assert (dataset.layout, dataset.cases, dataset.channel_names) == ("nifti", [], ("image",))
+    assert [s.case_id for s in dataset.test_cases] == sorted(scans)
+    assert "3 NIfTI files directly in the folder, one case each" in dataset.layout_reason
+    assert "not brats: the folder holds patient07_t1.nii.gz" in dataset.layout_reason
+    np.testing.assert_array_equal(dataset.test_cases[1].load().image, scans["patient08_t1"][None])
+
+
+def test_one_label_file_named_like_a_modality_is_not_a_brats_case(tmp_path):
+    write(tmp_path / "itk_t1.nii.gz", random_label(np.random.default_rng(11), (0, 1)))
+    dataset = open_dataset(tmp_path)
+    assert dataset.layout == "nifti" and [s.case_id for s in dataset.test_cases] == ["itk_t1"]
+
+
+def test_nnunet_channel_files_are_grouped_into_cases_in_channel_order(tmp_path):
+    rng = np.random.default_rng(12)
+    channels = {case: {c: write(tmp_path / f"{case}_{c:04d}.nii.gz", random_image(rng)) for c in (2, 0, 1)}
+                for case in ("liver_003", "liver_010")}
+    dataset = open_dataset(tmp_path)
+    assert dataset.layout == "nifti" and dataset.channel_names == ("channel-0", "channel-1", "channel-2")
+    assert [s.case_id for s in dataset.test_cases] == ["liver_003", "liver_010"]
+    assert "6 NIfTI files named CASE_XXXX, grouped into 2 cases of 3 channels" in dataset.layout_reason
+    image = dataset.test_cases[1].load().image
+    np.testing.assert_array_equal(image, np.stack([channels["liver_010"][c] for c in (0, 1, 2)]))
+
+
+def test_nnunet_case_lacking_a_channel_file_names_it_when_loaded(tmp_path):
+    from ossnet.errors import CaseError
+
+    rng = np.random.default_rng(13)
+    for name in ("a_0000", "a_0001", "b_0000"):
+        write(tmp_path / f"{name}.nii", random_image(rng))
+    short = open_dataset(tmp_path).test_cases[1]
+    assert short.case_id == "b" and short.image_paths[1] == tmp_path / "b_0001.nii"
+    with pytest.raises(CaseError, match="b_0001.nii: channel-1 image file is missing"):
+        short.load()
+
+
+@pytest.mark.parametrize("names", [
+    ("scan_0001", "scan_0002"),  # numbered scans: no case has a _0000 channel
+    ("a_0000", "a_0001", "b"),  # not every file named CASE_XXXX
+])
+def test_files_that_are_not_all_nnunet_channels_are_one_case_each(tmp_path, names):
+    rng = np.random.default_rng(14)
+    for name in names:
+        write(tmp_path / f"{name}.nii.gz", random_image(rng))
+    assert [s.case_id for s in open_dataset(tmp_path).test_cases] == list(names)
+
+
+def test_arbitrarily_named_3d_and_4d_files_are_one_case_each(tmp_path):
+    rng = np.random.default_rng(15)
+    write(tmp_path / "Head CT 2019.nii.gz", random_image(rng))
+    four_d = write(tmp_path / "mr.NII", random_image(rng, (*SHAPE, 2)))
+    (tmp_path / "notes.txt").write_text("not a scan")
+    write(tmp_path / "sub" / "elsewhere.nii.gz", random_image(rng))  # only files directly in the folder
+    dataset = open_dataset(tmp_path)
+    assert [(s.case_id, s.channel_names) for s in dataset.test_cases] == [
+        ("Head CT 2019", ("image",)), ("mr", ("channel-0", "channel-1"))]
+    np.testing.assert_array_equal(dataset.test_cases[1].load().image, np.moveaxis(four_d, -1, 0))
+
+
+def test_brats_case_folder_with_an_extra_file_is_not_detected_as_brats(tmp_path):
+    rng = np.random.default_rng(16)
+    folder = tmp_path / "BraTS20_Training_001"
+    write_brats_case(folder, rng)
+    write(folder / "brain_mask.nii.gz", random_label(rng, (0, 1)))
+    dataset = open_dataset(folder)
+    assert dataset.layout == "nifti" and len(dataset.test_cases) == 6
+    assert "brain_mask.nii.gz besides the modalities" in dataset.layout_reason
+    assert open_dataset(folder, layout="brats").cases[0].case_id == "BraTS20_Training_001"
+
+
+def test_lits_files_with_a_stray_file_are_not_detected_as_lits(tmp_path):
+    rng = np.random.default_rng(17)
+    write(tmp_path / "volume-0.nii", random_image(rng))
+    write(tmp_path / "segmentation-0.nii", random_label(rng, (0, 1, 2)))
+    assert open_dataset(tmp_path).layout == "lits"
+    write(tmp_path / "liver_mask.nii", random_label(rng, (0, 1)))
+    dataset = open_dataset(tmp_path)
+    assert dataset.layout == "nifti" and "not lits: liver_mask.nii not named volume-N" in dataset.layout_reason
+
+
+def test_a_named_layout_reads_a_folder_without_detection(tmp_path):
+    rng = np.random.default_rng(18)
+    folder = tmp_path / "BraTS20_Training_001"
+    write_brats_case(folder, rng)
+    dataset = open_dataset(folder, layout="nifti")
+    assert dataset.layout == "nifti" and len(dataset.test_cases) == 5
+    assert dataset.layout_reason.endswith("(layout nifti requested)")

@@ -55,10 +55,38 @@ def test_summary_gives_label_fractions_over_the_labels_it_read(tmp_path):
 
 def test_summary_reports_each_failing_case_and_keeps_going(tmp_path, capsys):
     lits_dataset(tmp_path)
-    (tmp_path / "volume-1.nii").unlink()
-    report = summarize_dataset(open_dataset(tmp_path))
+    (tmp_path / "volume-1.nii").unlink()  # segmentation-1 without its volume: LiTS on request only
+    report = summarize_dataset(open_dataset(tmp_path, layout="lits"))
     assert "2 of 4 cases" in line(report, "failures")
     assert "volume-1.nii: CT image file is missing" in line(report, "  volume-1:")
     assert "segmentation-2.nii: label shape (8, 8, 7) != image shape (8, 8, 5)" in line(report, "  volume-2:")
     assert "test-volume-3" not in report.split("failures")[1]
     assert "checking cases" in capsys.readouterr().err
+
+
+def test_voxel_check_reports_truncated_and_nan_images_that_headers_miss(tmp_path):
+    lits_dataset(tmp_path)
+    volume = np.random.default_rng(1).normal(size=(8, 8, 4)).astype(np.float32)
+    volume[0, 0, 0] = np.nan
+    write(tmp_path / "volume-0.nii", volume, (0.7, 0.7, 5.0))
+    truncated = tmp_path / "test-volume-3.nii"
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+
+    headers = summarize_dataset(open_dataset(tmp_path))
+    assert line(headers, "check").endswith("headers only (image voxels not read: truncated files and NaN go unnoticed)")
+    assert "1 of 4 cases" in line(headers, "failures")  # volume-2's label shape only
+
+    voxels = summarize_dataset(open_dataset(tmp_path), check=True)
+    assert line(voxels, "check").endswith("voxels read (every image and label loaded)")
+    assert "3 of 4 cases" in line(voxels, "failures")
+    assert "volume-0.nii: 1 of 256 voxels are NaN or Inf" in line(voxels, "  volume-0:")
+    assert "test-volume-3.nii: file is truncated or corrupt" in line(voxels, "  test-volume-3:")
+    # Shapes over the readable cases only; label fractions still from the labels read.
+    assert line(voxels, "shape").endswith("min 8*8*6, median 8*8*6, max 8*8*6")
+    assert "(over 1 of 3 labelled cases)" in line(voxels, "label voxels")
+
+
+def test_summary_says_why_it_chose_the_layout(tmp_path):
+    lits_dataset(tmp_path)
+    assert line(summarize_dataset(open_dataset(tmp_path)), "detection").endswith(
+        "all 7 NIfTI files fit the lits layout")

@@ -94,6 +94,7 @@ class CaseSource:
             data = _read_voxels(img, path)
             channels = data[..., None] if data.ndim == 3 else data
             _check_finite(channels, path)
+            _check_float32_range(channels, path)
             image[channel:channel + channels.shape[-1]] = np.moveaxis(channels, -1, 0)
             channel += channels.shape[-1]
         label = self.load_label() if self.label_path is not None else None
@@ -105,7 +106,7 @@ class CaseSource:
             return None
         first = self._open_images()[0]
         img = self._open_label(first.shape[:3], first.affine)
-        return _integer_label(_read_voxels(img, self.label_path), self.label_path, self.label_values)
+        return integer_label(_read_voxels(img, self.label_path), self.label_path, self.label_values)
 
     def _open_images(self) -> list[nib.Nifti1Image]:
         what = (self.channel_names if len(self.image_paths) == len(self.channel_names)
@@ -146,11 +147,16 @@ def _open(path: Path, what: str) -> nib.Nifti1Image:
 
 
 def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """Scaled voxel data; truncated or corrupt files fail here, after a readable header."""
+    """Scaled voxel data; truncated or corrupt files fail here, after a readable header.
+
+    Integers stay integers; float64 files are read as float64, so that values beyond float32's range are
+    reported for what they are instead of as the Inf a float32 cast makes of them; other data as float32.
+    """
     try:
-        if np.issubdtype(img.get_data_dtype(), np.integer) and not _has_scaling(img):
+        dtype = img.get_data_dtype()
+        if np.issubdtype(dtype, np.integer) and not _has_scaling(img):
             return np.asarray(img.dataobj)
-        return img.get_fdata(dtype=np.float32, caching="unchanged")
+        return img.get_fdata(dtype=np.float64 if dtype == np.float64 else np.float32, caching="unchanged")
     except NIFTI_READ_ERRORS as error:
         raise CaseError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from error
 
@@ -178,8 +184,19 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
         raise CaseError(f"{path}: {bad} of {data.size} voxels are NaN or Inf")
 
 
-def _integer_label(data: np.ndarray, path: Path, allowed: tuple[int, ...] | None) -> np.ndarray:
-    """(X, Y, Z) int16 from label voxels of any dtype, rejecting fractions and unexpected values."""
+def _check_float32_range(data: np.ndarray, path: Path) -> None:
+    """Finite values too large for the float32 arrays ossnet computes in (float64 files only)."""
+    if data.dtype != np.float64:
+        return
+    outside = np.abs(data) > np.finfo(np.float32).max
+    if outside.any():
+        raise CaseError(f"{path}: {int(np.count_nonzero(outside))} of {data.size} voxels are beyond the float32 "
+                        f"range (|value| > {np.finfo(np.float32).max:.3g}), e.g. {data[outside][0]:.3g}")
+
+
+def integer_label(data: np.ndarray, path: Path, allowed: tuple[int, ...] | None = None) -> np.ndarray:
+    """(X, Y, Z) int16 from label voxels of any dtype, rejecting NaN / Inf, fractions, values outside int16
+    and, when `allowed` is given, values not in it. `path` names the file in the `CaseError`."""
     if not np.issubdtype(data.dtype, np.integer):
         _check_finite(data, path)
         fractional = np.unique(data[data != np.round(data)])

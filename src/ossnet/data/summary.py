@@ -1,9 +1,10 @@
 """`ossnet info`: what a user should know about a dataset before training on it.
 
 Shapes and spacings come from the headers of every case (cheap); label voxel fractions need the label
-voxels, so at most `max_cases` labels are read. Image voxels are not read here: `CaseSource.load`
-checks them (corruption, NaN/Inf) when a case is first prepared. A case that fails is reported with its
-reason and the check goes on.
+voxels, so at most `max_cases` labels are counted. By default image voxels are not read, so a truncated
+file or NaN voxels go unnoticed until training prepares the case; `check=True` loads every case in full
+(`CaseSource.load`: corruption, NaN/Inf, label values) and lists those failures too. The report says which
+check ran. A case that fails is reported with its reason and the check goes on.
 """
 
 from __future__ import annotations
@@ -14,33 +15,40 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from ossnet.data.case import CaseHeader, label_value_counts
+from ossnet.data.case import CaseHeader, CaseSource, label_value_counts
 from ossnet.data.readers import Dataset
 from ossnet.data.targets import TARGET_NAMES
 from ossnet.errors import CaseError
 
 
-def summarize_dataset(dataset: Dataset, max_cases: int | None = None) -> str:
-    """A multi-line report: layout, cases, channels, shapes, spacings, label fractions, failures."""
+def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: bool = False) -> str:
+    """A multi-line report: layout and why, cases, channels, shapes, spacings, label fractions, failures.
+
+    check: read every voxel of every case (slow: the whole dataset) instead of the headers alone.
+    """
     headers: list[CaseHeader] = []
     failures: list[str] = []
     voxel_counts: Counter[int] = Counter()
     labels_read = 0
     sources = dataset.cases + dataset.test_cases
     for source in tqdm(sources, desc="checking cases", unit="case", file=sys.stderr):
+        count_label = source.label_path is not None and (max_cases is None or labels_read < max_cases)
         try:
-            headers.append(source.inspect())
-            if source.label_path is not None and (max_cases is None or labels_read < max_cases):
-                values, counts = label_value_counts(source.load_label())
-                voxel_counts.update(dict(zip(values.tolist(), counts.tolist())))
-                labels_read += 1
+            header, label = _read(source, check, count_label)
         except CaseError as error:
             failures.append(f"  {source.case_id}: {error}")
+            continue
+        headers.append(header)
+        if label is not None and count_label:
+            values, counts = label_value_counts(label)
+            voxel_counts.update(dict(zip(values.tolist(), counts.tolist())))
+            labels_read += 1
 
     targets = ", ".join(f"{name} (default)" if name == dataset.default_target else name
                         for name in TARGET_NAMES[dataset.layout])
     lines = [
         f"layout        {dataset.layout}",
+        f"detection     {dataset.layout_reason}",
         f"root          {dataset.root}",
         f"cases         {len(dataset.cases)} labelled, {len(dataset.test_cases)} test",
         f"channels      {', '.join(dataset.channel_names)}",
@@ -49,10 +57,21 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None) -> str:
         f"shape X*Y*Z   {_min_median_max([h.shape for h in headers], '{:g}')}",
         f"spacing (mm)  {_min_median_max([h.spacing for h in headers], '{:.3g}')}",
         f"label voxels  {_fractions(voxel_counts, labels_read, len(dataset.cases))}",
+        "check         " + ("voxels read (every image and label loaded)" if check else
+                            "headers only (image voxels not read: truncated files and NaN go unnoticed)"),
         f"failures      {len(failures)} of {len(sources)} cases",
         *failures,
     ]
     return "\n".join(lines)
+
+
+def _read(source: CaseSource, check: bool, with_label: bool) -> tuple[CaseHeader, np.ndarray | None]:
+    """The case's header, and its label when asked or read anyway; raises CaseError."""
+    if check:
+        case = source.load()
+        return CaseHeader(case.case_id, case.image.shape[1:], case.affine), case.label
+    header = source.inspect()
+    return header, source.load_label() if with_label else None
 
 
 def _min_median_max(rows: list[tuple[float, ...]], number: str) -> str:
