@@ -165,7 +165,11 @@ def test_writes_into_a_read_only_folder_are_one_line(checkpoint, dataset, tmp_pa
         assert "locked" in err
         err = one_line_error(capsys, ["synth", "--cases", "1", "--shape", "8", "8", "8", "-o", locked / "syn"])
         assert "locked" in err
-        err = one_line_error(capsys, ["evaluate", "-p", tmp_path, "-g", dataset, "-o", locked / "m.csv"])
+        predictions = tmp_path / "pred"
+        predictions.mkdir()
+        for label in dataset.glob("*/*_seg.nii.gz"):
+            shutil.copy(label, predictions / label.name.replace("_seg", ""))
+        err = one_line_error(capsys, ["evaluate", "-p", predictions, "-g", dataset, "-o", locked / "m.csv"])
         assert "locked" in err
 
 

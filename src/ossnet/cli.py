@@ -126,7 +126,7 @@ def run_synth(args: argparse.Namespace) -> None:
 def run_info(args: argparse.Namespace) -> None:
     from ossnet.data import open_dataset, summarize_dataset
 
-    print(summarize_dataset(open_dataset(args.path), max_cases=args.max_cases))
+    print(summarize_dataset(open_dataset(args.path, args.layout), max_cases=args.max_cases, check=args.check))
 
 
 def run_models(args: argparse.Namespace) -> None:
@@ -151,7 +151,7 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from ossnet.metrics import evaluate_folders
 
-    result = evaluate_folders(args.pred, args.gt, target=args.target)
+    result = evaluate_folders(args.pred, args.gt, target=args.target, layout=args.layout)
     print(result.format_summary())
     if args.output:
         result.write_csv(args.output)
@@ -168,6 +168,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ossnet.data import LAYOUT_HELP, LAYOUTS
     from ossnet.demo import DemoOptions
     from ossnet.inference.predict import PredictOptions
     from ossnet.training import TrainConfig
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="dataset folder, case folder or NIfTI file")
     p.add_argument("--max-cases", type=int, default=None,
                    help="load the labels of at most this many cases for voxel fractions")
+    p.add_argument("--check", action="store_true",
+                   help="read every voxel of every case (slow) to list truncated files and NaN/Inf images too; "
+                        "default: headers only")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
     p.set_defaults(func=run_info)
 
     p = verbs.add_parser("models", help="list the seven architectures",
@@ -218,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OUTPUT/CASE.nii.gz on the input's voxel grid and affine.")
     p.add_argument("-c", "--checkpoint", type=Path, required=True, help="best.pt or last.pt of a run")
     p.add_argument("-i", "--input", type=Path, required=True,
-                   help="NIfTI file, BraTS/LiTS case folder, or dataset folder")
+                   help="NIfTI file, folder of NIfTI files (one per case, or nnU-Net CASE_XXXX channel files), "
+                        "BraTS/LiTS case folder, or dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     add_options(p, PredictOptions)
     p.set_defaults(func=run_predict)
@@ -231,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="write per-case metrics CSV here")
     p.add_argument("--target", default=None,
                    help="when -g is a dataset: the target its labels are turned into (default: the paper's)")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help=f"of -g: {LAYOUT_HELP}")
     p.set_defaults(func=run_evaluate)
 
     p = verbs.add_parser("demo", help="synthesise data, train ossnet-c, segment, evaluate",

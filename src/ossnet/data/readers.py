@@ -27,7 +27,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import nibabel as nib
 
@@ -37,7 +37,11 @@ from ossnet.errors import DatasetError
 
 Layout = Literal["brats", "lits", "msd", "nifti"]
 # What `open_dataset(path, layout=...)` accepts: "auto" detects, the others force a layout.
-LAYOUTS = ("auto", "brats", "lits", "msd", "nifti")
+LayoutChoice = Literal["auto", "brats", "lits", "msd", "nifti"]
+LAYOUTS: tuple[str, ...] = get_args(LayoutChoice)
+LAYOUT_HELP = ("dataset layout: auto takes a layout only when every file fits it, else the NIfTI files of the "
+               "folder are plain cases; brats|lits|msd|nifti read it as that layout (an incomplete case then "
+               "fails alone)")
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_CHANNELS = ("FLAIR", "T1", "T1ce", "T2")

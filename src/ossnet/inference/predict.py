@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ossnet.data import Case, PreprocessConfig, get_target, open_dataset, prepare_case
+from ossnet.data import LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, get_target, open_dataset, prepare_case
 from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DEFAULT_CHUNK, Mode
@@ -39,6 +39,7 @@ BYTES_PER_OUTPUT_VOXEL = 24
 class PredictOptions:
     """How `ossnet predict` segments and what it writes; one field per command-line option."""
 
+    layout: LayoutChoice = option("auto", LAYOUT_HELP)
     mode: Mode = option("guided", "decoding: guided by the encoder's low-resolution prediction (C, D), "
                                   "coarse-to-fine, or dense (every voxel)")
     chunk: int = option(DEFAULT_CHUNK, "locations per decoder call (memory grows with it)")
@@ -165,7 +166,7 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
     if output_dir.exists() and not output_dir.is_dir():
         raise OssnetError(f"{output_dir}: exists and is not a folder; -o names the folder the masks go to")
     predictor = Predictor(checkpoint, options.device)
-    dataset = open_dataset(input_path)
+    dataset = open_dataset(input_path, options.layout)
     sources = list(dataset.cases) + list(dataset.test_cases)
     if not sources:
         raise DatasetError(f"{input_path}: no cases to segment")

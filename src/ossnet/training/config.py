@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from ossnet import models
+from ossnet.data import LAYOUT_HELP, LayoutChoice
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields, finite, option, positive
 
@@ -31,6 +32,7 @@ class TrainConfig:
 
     data: Path = option(help="dataset folder (any layout `ossnet info` reads)", flags=("--data",))
     run_dir: Path = option(help="run folder (new, or the run to --resume)", flags=("-o", "--output"))
+    layout: LayoutChoice = option("auto", LAYOUT_HELP)
     model: str = option("ossnet-c", "model preset", choices=tuple(models.PRESETS))
     epochs: int = option(50, "training epochs")
     batch_size: int = option(8, "volumes per step (the paper's 8)")

@@ -111,7 +111,7 @@ class _Run:
     def _open_data(self, checkpoint: dict | None) -> None:
         """Dataset, target, split and preprocessing (a resumed run's from its checkpoint), cases prepared."""
         config = self.config
-        dataset = open_dataset(config.data)
+        dataset = open_dataset(config.data, config.layout)
         self.layout, self.label_values = dataset.layout, tuple(dataset.label_values)
         self.channel_names = tuple(dataset.channel_names)
         self.target = get_target(dataset.layout, config.target, self.label_values)
