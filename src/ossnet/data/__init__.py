@@ -1,13 +1,19 @@
-"""Data: cases and dataset layouts (readers), targets, preprocessing + cache, synthetic data, summary."""
+"""Data: cases and dataset layouts (readers), targets, fingerprint and plan, preprocessing + cache,
+augmentation, synthetic data, summary."""
 
 from ossnet.data.case import Case, CaseHeader, CaseSource
+from ossnet.data.plan import (
+    DatasetFingerprint,
+    dataset_preprocess_config,
+    fingerprint_dataset,
+    plan_preprocessing,
+)
 from ossnet.data.preprocess import (
     Geometry,
     PreparedCache,
     PreparedCase,
     PreprocessConfig,
     border_band,
-    dataset_preprocess_config,
     prepare_case,
 )
 from ossnet.data.readers import Dataset, open_dataset
@@ -16,7 +22,8 @@ from ossnet.data.synthetic import write_synthetic_dataset
 from ossnet.data.targets import Target, get_target
 
 __all__ = [
-    "Case", "CaseHeader", "CaseSource", "Dataset", "Geometry", "PreparedCache", "PreparedCase",
-    "PreprocessConfig", "Target", "border_band", "dataset_preprocess_config", "get_target", "open_dataset", "prepare_case",
-    "summarize_dataset", "write_synthetic_dataset",
+    "Case", "CaseHeader", "CaseSource", "Dataset", "DatasetFingerprint",
+    "Geometry", "PreparedCache", "PreparedCase", "PreprocessConfig", "Target", "border_band",
+    "dataset_preprocess_config", "fingerprint_dataset", "get_target", "open_dataset", "plan_preprocessing",
+    "prepare_case", "summarize_dataset", "write_synthetic_dataset",
 ]
