@@ -18,12 +18,12 @@ from ossnet.data.preprocess import (
 )
 from ossnet.data.readers import Dataset, open_dataset
 from ossnet.data.summary import summarize_dataset
-from ossnet.data.synthetic import write_synthetic_dataset
+from ossnet.data.synthetic import resample_nifti, write_synthetic_dataset
 from ossnet.data.targets import Target, get_target
 
 __all__ = [
     "Case", "CaseHeader", "CaseSource", "Dataset", "DatasetFingerprint",
     "Geometry", "PreparedCache", "PreparedCase", "PreprocessConfig", "Target", "border_band",
     "dataset_preprocess_config", "fingerprint_dataset", "get_target", "open_dataset", "plan_preprocessing",
-    "prepare_case", "summarize_dataset", "write_synthetic_dataset",
+    "prepare_case", "resample_nifti", "summarize_dataset", "write_synthetic_dataset",
 ]
