@@ -1,6 +1,7 @@
 """Data: cases and dataset layouts (readers), targets, fingerprint and plan, preprocessing + cache,
 augmentation, synthetic data, summary."""
 
+from ossnet.data.augment import AUGMENT_PRESETS, AugmentConfig, augment_volume
 from ossnet.data.case import Case, CaseHeader, CaseSource
 from ossnet.data.plan import (
     DatasetFingerprint,
@@ -22,8 +23,8 @@ from ossnet.data.synthetic import resample_nifti, write_synthetic_dataset
 from ossnet.data.targets import Target, get_target
 
 __all__ = [
-    "Case", "CaseHeader", "CaseSource", "Dataset", "DatasetFingerprint",
-    "Geometry", "PreparedCache", "PreparedCase", "PreprocessConfig", "Target", "border_band",
+    "AUGMENT_PRESETS", "AugmentConfig", "Case", "CaseHeader", "CaseSource", "Dataset", "DatasetFingerprint",
+    "Geometry", "PreparedCache", "PreparedCase", "PreprocessConfig", "Target", "augment_volume", "border_band",
     "dataset_preprocess_config", "fingerprint_dataset", "get_target", "open_dataset", "plan_preprocessing",
     "prepare_case", "resample_nifti", "summarize_dataset", "write_synthetic_dataset",
 ]
