@@ -273,8 +273,9 @@ def test_resample_nifti_rewrites_a_case_onto_another_grid(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["label.nii.gz", "t1.nii.gz"]  # no temporaries
 
 
-@pytest.mark.parametrize("grid, message", [(dict(spacing=(1, 0, 1)), "positive"), (dict(orientation="LLS"), "axis codes"),
-                                           (dict(oblique=float("inf")), "finite")])
+@pytest.mark.parametrize("grid, message", [
+    (dict(spacing=(1, 0, 1)), "positive"), (dict(orientation="LLS"), "axis codes"), (dict(oblique=float("inf")), "finite"),
+])
 def test_rejects_impossible_grids(tmp_path, grid, message):
     with pytest.raises(DatasetError, match=message):
         write_synthetic_dataset(tmp_path / "out", "brats", 1, shape=SHAPE, **grid)

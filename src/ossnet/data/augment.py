@@ -23,36 +23,32 @@ from scipy.spatial.transform import Rotation
 from ossnet.errors import OssnetError
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class AugmentConfig:
     """Probabilities and ranges of each transform; the defaults are the "default" preset."""
 
-    flip_probability: float = field(default=0.5, metadata=_help("probability of mirroring each axis"))
-    rotation_probability: float = field(default=0.2, metadata=_help("probability of a random rotation"))
-    max_rotation: float = field(default=15.0, metadata=_help(
-        "largest rotation about each axis, degrees (drawn uniformly in +-this)"))
-    scale_probability: float = field(default=0.2, metadata=_help("probability of a random isotropic scaling"))
-    scale_range: tuple[float, float] = field(default=(0.85, 1.15), metadata=_help(
-        "LO HI of the scaling factor of the anatomy (> 1 enlarges)"))
-    noise_probability: float = field(default=0.1, metadata=_help("probability of additive Gaussian noise"))
-    noise_variance: tuple[float, float] = field(default=(0.0, 0.1), metadata=_help(
-        "LO HI of the noise variance (normalised intensities)"))
-    blur_probability: float = field(default=0.2, metadata=_help(
-        "probability of Gaussian blur (then each channel with probability 0.5)"))
-    blur_sigma: tuple[float, float] = field(default=(0.5, 1.0), metadata=_help("LO HI of the blur sigma, voxels"))
-    intensity_probability: float = field(default=0.15, metadata=_help(
-        "probability of a per-channel intensity scale and shift"))
-    intensity_scale: tuple[float, float] = field(default=(0.75, 1.25), metadata=_help(
-        "LO HI of the per-channel intensity factor"))
-    intensity_shift: tuple[float, float] = field(default=(-0.1, 0.1), metadata=_help(
-        "LO HI of the per-channel intensity shift (normalised intensities)"))
-    gamma_probability: float = field(default=0.3, metadata=_help(
-        "probability of a per-channel gamma (mean and std kept)"))
-    gamma_range: tuple[float, float] = field(default=(0.7, 1.5), metadata=_help("LO HI of gamma"))
+    flip_probability: float = field(default=0.5, metadata={"help": "probability of mirroring each axis"})
+    rotation_probability: float = field(default=0.2, metadata={"help": "probability of a random rotation"})
+    max_rotation: float = field(default=15.0, metadata={"help":
+        "largest rotation about each axis, degrees (drawn uniformly in +-this)"})
+    scale_probability: float = field(default=0.2, metadata={"help": "probability of a random isotropic scaling"})
+    scale_range: tuple[float, float] = field(default=(0.85, 1.15), metadata={"help":
+        "LO HI of the scaling factor of the anatomy (> 1 enlarges)"})
+    noise_probability: float = field(default=0.1, metadata={"help": "probability of additive Gaussian noise"})
+    noise_variance: tuple[float, float] = field(default=(0.0, 0.1), metadata={"help":
+        "LO HI of the noise variance (normalised intensities)"})
+    blur_probability: float = field(default=0.2, metadata={"help":
+        "probability of Gaussian blur (then each channel with probability 0.5)"})
+    blur_sigma: tuple[float, float] = field(default=(0.5, 1.0), metadata={"help": "LO HI of the blur sigma, voxels"})
+    intensity_probability: float = field(default=0.15, metadata={"help":
+        "probability of a per-channel intensity scale and shift"})
+    intensity_scale: tuple[float, float] = field(default=(0.75, 1.25), metadata={"help":
+        "LO HI of the per-channel intensity factor"})
+    intensity_shift: tuple[float, float] = field(default=(-0.1, 0.1), metadata={"help":
+        "LO HI of the per-channel intensity shift (normalised intensities)"})
+    gamma_probability: float = field(default=0.3, metadata={"help":
+        "probability of a per-channel gamma (mean and std kept)"})
+    gamma_range: tuple[float, float] = field(default=(0.7, 1.5), metadata={"help": "LO HI of gamma"})
 
     def __post_init__(self) -> None:
         for name in ("flip", "rotation", "scale", "noise", "blur", "intensity", "gamma"):
@@ -91,7 +87,7 @@ def augment_volume(volume: np.ndarray, label: np.ndarray | None, border: np.ndar
     return _intensities(volume, config, rng), label, border
 
 
-def spatial_matrix(config: AugmentConfig, rng: np.random.Generator,
+def _spatial_matrix(config: AugmentConfig, rng: np.random.Generator,
                    spacing: tuple[float, float, float]) -> tuple[np.ndarray, bool]:
     """Draw the spatial transform: (3, 3) map from output voxel offsets (from the volume centre) to input
     voxel offsets, and whether it needs resampling (rotation or scaling drawn; flips alone do not)."""
@@ -110,7 +106,7 @@ def spatial_matrix(config: AugmentConfig, rng: np.random.Generator,
 
 
 def _spatial(volume, label, border, config, rng, spacing):
-    matrix, resample = spatial_matrix(config, rng, spacing)
+    matrix, resample = _spatial_matrix(config, rng, spacing)
     if resample:
         return _resample(volume, label, border, matrix)
     flipped = tuple(axis for axis in range(3) if matrix[axis, axis] < 0)
