@@ -88,7 +88,8 @@ def test_fingerprint_summarises_spacings_and_orientations_for_info():
     assert fingerprint.spacing_range() == {"median": (1, 1, 3), "min": (1, 1, 1), "max": (2, 2, 3)}
     assert fingerprint.orientations() == {"RAS": 2, "LSA": 1}
     text = fingerprint.format()
-    assert "median 1*1*3, min 1*1*1, max 2*2*3" in text and "RAS 2, LSA 1" in text and "t1:" in text
+    assert "median 1*1*3, min 1*1*1, max 2*2*3" in text and "RAS 2, LSA 1" in text
+    assert "  t1          -2 / 0 / 2" in text
 
 
 def test_second_fingerprint_reads_no_voxels_until_a_file_changes(brats, tmp_path, monkeypatch):

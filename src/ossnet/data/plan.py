@@ -129,12 +129,12 @@ class DatasetFingerprint:
         orientations = ", ".join(f"{codes} {count}" for codes, count in self.orientations().items())
         fraction = float(np.median([case.nonzero_fraction for case in self.cases]))
         lines = [f"spacing (mm)  {spacing}", f"orientations  {orientations}",
-                 f"nonzero box   median {100 * fraction:.3g} % of the image volume"]
+                 f"nonzero box   median {100 * fraction:.3g} % of the image volume",
+                 "intensities   0.5 % / 50 % / 99.5 % percentiles of the nonzero voxels, medians over cases"]
         for index, name in enumerate(self.channel_names):
-            low, median, high = (np.median([getattr(case.intensities[index], key) for case in self.cases])
-                                 for key in ("low", "median", "high"))
-            lines.append(f"{'intensities' if index == 0 else '':14}{name}: 0.5 % {low:.4g}, median {median:.4g},"
-                         f" 99.5 % {high:.4g} (medians over cases, nonzero voxels)")
+            percentiles = (np.median([getattr(case.intensities[index], key) for case in self.cases])
+                           for key in ("low", "median", "high"))
+            lines.append(f"  {name:12}{' / '.join(f'{value:.4g}' for value in percentiles)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -236,7 +236,8 @@ def plan_preprocessing(fingerprint: DatasetFingerprint, layout: str, working_sha
         reoriented = [Geometry.fitted(case.shape, np.asarray(case.affine),
                                       PreprocessConfig(orientation=orientation)).reoriented_spacing
                       for case in fingerprint.cases]
-        spacing = tuple(float(s) for s in np.median(np.array(reoriented), axis=0))
+        # To 0.1 um: NIfTI stores float32 (0.792 mm reads 0.79199999); resampled shapes do not change.
+        spacing = tuple(round(float(s), 4) for s in np.median(np.array(reoriented), axis=0))
     if crop_nonzero is None:
         crop_nonzero = bool(np.median([case.nonzero_fraction for case in fingerprint.cases]) < CROP_BELOW)
     window = LITS_WINDOW if layout == "lits" else None
