@@ -217,8 +217,9 @@ def plan_preprocessing(fingerprint: DatasetFingerprint, layout: str, working_sha
     working_shape: default: the largest (reoriented, cropped, resampled) case per axis, rounded up to a
         multiple of `shape_multiple`, so no case loses a voxel.
     crop_nonzero: default: crop when the nonzero box holds under CROP_BELOW of the image volume (median over
-        cases). nnU-Net always crops; OSS-Net pads whole BraTS volumes (their brain box holds about a third
-        of the image), and a homogeneous BraTS-like dataset must be prepared exactly as without a plan.
+        cases). nnU-Net always crops; OSS-Net pads whole BraTS volumes (a skull-stripped brain's box holds
+        well over a quarter of the image, roughly 140 x 170 x 140 of 240 x 240 x 155), and a homogeneous
+        BraTS-like dataset must be prepared exactly as without a plan.
     LiTS is windowed to LITS_WINDOW in every plan; with a spacing plan it is padded, not resized.
     With all cases at the target spacing and in the plan's orientation, and no crop, the prepared arrays
     are those of "native" bit for bit (BraTS: 1 mm, one orientation).
