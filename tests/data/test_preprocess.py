@@ -1,6 +1,7 @@
 """Specification of preprocessing: normalisation, fitting to the working grid, border band, cache."""
 
 import dataclasses
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from ossnet.data.preprocess import (
     PreprocessConfig,
     border_band,
     downscale_volume,
+    nonzero_box,
     normalize_intensities,
     prepare_case,
 )
@@ -391,18 +393,227 @@ def test_folders_a_killed_writer_left_are_swept_on_the_next_write(tmp_path):
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted([".staging-live",
                                                                   cache.entry_dir(source, SMALL, target).name])
 
-def test_dataset_preprocess_pads_every_case_to_one_working_shape():
-    from ossnet.data.preprocess import dataset_preprocess_config
 
-    config = dataset_preprocess_config("brats", [(240, 240, 155), (240, 230, 150)])
-    assert config.fit == "pad" and config.working_shape == (256, 256, 160)
-    assert config.intensity_window is None
+# ---------------------------------------------------------------- plans: reorientation, crop, resampling
+
+DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
 
 
-def test_dataset_preprocess_resizes_lits_to_a_windowed_cube():
-    from ossnet.data.preprocess import dataset_preprocess_config
+def scanner_affine(codes, spacing, origin=(12.0, -30.0, 7.5)):
+    """(4, 4) affine whose voxel axes point along `codes` with voxel sizes `spacing`."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([DIRECTIONS[c] for c in codes], dtype=np.float64).T * np.array(spacing)
+    affine[:3, 3] = origin
+    return affine
 
-    config = dataset_preprocess_config("lits", [(512, 512, 75), (512, 512, 987)])
-    assert config.fit == "resize" and config.working_shape == (512, 512, 512)
-    assert config.intensity_window[0] < 0 < config.intensity_window[1]
-    assert dataset_preprocess_config("lits", [], working_shape=(64, 64, 64)).working_shape == (64, 64, 64)
+
+LSA_ANISOTROPIC = scanner_affine("LSA", (2.0, 3.0, 2.5))
+
+
+def world_ramp(shape, affine):
+    """(3, X, Y, Z) float32: the world position (mm) of every voxel; linear interpolation reproduces it."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    return np.einsum("ij,j...->i...", affine[:3, :3], index).astype(np.float32) + affine[:3, 3, None, None, None]
+
+
+def working_world(geom):
+    """(3, X', Y', Z') world positions of the working voxels by the working affine, and a mask of the
+    working voxels whose original position lies inside the original grid (and its crop box)."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in geom.working_shape], indexing="ij"))
+    flat = index.reshape(3, -1).T
+    affine = geom.working_affine()
+    world = (flat @ affine[:3, :3].T + affine[:3, 3]).T.reshape(index.shape)
+    original = flat @ geom.working_to_original[:3, :3].T + geom.working_to_original[:3, 3]
+    low = np.array([start for start, _ in geom.box])
+    high = np.array([stop - 1 for _, stop in geom.box])
+    inside = np.all((original >= low - 1e-6) & (original <= high + 1e-6), axis=1).reshape(index.shape[1:])
+    return world, inside
+
+
+def plan_case(shape=(12, 10, 7), affine=LSA_ANISOTROPIC, seed=6):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(2, *shape)).astype(np.float32) * 10 + 50
+    label = np.zeros(shape, np.int16)
+    label[3:8, 2:7, 1:5] = 2
+    label[4:6, 3:5, 2:4] = 4
+    return Case("case-1", image, label, affine, ("flair", "t1"), nib.Nifti1Header())
+
+
+@pytest.mark.parametrize("affine", [np.diag([-1.0, -1.0, 1.0, 1.0]), OBLIQUE, LSA_ANISOTROPIC])
+def test_a_plan_that_changes_nothing_prepares_bit_for_bit_what_no_plan_does(affine):
+    """Orientation and spacing of the case itself, no crop: the arrays and maps of the plain pad / crop."""
+    case, target = plan_case(affine=affine), get_target("brats", "regions")
+    own = PreprocessConfig(shape_multiple=8, border_radius=1, orientation="".join(nib.aff2axcodes(affine)),
+                           spacing=tuple(nib.affines.voxel_sizes(affine)))
+    planned, plain = prepare_case(case, own, target), prepare_case(case, SMALL, target)
+    for name in ("volume", "global_volume", "label", "border"):
+        a, e = getattr(planned, name), getattr(plain, name)
+        assert a.dtype == e.dtype and a.shape == e.shape and a.tobytes() == e.tobytes(), name
+    geom, reference = planned.geometry, plain.geometry
+    assert geom.offsets == reference.offsets and not geom.resamples
+    assert geom.working_affine().tobytes() == reference.working_affine().tobytes()
+    probabilities = np.random.default_rng(7).random((2, *geom.working_shape)).astype(np.float32)
+    for order in (0, 1):
+        assert geom.to_original(probabilities, order).tobytes() == reference.to_original(probabilities, order).tobytes()
+
+
+def test_reorientation_is_an_exact_axis_permutation_onto_the_same_world_points():
+    case = plan_case(shape=(6, 8, 10))
+    geom = Geometry.fitted(case.image.shape[1:], case.affine, PreprocessConfig(orientation="RAS", shape_multiple=2))
+    assert geom.working_shape == (6, 10, 8) and not geom.resamples
+    assert "".join(nib.aff2axcodes(geom.working_affine())) == "RAS"
+    ramp = world_ramp(geom.original_shape, case.affine)
+    world, _ = working_world(geom)
+    assert np.array_equal(geom.to_working(ramp, order=0), world.astype(np.float32))
+    assert np.array_equal(geom.to_original(geom.to_working(case.image, order=1), order=1), case.image)
+    assert np.array_equal(geom.to_working(case.label, order=0), geom.labels_to_working(case.label))
+
+
+@pytest.mark.parametrize("config", [
+    PreprocessConfig(spacing=(1.0, 1.5, 2.0), shape_multiple=2),
+    PreprocessConfig(orientation="RAS", spacing=(1.0, 1.5, 2.0), shape_multiple=2),
+    PreprocessConfig(orientation="PIR", spacing=(4.0, 1.0, 1.25), working_shape=(8, 24, 10)),
+    PreprocessConfig(orientation="RAS", spacing=(1.5, 1.5, 1.5), crop_nonzero=True, shape_multiple=2),
+])
+def test_working_affine_is_where_to_working_samples_the_image(config):
+    """Linear interpolation reproduces the world-position ramp exactly, so every working voxel inside the
+    case must read the world point the working affine gives it, through any reorientation, crop and
+    resampling."""
+    shape = (12, 10, 7)
+    geom = Geometry.fitted(shape, LSA_ANISOTROPIC, config, box=((2, 11), (1, 10), (0, 6)))
+    sampled = geom.to_working(world_ramp(shape, LSA_ANISOTROPIC), order=1)
+    world, inside = working_world(geom)
+    assert inside.sum() > 0.3 * inside.size
+    assert np.allclose(sampled[:, inside], world[:, inside], atol=1e-3)
+    padding = np.ones(geom.working_shape, dtype=bool)
+    padding[tuple(slice(max(o, 0), o + n) for o, n in zip(geom.offsets, geom.resampled_shape))] = False
+    assert np.all(sampled[:, padding] == 0)
+    if config.orientation is not None:
+        assert "".join(nib.aff2axcodes(geom.working_affine())) == config.orientation
+    assert np.allclose(nib.affines.voxel_sizes(geom.working_affine()), config.spacing, rtol=0.25)
+
+
+def test_resampling_reaches_the_target_spacing_over_the_same_field_of_view():
+    geom = Geometry.fitted((100, 80, 40), LSA_ANISOTROPIC, PreprocessConfig(orientation="RAS", spacing=(1, 1, 1)))
+    assert geom.resampled_shape == (200, 100, 240)  # R: 100 x 2 mm, A: 40 x 2.5 mm, S: 80 x 3 mm
+    assert np.allclose(nib.affines.voxel_sizes(geom.working_affine()), 1.0)
+    assert geom.working_shape == (224, 128, 256)
+
+
+def test_original_to_working_inverts_working_to_original():
+    geom = Geometry.fitted((12, 10, 7), LSA_ANISOTROPIC, PreprocessConfig(orientation="RAS", spacing=(1, 1.2, 0.8),
+                                                                        crop_nonzero=True),
+                           box=((1, 11), (2, 10), (0, 7)))
+    original = np.random.default_rng(8).uniform(-1, 12, size=(50, 3))
+    working = geom.original_to_working(original)
+    back = working @ geom.working_to_original[:3, :3].T + geom.working_to_original[:3, 3]
+    assert working.shape == (50, 3) and np.allclose(back, original)
+    world = original @ LSA_ANISOTROPIC[:3, :3].T + LSA_ANISOTROPIC[:3, 3]
+    assert np.allclose(working @ geom.working_affine()[:3, :3].T + geom.working_affine()[:3, 3], world)
+
+
+def test_to_original_brings_smooth_probabilities_back_onto_the_original_grid():
+    shape = (16, 12, 10)
+    geom = Geometry.fitted(shape, LSA_ANISOTROPIC, PreprocessConfig(orientation="RAS", spacing=(1.0, 1.0, 1.0)))
+    index = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij"))
+    field = (0.5 + 0.4 * np.sin(2 * index[0]) * np.cos(3 * index[1]) * index[2]).astype(np.float32)
+    back = geom.to_original(geom.to_working(field, order=1), order=1)
+    assert back.shape == shape and back.dtype == np.float32
+    assert np.abs(back - field)[1:-1, 1:-1, 1:-1].max() < 0.02
+
+
+def test_crop_to_the_nonzero_box_keeps_every_nonzero_voxel_and_round_trips_exactly():
+    image = np.zeros((2, 20, 16, 12), np.float32)
+    image[0, 5:11, 3:9, 2:10] = np.random.default_rng(9).normal(size=(6, 6, 8)) + 3
+    image[1, 4, 12, 5] = 1.0  # one voxel of another channel widens the box
+    box = nonzero_box(image)
+    assert box == ((4, 11), (3, 13), (2, 10))
+    config = PreprocessConfig(crop_nonzero=True, shape_multiple=2)
+    geom = Geometry.fitted(image.shape[1:], OBLIQUE, config, box)
+    assert geom.working_shape == (8, 10, 8)
+    working = geom.to_working(image, order=1)
+    assert working.sum() == pytest.approx(image.sum()) and np.count_nonzero(working) == np.count_nonzero(image)
+    assert np.array_equal(geom.to_original(working, order=1), image)
+
+
+def test_nonzero_box_of_an_empty_image_is_the_whole_grid():
+    assert nonzero_box(np.zeros((1, 4, 5, 6), np.float32)) == ((0, 4), (0, 5), (0, 6))
+
+
+def test_crop_needs_the_box():
+    with pytest.raises(ValueError, match="nonzero box"):
+        Geometry.fitted((4, 4, 4), np.eye(4), PreprocessConfig(crop_nonzero=True))
+
+
+def test_prepare_case_normalises_the_cropped_image():
+    """With a crop the z-score uses the box only (zeros outside it do not count), as nnU-Net normalises."""
+    case = plan_case(shape=(16, 14, 12))
+    case.image[:, :6] = 0
+    prepared = prepare_case(case, PreprocessConfig(crop_nonzero=True, shape_multiple=2), get_target("brats"))
+    assert prepared.volume.shape == (2, 10, 14, 12)
+    assert np.allclose(prepared.volume.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    assert np.allclose(prepared.volume.std(axis=(1, 2, 3)), 1, atol=1e-5)
+
+
+def test_labels_are_resampled_as_their_most_likely_class():
+    """nnU-Net's rule: each class's one-hot mask interpolated linearly, then the largest (ties: lower class)."""
+    shape = (12, 10, 7)
+    labels = np.zeros(shape, np.uint8)
+    labels[2:9, 2:8, 1:6] = 1
+    labels[4:7, 3:6, 2:5] = 2
+    labels[5, 4, 3] = 3
+    geom = Geometry.fitted(shape, LSA_ANISOTROPIC, PreprocessConfig(orientation="RAS", spacing=(1.3, 1.7, 0.9)))
+    likelihoods = np.stack([geom.to_working((labels == k).astype(np.float32), order=1) for k in range(4)])
+    resampled = geom.labels_to_working(labels)
+    assert resampled.dtype == np.uint8 and resampled.shape == geom.working_shape
+    assert np.array_equal(resampled, np.argmax(likelihoods, axis=0))
+    assert set(np.unique(resampled)) >= {0, 1, 2}
+
+
+def test_planned_geometry_survives_json():
+    geom = Geometry.fitted((12, 10, 7), LSA_ANISOTROPIC, PreprocessConfig(orientation="RAS", spacing=(1, 1.2, 0.8),
+                                                                        crop_nonzero=True),
+                           box=((1, 11), (2, 10), (0, 7)))
+    restored = Geometry.from_json(json.loads(json.dumps(geom.to_json())))
+    assert np.array_equal(restored.working_to_original, geom.working_to_original)
+    image = plan_case().image
+    assert np.array_equal(restored.to_working(image, order=1), geom.to_working(image, order=1))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(spacing=(1.0, 0.0, 1.0)), "positive finite"),
+    (dict(spacing=(1.0, float("nan"), 1.0)), "positive finite"),
+    (dict(spacing=(1.0, 1.0)), "must have 3 values"),
+    (dict(fit="resize", spacing=(1.0, 1.0, 1.0)), "native spacing"),
+    (dict(orientation="RAX"), "axis codes"),
+    (dict(orientation="RRS"), "axis codes"),
+    (dict(orientation="ras"), "axis codes"),
+])
+def test_config_rejects_impossible_plans(fields, message):
+    with pytest.raises(OssnetError, match=message):
+        PreprocessConfig(**fields)
+
+
+def test_config_of_an_older_checkpoint_loads_without_a_plan_and_a_new_one_round_trips():
+    old = {"working_shape": [256, 256, 160], "shape_multiple": 32, "fit": "pad", "global_downscale": 2,
+           "normalization": "zscore", "intensity_window": None, "border_radius": 6}
+    config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in old.items()})
+    assert (config.spacing, config.orientation, config.crop_nonzero) == (None, None, False)
+    planned = PreprocessConfig(working_shape=(64, 64, 32), spacing=(1, 1, 2), orientation="RAS", crop_nonzero=True)
+    stored = json.loads(json.dumps(dataclasses.asdict(planned)))
+    assert PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}) == planned
+
+
+def test_cache_serves_planned_cases(tmp_path):
+    case = plan_case(shape=(12, 10, 8))
+    case.image[:, :3] = 0
+    source, target = write_source(tmp_path, case), get_target("brats")
+    config = PreprocessConfig(orientation="RAS", spacing=(1.5, 2.0, 2.0), crop_nonzero=True, shape_multiple=4,
+                              border_radius=1)
+    cache = PreparedCache(tmp_path / "cache")
+    cache.load(source, config, target)
+    cached = cache.load(source, config, target)
+    assert cache.hits == 1
+    expected = prepare_case(source.load(), config, target)
+    assert_same_prepared(cached, expected)
+    assert np.array_equal(cached.geometry.working_to_original, expected.geometry.working_to_original)

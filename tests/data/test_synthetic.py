@@ -208,3 +208,75 @@ def test_rejects_impossible_requests(tmp_path, arguments, message):
     with pytest.raises(DatasetError, match=message):
         write_synthetic_dataset(tmp_path / "out", **arguments)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- other scanners' grids
+
+
+def world_centroid(image: nib.Nifti1Image) -> np.ndarray:
+    """World position (mm) of the centre of mass of a label file's foreground."""
+    voxels = np.argwhere(np.asanyarray(image.dataobj) > 0)
+    return nib.affines.apply_affine(image.affine, voxels).mean(axis=0)
+
+
+def foreground_mm3(image: nib.Nifti1Image) -> float:
+    return float((np.asanyarray(image.dataobj) > 0).sum() * np.prod(image.header.get_zooms()[:3]))
+
+
+@pytest.mark.parametrize("grid", [dict(spacing=(2, 2, 3), orientation="LSA"), dict(oblique=20.0),
+                                  dict(spacing=(1.5, 2, 2.5), orientation="RAS", oblique=-10.0)])
+def test_a_grid_writes_the_same_subject_as_another_scanner_would(tmp_path, grid):
+    """Same seed on another grid: the requested voxel sizes and axes, the tumour at the same world position
+    with the same volume."""
+    shape, name = (48, 48, 32), "BraTS20_Training_001/BraTS20_Training_001_seg.nii.gz"
+    native = nib.load(write_synthetic_dataset(tmp_path / "native", "brats", 1, shape=shape, seed=1) / name)
+    moved = nib.load(write_synthetic_dataset(tmp_path / "moved", "brats", 1, shape=shape, seed=1, **grid) / name)
+    assert np.allclose(moved.header.get_zooms(), grid.get("spacing", (1, 1, 1)))
+    assert "".join(nib.aff2axcodes(moved.affine)) == grid.get("orientation", "LPS")
+    tilted = np.abs(moved.affine[:3, :3] / moved.header.get_zooms()).max(axis=0) < 0.999
+    assert tilted.all() == bool(grid.get("oblique"))
+    assert np.linalg.norm(world_centroid(moved) - world_centroid(native)) < 1.5
+    assert foreground_mm3(moved) == pytest.approx(foreground_mm3(native), rel=0.15)
+    flair = nib.load(tmp_path / "moved" / name.replace("seg", "flair"))
+    assert flair.shape == moved.shape and np.allclose(flair.affine, moved.affine)
+
+
+def test_held_out_case_is_written_on_several_grids_with_identical_anatomy(tmp_path):
+    """The msd test case (imagesTs) of one seed, on two grids: a grid only resamples, so its own grid
+    (1 mm, LPS) gives back the native voxels."""
+    native = write_synthetic_dataset(tmp_path / "native", "msd", 1, shape=SHAPE, seed=3, num_test_cases=1)
+    same = write_synthetic_dataset(tmp_path / "same", "msd", 1, shape=SHAPE, seed=3, num_test_cases=1,
+                                   spacing=(1, 1, 1), orientation="LPS")
+    coarse = write_synthetic_dataset(tmp_path / "coarse", "msd", 1, shape=SHAPE, seed=3, num_test_cases=1,
+                                     spacing=(2, 2, 2))
+    name = "imagesTs/SYN_002_0000.nii.gz"
+    np.testing.assert_allclose(voxels(same / name), voxels(native / name), rtol=1e-6)
+    assert nib.load(coarse / name).shape == (12, 12, 8)
+
+
+def test_resample_nifti_rewrites_a_case_onto_another_grid(tmp_path):
+    image_path = tmp_path / "t1.nii.gz"
+    label_path = tmp_path / "label.nii.gz"
+    phantom = brain_phantom(CONTENT_SHAPE, np.random.default_rng(4))
+    synthetic._save_nifti(phantom.image[1], phantom.affine, image_path)
+    synthetic._save_nifti(phantom.label.astype(np.int16), phantom.affine, label_path)
+    grid = synthetic.Grid(spacing=(2.0, 2.0, 3.0), orientation="LSA", oblique=15.0)
+    out_image = synthetic.resample_nifti(image_path, tmp_path / "out" / "t1.nii.gz", grid, intensity=(1.5, 100.0))
+    out_label = synthetic.resample_nifti(label_path, tmp_path / "out" / "label.nii.gz", grid, label=True)
+    image, label = nib.load(out_image), nib.load(out_label)
+    assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+    assert "".join(nib.aff2axcodes(image.affine)) == "LSA" and np.allclose(image.header.get_zooms(), (2, 2, 3))
+    assert np.asanyarray(label.dataobj).dtype == np.int16
+    assert set(np.unique(np.asanyarray(label.dataobj))) <= set(np.unique(phantom.label))
+    tumour = np.asanyarray(label.dataobj) > 0
+    assert image.get_fdata()[tumour].mean() > 1.5 * phantom.image[1][phantom.label > 0].mean()  # scaled, shifted
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["label.nii.gz", "t1.nii.gz"]  # no temporaries
+
+
+@pytest.mark.parametrize("grid, message", [
+    (dict(spacing=(1, 0, 1)), "positive"), (dict(orientation="LLS"), "axis codes"), (dict(oblique=float("inf")), "finite"),
+])
+def test_rejects_impossible_grids(tmp_path, grid, message):
+    with pytest.raises(DatasetError, match=message):
+        write_synthetic_dataset(tmp_path / "out", "brats", 1, shape=SHAPE, **grid)
+    assert not (tmp_path / "out").exists()

@@ -1,22 +1,31 @@
-"""Data: cases and dataset layouts (readers), targets, preprocessing + cache, synthetic data, summary."""
+"""Data: cases and dataset layouts (readers), targets, fingerprint and plan, preprocessing + cache,
+augmentation, synthetic data, summary."""
 
+from ossnet.data.augment import AUGMENT_PRESETS, AugmentConfig, augment_volume
 from ossnet.data.case import Case, CaseHeader, CaseSource
+from ossnet.data.plan import (
+    DatasetFingerprint,
+    dataset_preprocess_config,
+    fingerprint_dataset,
+    plan_preprocessing,
+)
 from ossnet.data.preprocess import (
     Geometry,
     PreparedCache,
     PreparedCase,
     PreprocessConfig,
     border_band,
-    dataset_preprocess_config,
     prepare_case,
 )
 from ossnet.data.readers import LAYOUT_HELP, LAYOUTS, Dataset, LayoutChoice, open_dataset
 from ossnet.data.summary import summarize_dataset
-from ossnet.data.synthetic import write_synthetic_dataset
+from ossnet.data.synthetic import resample_nifti, write_synthetic_dataset
 from ossnet.data.targets import Target, get_target
 
 __all__ = [
-    "LAYOUT_HELP", "LAYOUTS", "Case", "CaseHeader", "CaseSource", "Dataset", "Geometry", "LayoutChoice", "PreparedCache", "PreparedCase",
-    "PreprocessConfig", "Target", "border_band", "dataset_preprocess_config", "get_target", "open_dataset", "prepare_case",
-    "summarize_dataset", "write_synthetic_dataset",
+    "AUGMENT_PRESETS", "LAYOUT_HELP", "LAYOUTS", "AugmentConfig", "Case", "CaseHeader", "CaseSource", "Dataset",
+    "DatasetFingerprint", "Geometry", "LayoutChoice", "PreparedCache", "PreparedCase", "PreprocessConfig", "Target",
+    "augment_volume", "border_band", "dataset_preprocess_config", "fingerprint_dataset", "get_target",
+    "open_dataset", "plan_preprocessing", "prepare_case", "resample_nifti", "summarize_dataset",
+    "write_synthetic_dataset",
 ]

@@ -1,11 +1,12 @@
 """Preprocessing of a case for OSS-Net, and the on-disk cache of its result.
 
-A `Case` (original voxel grid) becomes a `PreparedCase` on the model's *working grid*:
-intensities normalised per channel, fitted to the working shape (centred zero padding / cropping,
-exactly invertible, or a resize as the LiTS code does), a downscaled global volume for the encoder,
-the target class map and its border band (REFERENCE.md §2). `Geometry` remembers the fit so outputs
-go back onto the original grid and its affine. `PreparedCache` stores prepared cases as `.npy` files
-that are memory-mapped on load, so DataLoader workers share pages instead of copies.
+A `Case` (original voxel grid) becomes a `PreparedCase` on the model's *working grid*: intensities
+normalised per channel, the grid brought to the plan of `PreprocessConfig` (reorientation, crop to the
+nonzero box, resampling to a target spacing, centred zero padding / cropping to the working shape, or a
+resize as the LiTS code does), a downscaled global volume for the encoder, the target class map and its
+border band. `Geometry` remembers the map so outputs go back onto the original grid and its affine.
+`PreparedCache` stores prepared cases as `.npy` files that are memory-mapped on load, so DataLoader
+workers share pages instead of copies. Choosing a plan for a dataset is `ossnet.data.plan`'s job.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,35 +37,51 @@ if TYPE_CHECKING:
 Fit = Literal["pad", "resize"]
 Normalization = Literal["zscore", "zscore-foreground"]
 Shape3 = tuple[int, int, int]
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) per axis
+Orientation = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # nibabel ornt: (axis, flip) per axis
 
 # Bump when the files of a cache entry change meaning, so old entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Staging and trash folders in a cache older than this (seconds) were left by a killed process.
 ABANDONED_AFTER_S = 3600
+# nibabel's axis codes: each world axis is named by one letter of its pair.
+AXIS_PAIRS = ("LR", "PA", "IS")
+IDENTITY_ORIENTATION: Orientation = ((0, 1), (1, 1), (2, 1))
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How a case is turned into model input; saved with every run and part of the cache key.
+    """How a case is turned into model input (the *plan*); saved with every run and part of the cache key.
 
-    working_shape: (X', Y', Z') of the model's grid; None rounds each axis of the case up to a multiple
-        of `shape_multiple` (240x240x155 -> 256x256x160 with 32, as the paper pads BraTS).
-    fit: "pad" pads with zeros / crops, centred (exactly invertible); "resize" resizes (trilinear for
-        images, nearest for labels), as the LiTS code resizes to 512^3.
-    global_downscale: factor d of the encoder's global volume (X'/d, Y'/d, Z'/d).
-    normalization: per-channel z-score over the whole volume ("zscore", the paper) or over the
-        foreground, i.e. voxels nonzero in any channel ("zscore-foreground"; background stays 0).
-    intensity_window: (lo, hi) clip applied before normalising (CT, e.g. (-200, 250) HU).
-    border_radius: r of the (2r+1)^3 max filter of the border band (6 -> 13^3, the paper).
+    The chain, in order (see `Geometry`): reorientation to `orientation` (exact axis permutation and flips),
+    crop to the nonzero box (`crop_nonzero`), resampling to `spacing`, then the centred pad / crop (or the
+    LiTS cube resize, `fit="resize"`) to the working shape. A dict of an older checkpoint lacks the last
+    three fields; their defaults are the behaviour of that time (no reorientation, crop or resampling).
     """
 
-    working_shape: Shape3 | None = None
-    shape_multiple: int = 32
-    fit: Fit = "pad"
-    global_downscale: int = 2
-    normalization: Normalization = "zscore"
-    intensity_window: tuple[float, float] | None = None
-    border_radius: int = 6
+    working_shape: Shape3 | None = field(default=None, metadata={"help": (
+        "X Y Z of the model's grid; default: each axis of the (resampled) case rounded up to a multiple of "
+        "the shape multiple (BraTS 240x240x155 -> 256x256x160, as the paper pads)")})
+    shape_multiple: int = field(default=32, metadata={"help": "round working shapes up to a multiple of this"})
+    fit: Fit = field(default="pad", metadata={"help": (
+        "'pad': centred zero padding / cropping (exactly invertible); 'resize': resize to the working shape "
+        "(trilinear images, nearest labels) as the LiTS code resizes to 512^3; needs native spacing")})
+    global_downscale: int = field(default=2, metadata={"help": "factor d of the encoder's global volume"})
+    normalization: Normalization = field(default="zscore", metadata={"help": (
+        "'zscore': per-channel z-score over the volume (the paper); 'zscore-foreground': over voxels nonzero "
+        "in any channel, background stays 0")})
+    intensity_window: tuple[float, float] | None = field(default=None, metadata={"help": (
+        "LO HI clip before normalising (CT, e.g. -200 250 HU)")})
+    border_radius: int = field(default=6, metadata={"help": (
+        "r of the (2r+1)^3 max filter of the border band (6 -> 13^3, the paper)")})
+    spacing: tuple[float, float, float] | None = field(default=None, metadata={"help": (
+        "X Y Z voxel size in mm of the working grid (after reorientation); every case is resampled to it "
+        "(linear images, one-hot linear labels); default: native, no resampling")})
+    orientation: str | None = field(default=None, metadata={"help": (
+        "axis codes (e.g. RAS, LPS) every case is brought to first by an exact axis permutation / flip; "
+        "default: as stored")})
+    crop_nonzero: bool = field(default=False, metadata={"help": (
+        "crop each case to the box of its voxels nonzero in any channel before resampling (nnU-Net)")})
 
     def __post_init__(self) -> None:
         check_fields(self, "preprocessing")
@@ -84,107 +102,213 @@ class PreprocessConfig:
                               f"multiple of the global downscale {self.global_downscale}")
         if self.intensity_window is not None and not self.intensity_window[0] < self.intensity_window[1]:
             raise OssnetError(f"preprocessing: intensity window {self.intensity_window} needs lo < hi")
+        if self.spacing is not None:
+            if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
+                raise OssnetError(f"preprocessing: spacing {self.spacing} must be 3 positive finite sizes (mm)")
+            if self.fit == "resize":
+                raise OssnetError("preprocessing: fit 'resize' sets the voxel size itself; it needs native "
+                                  f"spacing, got spacing {self.spacing}")
+            object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        if self.orientation is not None and not is_axis_codes(self.orientation):
+            raise OssnetError(f"preprocessing: orientation {self.orientation!r} must be 3 axis codes, one of "
+                              f"L/R, A/P and S/I each (e.g. RAS, LPS, LSA)")
 
     def working_shape_for(self, original_shape: Shape3) -> Shape3:
-        """The working shape for a case of `original_shape` (X, Y, Z)."""
+        """The working shape for a case whose (reoriented, cropped, resampled) shape is `original_shape`."""
         if self.working_shape is not None:
             return tuple(int(n) for n in self.working_shape)
         m = self.shape_multiple
         return tuple(-(-int(n) // m) * m for n in original_shape)
 
 
-# CT window before normalisation for LiTS (REFERENCE.md §2 leaves it open; [-200, 250] HU is common practice).
-LITS_WINDOW = (-200.0, 250.0)
-
-
-def dataset_preprocess_config(layout: str, case_shapes: list[Shape3], working_shape: Shape3 | None = None,
-                              shape_multiple: int = 32) -> PreprocessConfig:
-    """Default preprocessing of a dataset: one working shape for all its cases, as the model's input is fixed.
-
-    BraTS, MSD and single files: centred zero padding to the largest case, each axis rounded up to a multiple
-    of `shape_multiple` (BraTS 240x240x155 -> 256x256x160, the paper). LiTS: CT windowed to [-200, 250] HU,
-    then every case resized to a cube whose side is the largest in-plane size rounded up (the LiTS code
-    resizes to 512^3). An explicit `working_shape` replaces the shape rule, not the fit.
-    """
-    if not case_shapes and working_shape is None:
-        raise OssnetError("preprocessing: no case shapes to choose a working shape from")
-    def round_up(n: int) -> int:
-        return -(-int(n) // shape_multiple) * shape_multiple
-    if layout == "lits":
-        side = round_up(max(max(shape[0], shape[1]) for shape in case_shapes)) if case_shapes else None
-        return PreprocessConfig(working_shape=working_shape or (side, side, side), fit="resize",
-                                intensity_window=LITS_WINDOW, shape_multiple=shape_multiple)
-    largest = tuple(round_up(max(shape[axis] for shape in case_shapes)) for axis in range(3)) if case_shapes else None
-    return PreprocessConfig(working_shape=working_shape or largest, shape_multiple=shape_multiple)
+def is_axis_codes(codes: object) -> bool:
+    """True for 3 nibabel axis codes naming each world axis once ("RAS", "LPS", "LSA", ...)."""
+    if not isinstance(codes, str) or len(codes) != 3:
+        return False
+    pairs = [next((i for i, pair in enumerate(AXIS_PAIRS) if c in pair), None) for c in codes]
+    return sorted(p for p in pairs if p is not None) == [0, 1, 2]
 
 
 @dataclass
 class Geometry:
-    """The map between a case's original voxel grid and the working grid.
+    """The map between a case's original voxel grid (X, Y, Z) and the working grid (X', Y', Z').
 
-    offsets: per axis, the working index of original index 0 for fit="pad": zeros padded (+) or voxels
-        cropped (-) before. Both split the difference d = working - original as ceil(d / 2) before and
-        floor(d / 2) after (155 -> 160: 3 before, 2 after); (0, 0, 0) for fit="resize".
-    For fit="resize" the grids share their field of view (align_corners=False): working index w on an
-    axis sits at original index (w + 0.5) * n / n' - 0.5.
+    The chain from the original grid: crop to `box` (a box in original axes, the whole grid unless
+    `crop_nonzero`) -> reorientation (`reorientation`, nibabel's orientation array: for each original axis
+    its working axis and flip; an exact permutation / flip, no interpolation) -> resampling to
+    `resampled_shape` (same field of view, align_corners=False: index r of n' sits at (r + 0.5) n / n' - 0.5;
+    trilinear images, nearest or one-hot linear labels) -> centred pad / crop by `offsets`.
+    Cropping before reorienting equals cropping after it, as a box stays a box.
+
+    offsets: per working axis, the working index of resampled index 0: zeros padded (+) or voxels cropped (-)
+        before. Both split the difference d = working - resampled as ceil(d / 2) before and floor(d / 2) after
+        (155 -> 160: 3 before, 2 after); (0, 0, 0) for fit="resize", which resamples to the working shape.
+    When no crop, reorientation or resampling applies, the map is the plain pad / crop of earlier versions.
+    `working_to_original` is the whole chain as one (4, 4) voxel map.
     """
 
     original_shape: Shape3
     working_shape: Shape3
-    fit: Fit
     offsets: Shape3
     affine: np.ndarray
+    box: Box | None = None
+    reorientation: Orientation = IDENTITY_ORIENTATION
+    resampled_shape: Shape3 | None = None
+
+    def __post_init__(self) -> None:
+        self.original_shape = tuple(int(n) for n in self.original_shape)
+        self.working_shape = tuple(int(n) for n in self.working_shape)
+        self.offsets = tuple(int(n) for n in self.offsets)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        self.box = tuple((int(a), int(b)) for a, b in (self.box or [(0, n) for n in self.original_shape]))
+        self.reorientation = tuple((int(axis), int(flip)) for axis, flip in self.reorientation)
+        if self.resampled_shape is None:
+            self.resampled_shape = self.reoriented_shape
+        self.resampled_shape = tuple(int(n) for n in self.resampled_shape)
 
     @classmethod
-    def fitted(cls, original_shape: Shape3, affine: np.ndarray, config: PreprocessConfig) -> Geometry:
-        """The geometry `config` gives a case of `original_shape` with `affine` (4, 4)."""
+    def fitted(cls, original_shape: Shape3, affine: np.ndarray, config: PreprocessConfig,
+               box: Box | None = None) -> Geometry:
+        """The geometry `config` gives a case of `original_shape` with `affine` (4, 4).
+
+        box: the case's ((start, stop), ...) box of nonzero voxels in original axes (`nonzero_box`); needed
+        when `config.crop_nonzero`, ignored otherwise.
+        """
         original = tuple(int(n) for n in original_shape)
-        working = config.working_shape_for(original)
-        if config.fit == "pad":
-            offsets = tuple(-((o - w) // 2) for o, w in zip(original, working))  # ceil((w - o) / 2)
+        if not config.crop_nonzero:
+            box = None
+        elif box is None:
+            raise ValueError("Geometry.fitted: crop_nonzero needs the case's nonzero box")
+        reorientation = (IDENTITY_ORIENTATION if config.orientation is None
+                         else reorientation_to(affine, config.orientation))
+        cropped = tuple(stop - start for start, stop in box) if box is not None else original
+        reoriented = _permuted(cropped, reorientation)
+        if config.fit == "resize":
+            resampled = config.working_shape_for(reoriented)
+        elif config.spacing is not None:
+            spacing = _permuted(nib.affines.voxel_sizes(affine), reorientation)
+            resampled = tuple(max(1, round(n * s / t)) for n, s, t in zip(reoriented, spacing, config.spacing))
         else:
-            offsets = (0, 0, 0)
-        return cls(original, working, config.fit, offsets, np.asarray(affine, dtype=np.float64))
+            resampled = reoriented
+        working = config.working_shape_for(resampled)
+        offsets = tuple(-((r - w) // 2) for r, w in zip(resampled, working))  # ceil((w - r) / 2)
+        return cls(original, working, offsets, affine, box, reorientation, resampled)
 
-    def to_working(self, array: np.ndarray, order: int) -> np.ndarray:
-        """(..., X, Y, Z) on the original grid -> (..., X', Y', Z'); order 0 nearest, 1 trilinear (resize)."""
-        return self._refit(array, self.original_shape, self.working_shape, self.offsets, order)
+    # ------------------------------------------------------------------ the grids
 
-    def to_original(self, array: np.ndarray, order: int) -> np.ndarray:
-        """(..., X', Y', Z') on the working grid -> (..., X, Y, Z); the exact inverse of padding."""
-        backwards = tuple(-o for o in self.offsets)
-        return self._refit(array, self.working_shape, self.original_shape, backwards, order)
+    @property
+    def cropped_shape(self) -> Shape3:
+        """(X, Y, Z) of the box, in original axes."""
+        return tuple(stop - start for start, stop in self.box)
+
+    @property
+    def reoriented_shape(self) -> Shape3:
+        """Shape of the cropped grid after reorientation."""
+        return _permuted(self.cropped_shape, self.reorientation)
+
+    @property
+    def reoriented_spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along the reoriented axes: the original voxel sizes, permuted."""
+        return _permuted(nib.affines.voxel_sizes(self.affine), self.reorientation)
+
+    @property
+    def resamples(self) -> bool:
+        """Whether the chain interpolates (resampling or resize), i.e. is not an exact voxel copy."""
+        return self.resampled_shape != self.reoriented_shape
+
+    @property
+    def working_to_original(self) -> np.ndarray:
+        """(4, 4) voxel map, working index -> original index (continuous): a signed permutation times a
+        diagonal scale, plus a shift. Composed of crop, reorientation, resampling and padding."""
+        crop = np.eye(4)
+        crop[:3, 3] = [start for start, _ in self.box]
+        reorient = nib.orientations.inv_ornt_aff(np.asarray(self.reorientation), self.cropped_shape)
+        scale = np.asarray(self.reoriented_shape, dtype=np.float64) / np.asarray(self.resampled_shape)
+        resample = np.diag([*scale, 1.0])
+        resample[:3, 3] = 0.5 * (scale - 1.0)
+        pad = np.eye(4)
+        pad[:3, 3] = -np.asarray(self.offsets, dtype=np.float64)
+        return crop @ reorient @ resample @ pad
 
     def working_affine(self) -> np.ndarray:
         """(4, 4) affine of the working grid: working voxel index -> world mm."""
-        if self.fit == "pad":
-            working_to_original = np.eye(4)
-            working_to_original[:3, 3] = -np.asarray(self.offsets, dtype=np.float64)
-        else:
-            scale = np.asarray(self.original_shape, dtype=np.float64) / np.asarray(self.working_shape)
-            working_to_original = np.diag([*scale, 1.0])
-            working_to_original[:3, 3] = 0.5 * (scale - 1.0)
-        return self.affine @ working_to_original
+        return self.affine @ self.working_to_original
+
+    def original_to_working(self, voxels: np.ndarray) -> np.ndarray:
+        """(N, 3) float positions on the original grid (voxel indices) -> (N, 3) float working coordinates."""
+        voxels = np.asarray(voxels, dtype=np.float64)
+        inverse = np.linalg.inv(self.working_to_original)
+        return voxels @ inverse[:3, :3].T + inverse[:3, 3]
+
+    # ------------------------------------------------------------------ arrays
+
+    def to_working(self, array: np.ndarray, order: int) -> np.ndarray:
+        """(..., X, Y, Z) on the original grid -> (..., X', Y', Z'); order 0 nearest, 1 trilinear.
+
+        Never a view of `array`. Without resampling every step is an exact copy of voxels.
+        """
+        self._check(array, self.original_shape, order)
+        moved = _reorient(array[(..., *(slice(a, b) for a, b in self.box))], self.reorientation)
+        if self.resamples:
+            moved = _resize(moved, self.resampled_shape, order)
+        return _fresh(_place(moved, self.working_shape, self.offsets), array)
+
+    def labels_to_working(self, class_map: np.ndarray) -> np.ndarray:
+        """(X, Y, Z) integer class map 0..K -> (X', Y', Z') of its dtype, the way nnU-Net resamples labels:
+        each class's one-hot mask linearly, then the most likely class (ties and padding: the lower class).
+        Exact when nothing is resampled (then it is `to_working(class_map, 0)`)."""
+        if not self.resamples:
+            return self.to_working(class_map, order=0)
+        best_class = np.zeros(self.working_shape, dtype=class_map.dtype)
+        best = self.to_working((class_map == 0).astype(np.float32), order=1)
+        for k in range(1, int(class_map.max(initial=0)) + 1):
+            likelihood = self.to_working((class_map == k).astype(np.float32), order=1)
+            better = likelihood > best
+            best_class[better], best[better] = k, likelihood[better]
+        return best_class
+
+    def to_original(self, array: np.ndarray, order: int) -> np.ndarray:
+        """(..., X', Y', Z') on the working grid -> (..., X, Y, Z); the exact inverse of padding / cropping and
+        reorientation, linear (order 1, e.g. probabilities) or nearest (order 0) for resampling. Original
+        voxels outside the box or the working grid get 0."""
+        self._check(array, self.working_shape, order)
+        moved = _place(array, self.resampled_shape, tuple(-o for o in self.offsets))
+        if self.resamples:
+            moved = _resize(moved, self.reoriented_shape, order)
+        moved = _reorient(moved, _inverse_orientation(self.reorientation))
+        starts = tuple(start for start, _ in self.box)
+        return _fresh(_place(moved, self.original_shape, starts), array)
+
+    # ------------------------------------------------------------------ storage
 
     def to_json(self) -> dict:
         return {"original_shape": list(self.original_shape), "working_shape": list(self.working_shape),
-                "fit": self.fit, "offsets": list(self.offsets), "affine": self.affine.tolist()}
+                "offsets": list(self.offsets), "affine": self.affine.tolist(), "box": [list(b) for b in self.box],
+                "reorientation": [list(r) for r in self.reorientation],
+                "resampled_shape": list(self.resampled_shape)}
 
     @classmethod
     def from_json(cls, fields: dict) -> Geometry:
-        return cls(tuple(fields["original_shape"]), tuple(fields["working_shape"]), fields["fit"],
-                   tuple(fields["offsets"]), np.asarray(fields["affine"], dtype=np.float64))
+        return cls(fields["original_shape"], fields["working_shape"], fields["offsets"], fields["affine"],
+                   fields["box"], fields["reorientation"], fields["resampled_shape"])
 
-    def _refit(self, array: np.ndarray, source: Shape3, target: Shape3, offsets: Shape3,
-               order: int) -> np.ndarray:
-        if tuple(array.shape[-3:]) != tuple(source):
+    def _check(self, array: np.ndarray, grid: Shape3, order: int) -> None:
+        if tuple(array.shape[-3:]) != tuple(grid):
             raise OssnetError(f"geometry: array of spatial shape {tuple(array.shape[-3:])} does not match "
-                              f"the grid {tuple(source)} it is mapped from")
+                              f"the grid {tuple(grid)} it is mapped from")
         if order not in (0, 1):
             raise OssnetError(f"geometry: order must be 0 (nearest) or 1 (trilinear), got {order}")
-        if self.fit == "pad":
-            return _place(array, target, offsets)
-        return _resize_nearest(array, target) if order == 0 else _resize_trilinear(array, target)
+
+
+def nonzero_box(image: np.ndarray) -> Box:
+    """((start, stop), ...) per spatial axis of the voxels of `image` (C, X, Y, Z) nonzero in any channel;
+    the whole grid when there are none."""
+    occupied = np.any(image != 0, axis=0)
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(occupied.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, occupied.shape[axis]))
+    return tuple(box)
 
 
 @dataclass
@@ -206,12 +330,19 @@ class PreparedCase:
 
 
 def normalize_intensities(image: np.ndarray, normalization: Normalization,
-                          window: tuple[float, float] | None = None) -> np.ndarray:
+                          window: tuple[float, float] | None = None, box: Box | None = None) -> np.ndarray:
     """Per-channel z-score of `image` (C, X, Y, Z) -> float32, after an optional (lo, hi) clip.
 
     "zscore-foreground" takes the statistics over voxels nonzero in any channel of the unclipped image
-    and leaves the others at 0. A constant channel (zero variance) is only centred.
+    and leaves the others at 0. A constant channel (zero variance) is only centred. With `box` (the crop
+    of the plan) only the voxels inside it are normalised (statistics of the cropped image, as nnU-Net
+    normalises after cropping); the others are 0.
     """
+    if box is not None:
+        inside = (slice(None), *(slice(start, stop) for start, stop in box))
+        out = np.zeros(image.shape, dtype=np.float32)
+        out[inside] = normalize_intensities(image[inside], normalization, window)
+        return out
     foreground = np.any(image != 0, axis=0) if normalization == "zscore-foreground" else None
     image = np.asarray(image, dtype=np.float32)
     if window is not None:
@@ -241,7 +372,7 @@ def border_band(class_map: np.ndarray, radius: int) -> np.ndarray:
     """Border band (X, Y, Z) bool of a class map (X, Y, Z): where the label boundary is within reach.
 
     Sobel gradient magnitude of L = class_map > 0 is positive (i.e. one of the three axis derivatives is
-    nonzero), then a (2r + 1)^3 max filter; REFERENCE.md §2. Volume edges count as no boundary (reflect),
+    nonzero), then a (2r + 1)^3 max filter, as the OSS-Net code builds it. Volume edges count as no boundary (reflect),
     so an empty or full label has an empty band.
     """
     occupied = (class_map > 0).astype(np.int16)  # integer Sobel: exact and faster than float
@@ -252,13 +383,21 @@ def border_band(class_map: np.ndarray, radius: int) -> np.ndarray:
 
 
 def prepare_case(case: Case, config: PreprocessConfig, target: Target) -> PreparedCase:
-    """Normalise, fit to the working grid, downscale, and build the label and its border band (pure)."""
-    geometry = Geometry.fitted(case.image.shape[1:], case.affine, config)
-    normalized = normalize_intensities(case.image, config.normalization, config.intensity_window)
+    """Normalise, bring to the working grid, downscale, and build the label and its border band (pure).
+
+    Labels are resampled as nnU-Net does (`Geometry.labels_to_working`), except by the LiTS cube resize
+    (`fit="resize"`), which keeps the nearest neighbour of the LiTS code.
+    """
+    box = nonzero_box(case.image) if config.crop_nonzero else None
+    geometry = Geometry.fitted(case.image.shape[1:], case.affine, config, box)
+    normalized = normalize_intensities(case.image, config.normalization, config.intensity_window,
+                                       box=geometry.box if config.crop_nonzero else None)
     volume = geometry.to_working(normalized, order=1).astype(np.float32, copy=False)
     label = border = None
     if case.label is not None:
-        label = geometry.to_working(target.apply(case.label), order=0).astype(np.uint8, copy=False)
+        classes = target.apply(case.label)
+        label = (geometry.to_working(classes, order=0) if config.fit == "resize"
+                 else geometry.labels_to_working(classes)).astype(np.uint8, copy=False)
         border = border_band(label, config.border_radius)
     return PreparedCase(case.case_id, volume, downscale_volume(volume, config.global_downscale), label,
                         border, geometry)
@@ -286,7 +425,7 @@ class PreparedCache:
     def entry_dir(self, source: CaseSource, config: PreprocessConfig, target: Target) -> Path:
         """The folder of the entry for this source, settings and target."""
         paths = [*source.image_paths, *([source.label_path] if source.label_path is not None else [])]
-        key = {"format": CACHE_FORMAT, "case_id": source.case_id, "files": [_file_stamp(p) for p in paths],
+        key = {"format": CACHE_FORMAT, "case_id": source.case_id, "files": [file_stamp(p) for p in paths],
                "config": asdict(config), "target": asdict(target)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return self.cache_dir / digest[:32]
@@ -366,7 +505,7 @@ def _discard(entry: Path, cache_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _file_stamp(path: Path) -> list:
+def file_stamp(path: Path) -> list:
     """[resolved path, size, mtime in ns] of a source file, for the cache key."""
     try:
         stat = Path(path).stat()
@@ -375,8 +514,49 @@ def _file_stamp(path: Path) -> list:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
+def reorientation_to(affine: np.ndarray, codes: str) -> Orientation:
+    """The nibabel orientation array that brings a grid with `affine` (4, 4) to the axis `codes` ("RAS"):
+    for each of its axes, (new axis, flip +-1). An oblique grid goes to its closest axes (`io_orientation`)."""
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(codes))
+    return tuple((int(axis), int(flip)) for axis, flip in ornt)
+
+
+def _permuted(values, reorientation: Orientation) -> tuple:
+    """Per-axis `values` of a grid -> those of the grid reoriented by `reorientation`."""
+    out = [None, None, None]
+    for value, (axis, _) in zip(values, reorientation):
+        out[axis] = value.item() if isinstance(value, np.generic) else value
+    return tuple(out)
+
+
+def _inverse_orientation(reorientation: Orientation) -> Orientation:
+    """The orientation array that undoes `reorientation`: working axis -> (original axis, same flip)."""
+    inverse = [None, None, None]
+    for axis, (target, flip) in enumerate(reorientation):
+        inverse[target] = (axis, flip)
+    return tuple(inverse)
+
+
+def _reorient(array: np.ndarray, reorientation: Orientation) -> np.ndarray:
+    """(..., X, Y, Z) permuted and flipped on its last three axes by a nibabel orientation array (a view)."""
+    if tuple(reorientation) == IDENTITY_ORIENTATION:
+        return array
+    spatial = tuple(range(array.ndim - 3, array.ndim))
+    moved = nib.orientations.apply_orientation(np.moveaxis(array, spatial, (0, 1, 2)), np.asarray(reorientation))
+    return np.moveaxis(moved, (0, 1, 2), spatial)
+
+
+def _fresh(out: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """`out` as a contiguous array that shares no memory with `source` (steps that change nothing are views)."""
+    return out.copy() if np.may_share_memory(out, source) else np.ascontiguousarray(out)
+
+
 def _place(array: np.ndarray, shape: Shape3, offsets: Shape3) -> np.ndarray:
-    """(..., X, Y, Z) -> (..., *shape) with index i moved to i + offset per axis; zeros elsewhere."""
+    """(..., X, Y, Z) -> (..., *shape) with index i moved to i + offset per axis; zeros elsewhere.
+    `array` itself when that changes nothing."""
+    if tuple(array.shape[-3:]) == tuple(shape) and not any(offsets):
+        return array
     out = np.zeros((*array.shape[:-3], *shape), dtype=array.dtype)
     source, target = [], []
     for n_in, n_out, offset in zip(array.shape[-3:], shape, offsets):
@@ -386,6 +566,11 @@ def _place(array: np.ndarray, shape: Shape3, offsets: Shape3) -> np.ndarray:
         target.append(slice(start_out, start_out + length))
     out[(..., *target)] = array[(..., *source)]
     return out
+
+
+def _resize(array: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
+    """Resize of (..., X, Y, Z) to (..., *shape), same field of view: nearest (order 0) or trilinear (1)."""
+    return _resize_nearest(array, shape) if order == 0 else _resize_trilinear(array, shape)
 
 
 def _resize_nearest(array: np.ndarray, shape: Shape3) -> np.ndarray:

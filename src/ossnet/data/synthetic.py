@@ -11,6 +11,11 @@ full-resolution patches of OSS-Net A-D can resolve; O-Net sees the downscaled gl
 Anatomy is drawn in normalised coordinates `[-1, 1]` per axis (align_corners), so a 96x96x64 phantom is a
 coarser sampling of the same head as a 240x240x155 one. Every case draws from its own child seed
 `SeedSequence(seed, spawn_key=(split, index))`: case i is the same whatever the number of cases.
+
+Other scanners: a `Grid` (voxel size, axis codes, obliquity) resamples a case written on its native grid
+(the phantom's, or any NIfTI file's: `resample_nifti`) onto the grid such a scanner would use, covering the
+same field of view, so one subject can be written at 1 mm RAS, at 2 x 2 x 3 mm LSA and obliquely with
+identical anatomy (images: linear interpolation after an anti-aliasing blur; labels: nearest neighbour).
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
-from ossnet.errors import DatasetError
+from ossnet.atomic import atomic_path
+from ossnet.data.preprocess import is_axis_codes, reorientation_to
+from ossnet.errors import DatasetError, OssnetError
 
 Shape = tuple[int, int, int]
 Coords = list[np.ndarray]  # one ascending 1D array of normalised coordinates per axis
@@ -411,6 +419,124 @@ def liver_phantom(shape: Sequence[int], rng: np.random.Generator) -> Phantom:
     return Phantom(np.clip(image, -1024, 3071).astype(np.float32)[None], label, tissue, spacing)
 
 
+# ----------------------------------------------------------------------------------------------- other grids
+
+# World direction (RAS+ mm) of a voxel axis named by each nibabel axis code.
+AXIS_DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1),
+                   "I": (0, 0, -1)}
+# The axis oblique grids are tilted about: between all three world axes, so every voxel axis tilts.
+OBLIQUE_AXIS = np.ones(3) / np.sqrt(3)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The voxel grid a scanner writes a subject on; None keeps the source grid's value.
+
+    The grid covers the source's field of view (every source voxel's extent), centred on the same point.
+    """
+
+    spacing: tuple[float, float, float] | None = field(default=None, metadata={"help": (
+        "X Y Z voxel size in mm along the written file's axes")})
+    orientation: str | None = field(default=None, metadata={"help": "axis codes of the written file, e.g. LSA"})
+    oblique: float = field(default=0.0, metadata={"help": (
+        "tilt in degrees of the written grid, about the world axis (1, 1, 1)")})
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None and (len(self.spacing) != 3
+                                         or not all(np.isfinite(s) and s > 0 for s in self.spacing)):
+            raise OssnetError(f"grid: spacing {self.spacing} must be 3 positive finite sizes (mm)")
+        if self.orientation is not None and not is_axis_codes(self.orientation):
+            raise OssnetError(f"grid: orientation {self.orientation!r} must be 3 axis codes, e.g. RAS or LSA")
+        if not np.isfinite(self.oblique):
+            raise OssnetError(f"grid: oblique must be a finite angle in degrees, got {self.oblique}")
+
+    @property
+    def is_source(self) -> bool:
+        """Whether this grid is the source grid itself (nothing to resample)."""
+        return self.spacing is None and self.orientation is None and self.oblique == 0
+
+    def place(self, affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, Shape]:
+        """(affine (4, 4), shape) of this grid over the field of view of a source grid (affine, shape)."""
+        affine, shape = np.asarray(affine, dtype=np.float64), np.asarray(shape[:3])
+        sizes = nib.affines.voxel_sizes(affine)
+        if self.orientation is None:
+            directions, spacing = affine[:3, :3] / sizes, sizes
+        else:
+            directions = np.array([AXIS_DIRECTIONS[code] for code in self.orientation], dtype=np.float64).T
+            spacing = np.zeros(3)
+            for size, (axis, _) in zip(sizes, reorientation_to(affine, self.orientation)):
+                spacing[axis] = size  # the source's voxel size along the same world axis
+        if self.spacing is not None:
+            spacing = np.asarray(self.spacing, dtype=np.float64)
+        tilt = Rotation.from_rotvec(np.radians(self.oblique) * OBLIQUE_AXIS).as_matrix()
+        linear = tilt @ directions @ np.diag(spacing)
+        centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]
+        corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1)
+        extent = np.linalg.solve(linear, affine[:3, :3] @ corners + affine[:3, 3:4] - centre[:, None])
+        new_shape = np.maximum(1, np.ceil(2 * np.abs(extent).max(axis=1) - 1e-6)).astype(int)
+        new_affine = np.eye(4)
+        new_affine[:3, :3] = linear
+        new_affine[:3, 3] = centre - linear @ ((new_shape - 1) / 2)
+        return new_affine, tuple(int(n) for n in new_shape)
+
+
+def resample_onto(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int],
+                  label: bool = False) -> np.ndarray:
+    """(..., X, Y, Z) on the grid of `affine` -> (..., *target_shape) on the grid of `target_affine`.
+
+    Images: a Gaussian blur of sigma (f - 1) / 2 source voxels along each axis the target samples f > 1
+    times more coarsely (skimage's anti-aliasing rule; a thick voxel averages its extent, as a scanner's
+    does), then linear interpolation, the edge value beyond the field of view; float32. Labels (`label`):
+    nearest neighbour, 0 beyond the field of view, dtype kept.
+    """
+    voxel_map = np.linalg.inv(affine) @ target_affine  # target voxel -> source voxel
+    matrix, offset = voxel_map[:3, :3], voxel_map[:3, 3]
+    sigma = np.maximum(0.0, (np.abs(matrix).max(axis=1) - 1) / 2)
+    lead = array.shape[:-3]
+    volumes = array.reshape(-1, *array.shape[-3:])
+    out = np.empty((len(volumes), *target_shape), dtype=array.dtype if label else np.float32)
+    for index, volume in enumerate(volumes):
+        if label:
+            ndimage.affine_transform(volume, matrix, offset, target_shape, out[index], order=0, mode="constant")
+        else:
+            smooth = ndimage.gaussian_filter(volume.astype(np.float32), sigma) if sigma.any() else volume
+            ndimage.affine_transform(smooth.astype(np.float32, copy=False), matrix, offset, target_shape,
+                                     out[index], order=1, mode="nearest")
+    return out.reshape(*lead, *target_shape)
+
+
+def on_grid(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray,
+            grid: Grid) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A case (image (C, X, Y, Z), label (X, Y, Z) or None, affine) rewritten on `grid` -> (image, label,
+    affine) on the new grid; unchanged when `grid.is_source`."""
+    if grid.is_source:
+        return image, label, affine
+    target_affine, target_shape = grid.place(affine, image.shape[-3:])
+    image = resample_onto(image, affine, target_affine, target_shape)
+    label = None if label is None else resample_onto(label, affine, target_affine, target_shape, label=True)
+    return image, label, target_affine
+
+
+def resample_nifti(source: str | Path, out: str | Path, grid: Grid, label: bool = False,
+                   intensity: tuple[float, float] = (1.0, 0.0)) -> Path:
+    """Rewrite a NIfTI file (3D, or 4D with channels last) onto `grid`, as another scanner would store the
+    same subject: images linear (anti-aliased), `label` files nearest. `intensity` (scale, shift) maps the
+    image values (another scanner's gain and offset). Written atomically; returns `out`."""
+    if label and intensity != (1.0, 0.0):
+        raise ValueError("resample_nifti: a label file takes no intensity change")
+    image = nib.load(source)
+    data = np.asanyarray(image.dataobj) if label else image.get_fdata(dtype=np.float32)
+    channels = np.moveaxis(data, -1, 0) if data.ndim == 4 else data
+    target_affine, target_shape = grid.place(image.affine, channels.shape[-3:])
+    resampled = resample_onto(channels, image.affine, target_affine, target_shape, label=label)
+    if not label:
+        resampled = resampled * np.float32(intensity[0]) + np.float32(intensity[1])
+    out = Path(out)
+    with atomic_path(out) as temporary:
+        _save_nifti(np.moveaxis(resampled, 0, -1) if data.ndim == 4 else resampled, target_affine, temporary)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- layouts
 
 def _case_rng(seed: int, index: int, split: int = 0) -> np.random.Generator:
@@ -427,23 +553,25 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, path)
 
 
-def _write_brats(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int) -> None:
+def _write_brats(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int, grid: Grid) -> None:
     for index in range(num_cases):
         phantom = brain_phantom(shape, _case_rng(seed, index))
+        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, grid)
         case_id = f"BraTS20_Training_{index + 1:03d}"
-        for modality, channel in zip(BRATS_MODALITIES, phantom.image):
-            _save_nifti(channel, phantom.affine, root / case_id / f"{case_id}_{modality}.nii.gz")
-        _save_nifti(phantom.label, phantom.affine, root / case_id / f"{case_id}_seg.nii.gz")
+        for modality, channel in zip(BRATS_MODALITIES, image):
+            _save_nifti(channel, affine, root / case_id / f"{case_id}_{modality}.nii.gz")
+        _save_nifti(label, affine, root / case_id / f"{case_id}_seg.nii.gz")
 
 
-def _write_lits(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int) -> None:
+def _write_lits(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int, grid: Grid) -> None:
     for index in range(num_cases):  # LiTS numbers its cases from 0
         phantom = liver_phantom(shape, _case_rng(seed, index))
-        _save_nifti(phantom.image[0], phantom.affine, root / f"volume-{index}.nii.gz")
-        _save_nifti(phantom.label, phantom.affine, root / f"segmentation-{index}.nii.gz")
+        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, grid)
+        _save_nifti(image[0], affine, root / f"volume-{index}.nii.gz")
+        _save_nifti(label, affine, root / f"segmentation-{index}.nii.gz")
 
 
-def _write_msd(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int) -> None:
+def _write_msd(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int, grid: Grid) -> None:
     """nnU-Net v2 raw layout with BraTS-like content and MSD Task01's channels and labels; test cases are
     numbered after the training cases."""
     description = {
@@ -457,14 +585,15 @@ def _write_msd(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cas
     cases += [("imagesTs", index, 1) for index in range(num_test_cases)]
     for folder, index, split in cases:
         phantom = brain_phantom(shape, _case_rng(seed, index, split))
+        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, grid)
         case_id = f"SYN_{index + 1 + split * num_cases:03d}"
-        for channel_index, channel in enumerate(phantom.image):
-            _save_nifti(channel, phantom.affine, root / folder / f"{case_id}_{channel_index:04d}.nii.gz")
+        for channel_index, channel in enumerate(image):
+            _save_nifti(channel, affine, root / folder / f"{case_id}_{channel_index:04d}.nii.gz")
         if split == 0:
-            _save_nifti(BRATS_TO_MSD[phantom.label], phantom.affine, root / "labelsTr" / f"{case_id}.nii.gz")
+            _save_nifti(BRATS_TO_MSD[label], affine, root / "labelsTr" / f"{case_id}.nii.gz")
 
 
-_WRITERS: dict[str, Callable[[Path, int, Shape, int, int], None]] = {
+_WRITERS: dict[str, Callable[[Path, int, Shape, int, int, Grid], None]] = {
     "brats": _write_brats, "lits": _write_lits, "msd": _write_msd}
 
 
@@ -483,23 +612,31 @@ def _check_request(out_dir: Path, layout: str, num_cases: int, shape: Shape, num
 
 
 def write_synthetic_dataset(out_dir: str | Path, layout: str, num_cases: int, shape: Sequence[int] = (96, 96, 64),
-                            seed: int = 0, num_test_cases: int = 0) -> Path:
+                            seed: int = 0, num_test_cases: int = 0, spacing: Sequence[float] | None = None,
+                            orientation: str | None = None, oblique: float = 0.0) -> Path:
     """Write `num_cases` synthetic cases (and, for msd, `num_test_cases` in imagesTs) to the new folder `out_dir`.
 
-    layout "brats": BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii.gz, 1 mm;
+    layout "brats": BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii.gz, 1 mm LPS;
     "lits": volume-0.nii.gz + segmentation-0.nii.gz, CT in HU, anisotropic spacing; "msd": nnU-Net v2 raw
     (dataset.json, imagesTr/SYN_001_0000.nii.gz .. _0003, labelsTr/SYN_001.nii.gz, imagesTs/).
+    `shape` is the phantom's native sampling; `spacing` (mm per file axis), `orientation` (axis codes, e.g.
+    "LSA") and `oblique` (degrees) rewrite every case onto that `Grid` over the same field of view, so the
+    same seed gives the same subjects on another scanner's grid (and another shape).
     Written into a hidden staging folder next to `out_dir` and renamed at the end, so a failure leaves
     nothing behind; an existing non-empty `out_dir` is refused (DatasetError). Same arguments, same voxels.
     """
     out_dir = Path(out_dir).expanduser()
     shape = tuple(int(n) for n in shape)
     _check_request(out_dir, layout, num_cases, shape, num_test_cases)
+    try:
+        grid = Grid(None if spacing is None else tuple(float(s) for s in spacing), orientation, float(oblique))
+    except OssnetError as error:
+        raise DatasetError(f"{out_dir}: {error}") from error
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _WRITERS[layout](staging, num_cases, shape, seed, num_test_cases)
+        _WRITERS[layout](staging, num_cases, shape, seed, num_test_cases, grid)
         try:
             os.replace(staging, out_dir)  # replaces an empty folder; fails if one with files appeared meanwhile
         except OSError as error:

@@ -1,0 +1,274 @@
+"""Dataset fingerprint and preprocessing plan: the same model input from scans of any scanner.
+
+A model learns the anatomy at the voxel size and axis order it was trained on; a scan at 2 x 2 x 3 mm in
+LSA order fed as stored is another image to it. As nnU-Net does (Isensee et al., Nature Methods 2021), a
+*fingerprint* of the training cases (shapes, spacings, orientations, nonzero boxes, intensities) decides
+a *plan* (`PreprocessConfig`): the orientation every case is brought to, the target spacing, the crop,
+the working shape. Every case, in training and at prediction, then goes through the same chain
+(`Geometry`), so the network always sees the anatomy at one scale and in one axis order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from ossnet.atomic import atomic_path
+from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3, file_stamp, nonzero_box
+from ossnet.errors import OssnetError
+
+if TYPE_CHECKING:
+    from ossnet.data.case import Case, CaseSource
+
+# Bump when a cached case fingerprint changes meaning.
+FINGERPRINT_FORMAT = 1
+# Percentiles of the nonzero voxels kept per channel (nnU-Net's 0.5 / 99.5 % clip values and the median).
+PERCENTILES = (0.5, 50.0, 99.5)
+# Crop to the nonzero box by default when it holds less than this fraction of the image (median over cases).
+CROP_BELOW = 0.25
+# Orientation of the plan when no orientation is the most common one alone.
+TIE_ORIENTATION = "RAS"
+# CT window before normalisation for LiTS ([-200, 250] HU is common practice for the liver).
+LITS_WINDOW = (-200.0, 250.0)
+
+
+@dataclass(frozen=True)
+class IntensityStatistics:
+    """One channel's intensities over the voxels nonzero in any channel (all 0 when there are none).
+
+    low / median / high: the 0.5 %, 50 % and 99.5 % percentiles.
+    """
+
+    mean: float
+    std: float
+    low: float
+    median: float
+    high: float
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    """What planning needs of one case.
+
+    shape: (X, Y, Z); affine: (4, 4) voxel -> world mm as nested tuples; nonzero_box: ((start, stop), ...)
+    per axis of the voxels nonzero in any channel; intensities: one `IntensityStatistics` per channel.
+    """
+
+    case_id: str
+    shape: Shape3
+    affine: tuple[tuple[float, ...], ...]
+    nonzero_box: Box
+    intensities: tuple[IntensityStatistics, ...]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) per axis, from the affine."""
+        return tuple(float(s) for s in nib.affines.voxel_sizes(np.asarray(self.affine)))
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the affine (nibabel `aff2axcodes`, closest axes of an oblique grid), e.g. "LPS"."""
+        return "".join(nib.orientations.aff2axcodes(np.asarray(self.affine)))
+
+    @property
+    def nonzero_shape(self) -> Shape3:
+        return tuple(stop - start for start, stop in self.nonzero_box)
+
+    @property
+    def nonzero_fraction(self) -> float:
+        """Volume of the nonzero box over that of the image."""
+        return float(np.prod(self.nonzero_shape) / np.prod(self.shape))
+
+    def to_json(self) -> dict:
+        """Plain dict; spacing and orientation are written for readers and recomputed on loading."""
+        return {"case_id": self.case_id, "shape": list(self.shape), "spacing": list(self.spacing),
+                "orientation": self.orientation, "affine": [list(row) for row in self.affine],
+                "nonzero_box": [list(b) for b in self.nonzero_box],
+                "intensities": [vars(channel) for channel in self.intensities]}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> CaseFingerprint:
+        return cls(fields["case_id"], tuple(fields["shape"]), tuple(tuple(row) for row in fields["affine"]),
+                   tuple(tuple(b) for b in fields["nonzero_box"]),
+                   tuple(IntensityStatistics(**channel) for channel in fields["intensities"]))
+
+
+@dataclass(frozen=True)
+class DatasetFingerprint:
+    """The fingerprints of the cases a plan must serve, and what `ossnet info` shows of them."""
+
+    channel_names: tuple[str, ...]
+    cases: tuple[CaseFingerprint, ...]
+
+    def spacing_range(self) -> dict[str, tuple[float, float, float]]:
+        """{"median", "min", "max"}: per-axis statistics of the stored voxel sizes (mm)."""
+        table = np.array([case.spacing for case in self.cases])
+        return {name: tuple(float(v) for v in reduce(table, axis=0))
+                for name, reduce in (("median", np.median), ("min", np.min), ("max", np.max))}
+
+    def orientations(self) -> dict[str, int]:
+        """Axis codes found -> number of cases, most common first."""
+        return dict(Counter(case.orientation for case in self.cases).most_common())
+
+    def format(self) -> str:
+        """Lines for `ossnet info`: spacing median / min / max, orientations, nonzero box, intensities."""
+        if not self.cases:
+            return "spacing (mm)  n/a (no case)"
+        spacing = ", ".join(f"{name} {'*'.join(f'{v:.3g}' for v in values)}"
+                            for name, values in self.spacing_range().items())
+        orientations = ", ".join(f"{codes} {count}" for codes, count in self.orientations().items())
+        fraction = float(np.median([case.nonzero_fraction for case in self.cases]))
+        lines = [f"spacing (mm)  {spacing}", f"orientations  {orientations}",
+                 f"nonzero box   median {100 * fraction:.3g} % of the image volume",
+                 "intensities   0.5 % / 50 % / 99.5 % percentiles of the nonzero voxels, medians over cases"]
+        for index, name in enumerate(self.channel_names):
+            percentiles = (np.median([getattr(case.intensities[index], key) for case in self.cases])
+                           for key in ("low", "median", "high"))
+            lines.append(f"  {name:12}{' / '.join(f'{value:.4g}' for value in percentiles)}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"format": FINGERPRINT_FORMAT, "channel_names": list(self.channel_names),
+                "cases": [case.to_json() for case in self.cases]}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> DatasetFingerprint:
+        return cls(tuple(fields["channel_names"]), tuple(CaseFingerprint.from_json(c) for c in fields["cases"]))
+
+
+def fingerprint_case(case: Case) -> CaseFingerprint:
+    """The fingerprint of a loaded case (reads every voxel once; pure)."""
+    box = nonzero_box(case.image)
+    foreground = np.any(case.image != 0, axis=0)
+    intensities = []
+    for channel in case.image:
+        values = channel[foreground]
+        if values.size == 0:
+            intensities.append(IntensityStatistics(0.0, 0.0, 0.0, 0.0, 0.0))
+            continue
+        low, median, high = np.percentile(values, PERCENTILES)
+        intensities.append(IntensityStatistics(float(values.mean(dtype=np.float64)),
+                                               float(values.std(dtype=np.float64)),
+                                               float(low), float(median), float(high)))
+    return CaseFingerprint(case.case_id, tuple(int(n) for n in case.image.shape[1:]),
+                           tuple(tuple(float(v) for v in row) for row in case.affine), box, tuple(intensities))
+
+
+def fingerprint_dataset(sources: Sequence[CaseSource], cache_dir: Path | str | None = None) -> DatasetFingerprint:
+    """Fingerprint of `sources` (the cases the plan must fit: in training, the run's cases).
+
+    Reads every case's voxels once; with `cache_dir` each case's fingerprint is kept there as JSON, keyed
+    by its files' paths, sizes and mtimes, so a second call reads only those small files.
+    """
+    if not sources:
+        raise OssnetError("fingerprint: no cases")
+    cases = []
+    for source in tqdm(sources, desc="fingerprinting cases", unit="case", file=sys.stderr, leave=False):
+        cases.append(_cached_fingerprint(source, Path(cache_dir)) if cache_dir is not None
+                     else fingerprint_case(source.load()))
+    return DatasetFingerprint(tuple(sources[0].channel_names), tuple(cases))
+
+
+def _cached_fingerprint(source: CaseSource, cache_dir: Path) -> CaseFingerprint:
+    paths = [*source.image_paths, *([source.label_path] if source.label_path is not None else [])]
+    key = {"format": FINGERPRINT_FORMAT, "case_id": source.case_id, "files": [file_stamp(p) for p in paths]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir / f"fingerprint-{digest}.json"
+    try:
+        return CaseFingerprint.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: compute it again
+        fingerprint = fingerprint_case(source.load())
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(fingerprint.to_json()))
+        return fingerprint
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def plan_orientation(fingerprint: DatasetFingerprint) -> str:
+    """The most common orientation of the cases; RAS when several are equally common."""
+    counts = fingerprint.orientations()
+    most = max(counts.values())
+    winners = [codes for codes, count in counts.items() if count == most]
+    return winners[0] if len(winners) == 1 else TIE_ORIENTATION
+
+
+def plan_preprocessing(fingerprint: DatasetFingerprint, layout: str, working_shape: Shape3 | None = None,
+                       spacing: str | Sequence[float] = "median", shape_multiple: int = 32,
+                       crop_nonzero: bool | None = None) -> PreprocessConfig:
+    """The preprocessing plan of a dataset from the fingerprint of its cases.
+
+    spacing: "median" (default): every case is reoriented to the most common orientation (ties: RAS) and
+        resampled to the per-axis median voxel size of the cases in that orientation (nnU-Net's choice for
+        isotropic-ish data); (x, y, z) mm: resampled to that (in the plan's orientation); "native": the
+        behaviour without a plan (`dataset_preprocess_config`: no reorientation, crop or resampling; LiTS
+        resized to a cube), whatever the other arguments but `working_shape` and `shape_multiple`.
+    working_shape: default: the largest (reoriented, cropped, resampled) case per axis, rounded up to a
+        multiple of `shape_multiple`, so no case loses a voxel.
+    crop_nonzero: default: crop when the nonzero box holds under CROP_BELOW of the image volume (median over
+        cases). nnU-Net always crops; OSS-Net pads whole BraTS volumes (a skull-stripped brain's box holds
+        well over a quarter of the image, roughly 140 x 170 x 140 of 240 x 240 x 155), and a homogeneous
+        BraTS-like dataset must be prepared exactly as without a plan.
+    LiTS is windowed to LITS_WINDOW in every plan; with a spacing plan it is padded, not resized.
+    With all cases at the target spacing and in the plan's orientation, and no crop, the prepared arrays
+    are those of "native" bit for bit (BraTS: 1 mm, one orientation).
+    """
+    if not fingerprint.cases:
+        raise OssnetError("preprocessing plan: the fingerprint has no cases")
+    if isinstance(spacing, str) and spacing == "native":
+        return dataset_preprocess_config(layout, [case.shape for case in fingerprint.cases], working_shape,
+                                         shape_multiple)
+    orientation = plan_orientation(fingerprint)
+    if isinstance(spacing, str):
+        if spacing != "median":
+            raise OssnetError(f"preprocessing plan: spacing must be 'median', 'native' or 3 sizes in mm, "
+                              f"got {spacing!r}")
+        reoriented = [Geometry.fitted(case.shape, np.asarray(case.affine),
+                                      PreprocessConfig(orientation=orientation)).reoriented_spacing
+                      for case in fingerprint.cases]
+        # To 0.1 um: NIfTI stores float32 (0.792 mm reads 0.79199999); resampled shapes do not change.
+        spacing = tuple(round(float(s), 4) for s in np.median(np.array(reoriented), axis=0))
+    if crop_nonzero is None:
+        crop_nonzero = bool(np.median([case.nonzero_fraction for case in fingerprint.cases]) < CROP_BELOW)
+    window = LITS_WINDOW if layout == "lits" else None
+    plan = PreprocessConfig(shape_multiple=shape_multiple, intensity_window=window, spacing=tuple(spacing),
+                            orientation=orientation, crop_nonzero=crop_nonzero)
+    if working_shape is None:
+        resampled = [Geometry.fitted(case.shape, np.asarray(case.affine), plan, case.nonzero_box).resampled_shape
+                     for case in fingerprint.cases]
+        working_shape = plan.working_shape_for(tuple(int(n) for n in np.max(resampled, axis=0)))
+    return replace(plan, working_shape=tuple(working_shape))
+
+
+def dataset_preprocess_config(layout: str, case_shapes: list[Shape3], working_shape: Shape3 | None = None,
+                              shape_multiple: int = 32) -> PreprocessConfig:
+    """The "native" plan, from the case shapes alone (headers; no voxels read): one working shape for all cases.
+
+    BraTS, MSD and single files: centred zero padding to the largest case, each axis rounded up to a multiple
+    of `shape_multiple` (BraTS 240x240x155 -> 256x256x160, the paper). LiTS: CT windowed to [-200, 250] HU,
+    then every case resized to a cube whose side is the largest in-plane size rounded up (the LiTS code
+    resizes to 512^3). An explicit `working_shape` replaces the shape rule, not the fit.
+    """
+    if not case_shapes and working_shape is None:
+        raise OssnetError("preprocessing: no case shapes to choose a working shape from")
+
+    def round_up(n: int) -> int:
+        return -(-int(n) // shape_multiple) * shape_multiple
+
+    if layout == "lits":
+        side = round_up(max(max(shape[0], shape[1]) for shape in case_shapes)) if case_shapes else None
+        return PreprocessConfig(working_shape=working_shape or (side, side, side), fit="resize",
+                                intensity_window=LITS_WINDOW, shape_multiple=shape_multiple)
+    largest = tuple(round_up(max(shape[axis] for shape in case_shapes)) for axis in range(3)) if case_shapes else None
+    return PreprocessConfig(working_shape=working_shape or largest, shape_multiple=shape_multiple)
