@@ -47,7 +47,9 @@ def add_options(parser: argparse.ArgumentParser, config_type: type, skip: tuple[
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         default = field.default if field.default is not dataclasses.MISSING else None
         kwargs: dict = {"dest": field.name, "help": _help(meta.get("help", ""), default)}
-        if annotation is bool:
+        if "nargs" in meta:  # several words, turned into the field's value by its __post_init__
+            kwargs.update(nargs=meta["nargs"], default=default)
+        elif annotation is bool:
             kwargs["action"] = "store_true"
         elif annotation is dict:
             kwargs.update(action="append", type=_parse_override, default=None)

@@ -73,8 +73,11 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
             try:
                 return _convert(value, option_type, name)
             except OssnetError as error:
-                errors.append(error)
-        raise errors[0]
+                errors.append((option_type, error))
+        # the message of the alternative of the value's own kind: "must be one of median, native" for a word
+        word = isinstance(value, str)
+        raise next((error for option_type, error in errors
+                    if word == (option_type is str or typing.get_origin(option_type) is Literal)), errors[0][1])
     if origin is Literal:
         if value not in args:
             raise OssnetError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}")

@@ -6,6 +6,7 @@ from ossnet.data.case import Case, CaseHeader, CaseSource
 from ossnet.data.plan import (
     DatasetFingerprint,
     dataset_preprocess_config,
+    describe_plan,
     fingerprint_dataset,
     plan_preprocessing,
 )
@@ -25,7 +26,7 @@ from ossnet.data.targets import Target, get_target
 __all__ = [
     "AUGMENT_PRESETS", "LAYOUT_HELP", "LAYOUTS", "AugmentConfig", "Case", "CaseHeader", "CaseSource", "Dataset",
     "DatasetFingerprint", "Geometry", "LayoutChoice", "PreparedCache", "PreparedCase", "PreprocessConfig", "Target",
-    "augment_volume", "border_band", "dataset_preprocess_config", "fingerprint_dataset", "get_target",
+    "augment_volume", "border_band", "dataset_preprocess_config", "describe_plan", "fingerprint_dataset", "get_target",
     "open_dataset", "plan_preprocessing", "prepare_case", "resample_nifti", "summarize_dataset",
     "write_synthetic_dataset",
 ]

@@ -272,3 +272,17 @@ def dataset_preprocess_config(layout: str, case_shapes: list[Shape3], working_sh
                                 intensity_window=LITS_WINDOW, shape_multiple=shape_multiple)
     largest = tuple(round_up(max(shape[axis] for shape in case_shapes)) for axis in range(3)) if case_shapes else None
     return PreprocessConfig(working_shape=working_shape or largest, shape_multiple=shape_multiple)
+
+
+def describe_plan(plan: PreprocessConfig) -> str:
+    """One line saying what the plan does to every case (what `ossnet train` prints)."""
+    if plan.spacing is None and plan.orientation is None:
+        grid = "cases as stored (no reorientation or resampling)"
+    else:
+        grid = (f"reoriented to {plan.orientation}, resampled to "
+                f"{' x '.join(f'{s:g}' for s in plan.spacing)} mm")
+    fit = "resized" if plan.fit == "resize" else "padded / cropped"
+    crop = ", cropped to their nonzero box" if plan.crop_nonzero else ""
+    window = f", CT window {plan.intensity_window[0]:g}..{plan.intensity_window[1]:g}" if plan.intensity_window else ""
+    shape = " x ".join(map(str, plan.working_shape)) if plan.working_shape else "each case's own"
+    return f"plan: {grid}{crop}{window}, {fit} to the working shape {shape}"

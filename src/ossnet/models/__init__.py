@@ -2,11 +2,12 @@
 
 from ossnet.models.occupancy import Latents, OccupancyConfig, OccupancyNetwork
 from ossnet.models.patches import extract_patches, normalized_to_voxel, voxel_to_normalized
-from ossnet.models.registry import PRESETS, create, describe_presets, format_presets, load, save
+from ossnet.models.registry import PRESETS, check_overrides, create, describe_presets, format_presets, load, save
 from ossnet.models.unet import ResidualUNet, UNetConfig
 
 __all__ = [
-    "PRESETS", "Latents", "OccupancyConfig", "OccupancyNetwork", "ResidualUNet", "UNetConfig", "create",
+    "PRESETS", "Latents", "OccupancyConfig", "OccupancyNetwork", "ResidualUNet", "UNetConfig", "check_overrides",
+    "create",
     "describe_presets", "extract_patches", "format_presets", "load", "normalized_to_voxel", "save",
     "voxel_to_normalized",
 ]

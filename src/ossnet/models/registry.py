@@ -56,12 +56,25 @@ def build(config: ModelConfig, name: str = "custom") -> nn.Module:
 
 def create(name: str, **overrides) -> nn.Module:
     """The preset `name` with configuration fields replaced by `overrides` (e.g. in_channels, input_shape)."""
+    check_overrides(name, overrides)
+    return build(replace(PRESETS[name], **overrides), name)
+
+
+# A working shape divisible by any product of small factors (downscales, strides, encoder depths), so that
+# `check_overrides` checks every other field before the data has decided the real shape. Configs only do
+# arithmetic with it; nothing of that size is allocated.
+_ANY_SHAPE = (2**12 * 3**5 * 5**3 * 7**2,) * 3
+
+
+def check_overrides(name: str, overrides: dict) -> None:
+    """OssnetError unless preset `name` has every field of `overrides` and their values are valid, whatever
+    the working shape (which the data decides later)."""
     if name not in PRESETS:
         raise OssnetError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(PRESETS[name])}
     if unknown := sorted(set(overrides) - known):
         raise OssnetError(f"model {name!r} has no field {', '.join(unknown)}; its fields are {', '.join(sorted(known))}")
-    return build(replace(PRESETS[name], **overrides), name)
+    replace(PRESETS[name], **{"input_shape": _ANY_SHAPE, **overrides})
 
 
 def save(path: str | os.PathLike, model: nn.Module, **extra) -> None:

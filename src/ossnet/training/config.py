@@ -54,6 +54,14 @@ class TrainConfig:
     resume: bool = option(False, "continue RUN_DIR/last.pt exactly")
     target: str | None = option(None, "wt|regions (BraTS), liver|liver-tumour (LiTS), foreground|all (MSD, "
                                       "NIfTI); default: the paper's")
+    spacing: tuple[float, float, float] | Literal["auto", "median", "native"] = option(
+        "auto", "voxel size the cases are resampled to, after reorienting them to the run's most common "
+                "orientation: median (of the run's cases), X Y Z in mm, native (as stored: no reorientation, "
+                "resampling or crop), or auto (median; native for LiTS, which the paper resizes to a cube)",
+        nargs="+", metavar="SPACING")
+    augment: Literal["none", "default"] = option(
+        "default", "augmentation of every training item: default (nnU-Net's flips, rotations, scaling, "
+                   "intensity, gamma, noise, blur) or none (the paper)")
     working_shape: tuple[int, int, int] | None = option(
         None, "padded working shape (default: every axis of the largest case rounded up to a multiple of 32)",
         metavar=("X", "Y", "Z"))
@@ -67,9 +75,8 @@ class TrainConfig:
                                    metavar="KEY=VALUE")
 
     def __post_init__(self) -> None:
+        self.spacing = _spacing(self.spacing)
         check_fields(self, "training")
-        if self.model not in models.PRESETS:
-            raise OssnetError(f"training: unknown model {self.model!r}; choose one of {', '.join(models.PRESETS)}")
         positive({"epochs": self.epochs, "batch_size": self.batch_size, "locations": self.locations,
                   "val_every": self.val_every, "max_train_cases": self.max_train_cases}, "training")
         positive({"workers": self.workers, "max_val_cases": self.max_val_cases}, "training", minimum=0)
@@ -78,6 +85,9 @@ class TrainConfig:
         if self.val_fraction >= 1.0:
             raise OssnetError(f"training: validation fraction must be below 1, got {self.val_fraction}")
         finite(self.lr, "training: learning rate", 0.0, low_open=True)
+        if isinstance(self.spacing, tuple):
+            for size in self.spacing:
+                finite(size, "training: spacing", 0.0, low_open=True)
         if self.working_shape is not None and min(self.working_shape) < 1:
             raise OssnetError(f"training: working shape must be positive sizes, got {self.working_shape}")
         self.model_overrides = {key: tuple(value) if isinstance(value, list) else value
@@ -85,6 +95,7 @@ class TrainConfig:
         if clash := sorted(set(self.model_overrides) & set(DATA_FIELDS)):
             raise OssnetError(f"training: model fields {clash} are set by the data (use --working-shape for "
                               f"the shape), not by overrides")
+        models.check_overrides(self.model, self.model_overrides)
 
     def to_dict(self) -> dict:
         """Plain values (paths as strings) for config.json and checkpoints."""
@@ -98,6 +109,19 @@ class TrainConfig:
             raise OssnetError(f"training settings must be a mapping, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def _spacing(value):
+    """The spacing as the command line gives it (a list of words) or as stored: "median", "native" or three
+    numbers (strings converted); anything else is left for `check_fields` to refuse."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, (list, tuple)):
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            return value
+    return value
 
 
 def resumed_config(stored_values: dict, stored_target: str, requested: TrainConfig) -> TrainConfig:

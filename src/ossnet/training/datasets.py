@@ -7,12 +7,15 @@ axial slices (2D U-Net). Random draws come from `case_rng(seed, epoch, case inde
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ossnet.data.preprocess import PreparedCache, PreparedCase, PreprocessConfig
+from ossnet.data import AugmentConfig, augment_volume
+from ossnet.data.preprocess import PreparedCache, PreparedCase, PreprocessConfig, downscale_volume
 from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
 from ossnet.training.losses import downscale_label
 from ossnet.training.sampling import case_rng, sample_locations
@@ -46,17 +49,43 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array))
 
 
-class EpochSamples(Dataset):
-    """Items of training cases whose random draws depend on (seed, epoch, case index) only."""
+class TrainingArrays(NamedTuple):
+    """What one training item is drawn from: volume (C, X, Y, Z), global_volume (C, X/d, Y/d, Z/d), label
+    (X, Y, Z) class map and border (X, Y, Z) band, on the working grid."""
 
-    def __init__(self, cases: PreparedCases, seed: int) -> None:
-        self.cases, self.seed, self.epoch = cases, seed, 0
+    volume: np.ndarray
+    global_volume: np.ndarray
+    label: np.ndarray
+    border: np.ndarray
+
+
+class EpochSamples(Dataset):
+    """Items of training cases whose random draws depend on (seed, epoch, case index) only.
+
+    augment: the transforms applied to each item before anything is sampled from it (None: none, and no
+    random draw is spent on them, so an unaugmented run samples exactly as before augmentation existed).
+    """
+
+    def __init__(self, cases: PreparedCases, seed: int, augment: AugmentConfig | None = None) -> None:
+        self.cases, self.seed, self.augment, self.epoch = cases, seed, augment, 0
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def rng(self, index: int) -> np.random.Generator:
         return case_rng(self.seed, self.epoch, index)
+
+    def draw(self, index: int) -> tuple[np.random.Generator, TrainingArrays]:
+        """The item's generator, and its case's arrays after augmentation (the cached arrays without)."""
+        case, rng = self.cases[index], self.rng(index)
+        arrays = TrainingArrays(case.volume, case.global_volume, case.label, case.border)
+        if self.augment is None:
+            return rng, arrays
+        spacing = tuple(nib.affines.voxel_sizes(case.geometry.working_affine()))
+        volume, label, border = augment_volume(case.volume, case.label, case.border, self.augment, rng, spacing)
+        global_volume = (case.global_volume if volume is case.volume
+                         else downscale_volume(volume, self.cases.preprocess.global_downscale))
+        return rng, TrainingArrays(volume, global_volume, label, border)
 
 
 class LocationSamples(EpochSamples):
@@ -68,13 +97,14 @@ class LocationSamples(EpochSamples):
     """
 
     def __init__(self, cases: PreparedCases, seed: int, config: OccupancyConfig, locations: int,
-                 border_fraction: float) -> None:
-        super().__init__(cases, seed)
+                 border_fraction: float, augment: AugmentConfig | None = None) -> None:
+        super().__init__(cases, seed, augment)
         self.config, self.locations, self.border_fraction = config, locations, border_fraction
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        case, config = self.cases[index], self.config
-        voxels = sample_locations(case.border, self.locations, self.border_fraction, self.rng(index))
+        config = self.config
+        rng, case = self.draw(index)
+        voxels = sample_locations(case.border, self.locations, self.border_fraction, rng)
         item = {"global_volume": _tensor(case.global_volume),
                 "coords": voxel_to_normalized(torch.from_numpy(voxels), case.label.shape),
                 "targets": torch.from_numpy(case.label[tuple(voxels.T)].astype(np.int64))}
@@ -90,7 +120,7 @@ class VolumeSamples(EpochSamples):
     """3D U-Net: the whole working volume (C, X, Y, Z) and its label (X, Y, Z) int64."""
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        case = self.cases[index]
+        _, case = self.draw(index)
         return {"volume": _tensor(case.volume), "label": _tensor(case.label).long()}
 
 
@@ -98,13 +128,14 @@ class SliceSamples(EpochSamples):
     """2D U-Net: SLICES_PER_VOLUME axial (Z) slices, volume (S, C, X, Y) and label (S, X, Y) int64;
     `border_fraction` of them drawn from the slices that cross the border band."""
 
-    def __init__(self, cases: PreparedCases, seed: int, border_fraction: float) -> None:
-        super().__init__(cases, seed)
+    def __init__(self, cases: PreparedCases, seed: int, border_fraction: float,
+                 augment: AugmentConfig | None = None) -> None:
+        super().__init__(cases, seed, augment)
         self.border_fraction = border_fraction
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        case = self.cases[index]
+        rng, case = self.draw(index)
         band_slices = case.border.any(axis=(0, 1))
-        z = sample_locations(band_slices, SLICES_PER_VOLUME, self.border_fraction, self.rng(index))[:, 0]
+        z = sample_locations(band_slices, SLICES_PER_VOLUME, self.border_fraction, rng)[:, 0]
         return {"volume": _tensor(case.volume[..., z]).permute(3, 0, 1, 2),
                 "label": _tensor(case.label[..., z]).long().permute(2, 0, 1)}

@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from tqdm import tqdm
 
 from ossnet import models
-from ossnet.data import PreparedCache, PreprocessConfig, dataset_preprocess_config, get_target, open_dataset
+from ossnet.data import (AUGMENT_PRESETS, PreparedCache, PreprocessConfig, dataset_preprocess_config, describe_plan,
+                         fingerprint_dataset, get_target, open_dataset, plan_preprocessing)
 from ossnet.device import configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
@@ -122,13 +123,30 @@ class _Run:
         if not self.split["train"]:
             raise DatasetError(f"{config.data}: no training cases")
         run_sources = [sources[i] for ids in self.split.values() for i in ids]
+        cache_dir = cache_folder(config)
         self.preprocess = (PreprocessConfig(**checkpoint["preprocess"]) if checkpoint else
-                           dataset_preprocess_config(dataset.layout, [s.inspect().shape for s in run_sources],
-                                                     config.working_shape))
-        cache = PreparedCache(cache_folder(config))
+                           self._plan(run_sources, dataset.layout, cache_dir))
+        cache = PreparedCache(cache_dir)
         self.train_cases, self.val_cases = (
             PreparedCases([sources[i] for i in self.split[part]], cache, self.preprocess, self.target)
             for part in ("train", "val"))
+
+    def _plan(self, sources: list, layout: str, cache_dir: Path) -> PreprocessConfig:
+        """The preprocessing plan from the fingerprint of the run's cases (rank 0 computes it; the others
+        read its cached fingerprints), printed so that the user sees what every case goes through."""
+        config = self.config
+        spacing = ("native" if layout == "lits" else "median") if config.spacing == "auto" else config.spacing
+        if spacing == "native":  # headers suffice
+            plan = dataset_preprocess_config(layout, [s.inspect().shape for s in sources], config.working_shape)
+        else:
+            for main_turn in (True, False):
+                if self.context.is_main == main_turn:
+                    fingerprint = fingerprint_dataset(sources, cache_dir)
+                barrier(self.context)
+            plan = plan_preprocessing(fingerprint, layout, config.working_shape, spacing=spacing)
+        if self.context.is_main:
+            print(describe_plan(plan), file=sys.stderr)
+        return plan
 
     def _build_optimisation(self, checkpoint: dict | None) -> None:
         """Optimiser, schedule and loss scaler, continuing a resumed run's states."""
@@ -163,12 +181,13 @@ class _Run:
 
     def _training_samples(self):
         config, model_config = self.config, self.model.config
+        augment = None if config.augment == "none" else AUGMENT_PRESETS[config.augment]
         if isinstance(self.model, models.OccupancyNetwork):
             return LocationSamples(self.train_cases, config.seed, model_config, config.locations,
-                                   config.border_fraction)
+                                   config.border_fraction, augment)
         if model_config.dims == 2:
-            return SliceSamples(self.train_cases, config.seed, config.border_fraction)
-        return VolumeSamples(self.train_cases, config.seed)
+            return SliceSamples(self.train_cases, config.seed, config.border_fraction, augment)
+        return VolumeSamples(self.train_cases, config.seed, augment)
 
     # ------------------------------------------------------------------ the loop
 
