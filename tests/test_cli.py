@@ -76,3 +76,14 @@ def test_readme_command_reference_lists_every_option_of_every_verb():
         for action in verb_parser._actions:
             assert any(option in reference for option in action.option_strings) or not action.option_strings, \
                 (verb, action.option_strings)
+
+
+def test_synth_on_another_scanners_grid_then_info_shows_its_spacing_orientation_and_intensities(tmp_path, capsys):
+    assert main(["synth", "--cases", "1", "--shape", "32", "32", "24", "--spacing", "2", "2", "3",
+                 "--orientation", "LSA", "-o", str(tmp_path / "d")]) == 0
+    assert main(["info", "--check", str(tmp_path / "d")]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()
+                 if line.strip() and not line.startswith(" "))
+    assert lines["orientations"].strip() == "LSA 1"
+    assert "median 2*2*3" in lines["spacing"]
+    assert "percentiles" in lines["intensities"]

@@ -115,14 +115,14 @@ def _parse_override(item: str) -> tuple[str, object]:
 
 
 def run_synth(args: argparse.Namespace) -> None:
-    from ossnet.data import write_synthetic_dataset
+    from ossnet.data.synthetic import Grid, SynthOptions, write_synthetic_dataset
 
-    out = write_synthetic_dataset(
-        args.output, args.layout, args.cases, shape=tuple(args.shape), seed=args.seed,
-        num_test_cases=args.test_cases,
-    )
-    print(f"wrote {args.cases} {args.layout} cases ({args.test_cases} test) of shape "
-          f"{tuple(args.shape)} to {out}")
+    options, grid = options_from(args, SynthOptions), options_from(args, Grid)
+    out = write_synthetic_dataset(args.output, options.layout, options.cases, shape=options.shape,
+                                  seed=options.seed, num_test_cases=options.test_cases, spacing=grid.spacing,
+                                  orientation=grid.orientation, oblique=grid.oblique)
+    print(f"wrote {options.cases} {options.layout} cases ({options.test_cases} test) of shape "
+          f"{options.shape} to {out}")
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -171,6 +171,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ossnet.data import LAYOUT_HELP, LAYOUTS
+    from ossnet.data.synthetic import Grid, SynthOptions
     from ossnet.demo import DemoOptions
     from ossnet.inference.predict import PredictOptions
     from ossnet.training import TrainConfig
@@ -183,13 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = verbs.add_parser("synth", help="write a synthetic dataset in a real on-disk layout",
-                         description="Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download).")
-    p.add_argument("--layout", choices=["brats", "lits", "msd"], default="brats")
-    p.add_argument("--cases", type=int, default=8, help="number of labelled cases (default 8)")
-    p.add_argument("--test-cases", type=int, default=0, help="unlabelled test cases (msd layout only)")
-    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
-                   help="volume shape in voxels (default 96 96 64; BraTS is 240 240 155)")
-    p.add_argument("--seed", type=int, default=0)
+                         description="Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), "
+                                     "optionally on another scanner's grid (--spacing, --orientation, --oblique).")
+    add_options(p, SynthOptions)
+    add_options(p, Grid)
     p.add_argument("-o", "--output", type=Path, required=True, help="new folder to write")
     p.set_defaults(func=run_synth)
 

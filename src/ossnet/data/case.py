@@ -61,6 +61,11 @@ class CaseHeader:
     def spacing(self) -> tuple[float, float, float]:
         return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))
 
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the voxel axes, e.g. "LPS" (nibabel's closest world axes)."""
+        return "".join(nib.aff2axcodes(self.affine))
+
 
 @dataclass(frozen=True)
 class CaseSource:

@@ -127,15 +127,18 @@ class DatasetFingerprint:
         spacing = ", ".join(f"{name} {'*'.join(f'{v:.3g}' for v in values)}"
                             for name, values in self.spacing_range().items())
         orientations = ", ".join(f"{codes} {count}" for codes, count in self.orientations().items())
+        return "\n".join([f"spacing (mm)  {spacing}", f"orientations  {orientations}", *self.voxel_lines()])
+
+    def voxel_lines(self) -> list[str]:
+        """What only the voxels tell: the nonzero box and each channel's intensity percentiles."""
         fraction = float(np.median([case.nonzero_fraction for case in self.cases]))
-        lines = [f"spacing (mm)  {spacing}", f"orientations  {orientations}",
-                 f"nonzero box   median {100 * fraction:.3g} % of the image volume",
+        lines = [f"nonzero box   median {100 * fraction:.3g} % of the image volume",
                  "intensities   0.5 % / 50 % / 99.5 % percentiles of the nonzero voxels, medians over cases"]
         for index, name in enumerate(self.channel_names):
             percentiles = (np.median([getattr(case.intensities[index], key) for case in self.cases])
                            for key in ("low", "median", "high"))
             lines.append(f"  {name:12}{' / '.join(f'{value:.4g}' for value in percentiles)}")
-        return "\n".join(lines)
+        return lines
 
     def to_json(self) -> dict:
         return {"format": FINGERPRINT_FORMAT, "channel_names": list(self.channel_names),

@@ -1,9 +1,10 @@
 """`ossnet info`: what a user should know about a dataset before training on it.
 
-Shapes and spacings come from the headers of every case (cheap); label voxel fractions need the label
+Shapes, spacings and orientations come from the headers of every case (cheap); label voxel fractions need the label
 voxels, so at most `max_cases` labels are counted. By default image voxels are not read, so a truncated
 file or NaN voxels go unnoticed until training prepares the case; `check=True` loads every case in full
-(`CaseSource.load`: corruption, NaN/Inf, label values) and lists those failures too. The report says which
+(`CaseSource.load`: corruption, NaN/Inf, label values), lists those failures too and adds what only the
+voxels tell (the fingerprint's nonzero box and intensity percentiles, `data.plan`). The report says which
 check ran. A case that fails is reported with its reason and the check goes on.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ossnet.data.case import CaseHeader, CaseSource, label_value_counts
+from ossnet.data.plan import CaseFingerprint, DatasetFingerprint, fingerprint_case
 from ossnet.data.readers import Dataset
 from ossnet.data.targets import TARGET_NAMES
 from ossnet.errors import CaseError
@@ -27,6 +29,7 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: boo
     check: read every voxel of every case (slow: the whole dataset) instead of the headers alone.
     """
     headers: list[CaseHeader] = []
+    fingerprints: list[CaseFingerprint] = []
     failures: list[str] = []
     voxel_counts: Counter[int] = Counter()
     labels_read = 0
@@ -34,11 +37,12 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: boo
     for source in tqdm(sources, desc="checking cases", unit="case", file=sys.stderr):
         count_label = source.label_path is not None and (max_cases is None or labels_read < max_cases)
         try:
-            header, label = _read(source, check, count_label)
+            header, label, fingerprint = _read(source, check, count_label)
         except CaseError as error:
             failures.append(f"  {source.case_id}: {error}")
             continue
         headers.append(header)
+        fingerprints += [fingerprint] if fingerprint else []
         if label is not None and count_label:
             values, counts = label_value_counts(label)
             voxel_counts.update(dict(zip(values.tolist(), counts.tolist())))
@@ -56,6 +60,8 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: boo
         f"targets       {targets}",
         f"shape X*Y*Z   {_min_median_max([h.shape for h in headers], '{:g}')}",
         f"spacing (mm)  {_min_median_max([h.spacing for h in headers], '{:.3g}')}",
+        f"orientations  {_orientations(headers)}",
+        *(DatasetFingerprint(dataset.channel_names, tuple(fingerprints)).voxel_lines() if fingerprints else []),
         f"label voxels  {_fractions(voxel_counts, labels_read, len(dataset.cases))}",
         "check         " + ("voxels read (every image and label loaded)" if check else
                             "headers only (image voxels not read: truncated files and NaN go unnoticed)"),
@@ -65,13 +71,20 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: boo
     return "\n".join(lines)
 
 
-def _read(source: CaseSource, check: bool, with_label: bool) -> tuple[CaseHeader, np.ndarray | None]:
-    """The case's header, and its label when asked or read anyway; raises CaseError."""
+def _read(source: CaseSource, check: bool, with_label: bool
+          ) -> tuple[CaseHeader, np.ndarray | None, CaseFingerprint | None]:
+    """The case's header, its label when asked or read anyway, and (check) its fingerprint; raises CaseError."""
     if check:
         case = source.load()
-        return CaseHeader(case.case_id, case.image.shape[1:], case.affine), case.label
+        return CaseHeader(case.case_id, case.image.shape[1:], case.affine), case.label, fingerprint_case(case)
     header = source.inspect()
-    return header, source.load_label() if with_label else None
+    return header, source.load_label() if with_label else None, None
+
+
+def _orientations(headers: list[CaseHeader]) -> str:
+    """`LPS 12, RAS 2`: the axis codes found, most common first."""
+    counts = Counter(header.orientation for header in headers).most_common()
+    return ", ".join(f"{codes} {count}" for codes, count in counts) or "n/a (no readable case)"
 
 
 def _min_median_max(rows: list[tuple[float, ...]], number: str) -> str:

@@ -21,6 +21,7 @@ identical anatomy (images: linear interpolation after an anti-aliasing blur; lab
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -36,13 +38,18 @@ from scipy.spatial.transform import Rotation
 
 from ossnet.atomic import atomic_path
 from ossnet.data.preprocess import is_axis_codes, reorientation_to
+from ossnet.device import check_memory
 from ossnet.errors import DatasetError, OssnetError
+from ossnet.options import check_fields, option
 
 Shape = tuple[int, int, int]
 Coords = list[np.ndarray]  # one ascending 1D array of normalised coordinates per axis
 
 LAYOUTS = ("brats", "lits", "msd")
 MIN_SIZE = 16  # voxels per axis below which the anatomy no longer resolves
+DEFAULT_SHAPE = (96, 96, 64)
+# Memory the generators hold per voxel of a case (coordinates, channels, noise; measured peak ~90 bytes).
+BYTES_PER_VOXEL = 96
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")  # file suffixes, in OSS-Net's channel order
 MSD_CHANNEL_NAMES = {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"}
@@ -607,11 +614,27 @@ def _check_request(out_dir: Path, layout: str, num_cases: int, shape: Shape, num
         raise DatasetError(f"{out_dir}: test cases (imagesTs) exist in the msd layout only, not in {layout}")
     if len(shape) != 3 or min(shape) < MIN_SIZE:
         raise DatasetError(f"{out_dir}: shape {shape} must have 3 axes of at least {MIN_SIZE} voxels")
+    check_memory(math.prod(shape) * BYTES_PER_VOXEL, f"synthetic volumes of shape {' x '.join(map(str, shape))}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DatasetError(f"{out_dir}: already exists and is not an empty folder; choose a new output folder")
 
 
-def write_synthetic_dataset(out_dir: str | Path, layout: str, num_cases: int, shape: Sequence[int] = (96, 96, 64),
+@dataclass(frozen=True)
+class SynthOptions:
+    """What `ossnet synth` writes (besides the grid, `Grid`)."""
+
+    layout: Literal["brats", "lits", "msd"] = option("brats", "on-disk layout of the dataset")
+    cases: int = option(8, "labelled cases")
+    test_cases: int = option(0, "unlabelled test cases (msd layout only, in imagesTs)")
+    shape: tuple[int, int, int] = option(DEFAULT_SHAPE, "phantom shape in voxels (BraTS is 240 240 155)",
+                                         metavar=("X", "Y", "Z"))
+    seed: int = option(0, "seed: the same seed writes the same subjects on any grid")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "synth")
+
+
+def write_synthetic_dataset(out_dir: str | Path, layout: str, num_cases: int, shape: Sequence[int] = DEFAULT_SHAPE,
                             seed: int = 0, num_test_cases: int = 0, spacing: Sequence[float] | None = None,
                             orientation: str | None = None, oblique: float = 0.0) -> Path:
     """Write `num_cases` synthetic cases (and, for msd, `num_test_cases` in imagesTs) to the new folder `out_dir`.
