@@ -4,7 +4,9 @@ import torch
 from torch.func import functional_call
 
 from ossnet.errors import OssnetError
-from ossnet.models.layers import ConditionalBatchNorm1d, PadeActivation, ResidualEncoderBlock, make_activation
+from ossnet.models import layers
+from ossnet.models.layers import (ConditionalBatchNorm1d, PadeActivation, PadeFunction, ResidualEncoderBlock, activate_,
+                                  make_activation, pade)
 
 
 def rational_numpy(x, a, b):
@@ -53,6 +55,77 @@ def test_pau_keeps_bfloat16_dtype_and_float32_values():
     y_half = pau(x.bfloat16())
     assert y_half.dtype == torch.bfloat16
     assert torch.allclose(y_half.float(), pau(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def pau_with_random_coefficients(seed, device):
+    pau = PadeActivation().to(device)
+    a, b = random_coefficients(seed)
+    with torch.no_grad():
+        pau.numerator.copy_(torch.from_numpy(a))
+        pau.denominator.copy_(torch.from_numpy(b))
+    return pau
+
+
+def test_pau_chunked_kernels_equal_the_whole_tensor_formula(monkeypatch, device):
+    pau = pau_with_random_coefficients(3, device)
+    x = torch.randn(37, 11, device=device) * 2
+    x[0, :3] = 0.0  # sign(0) = 0 in dQ/dx, as the formula has it
+    grad = torch.randn_like(x)
+    x_ref = x.clone().requires_grad_()
+    expected = layers._pade_expression(x_ref, pau.numerator, pau.denominator, None)
+    expected_grads = torch.autograd.grad(expected, (x_ref, pau.numerator, pau.denominator), grad)
+    monkeypatch.setattr(layers, "PADE_CHUNK", 24)  # many chunks, the last one partial
+    x_ours = x.clone().requires_grad_()
+    ours = pau(x_ours)
+    grads = torch.autograd.grad(ours, (x_ours, pau.numerator, pau.denominator), grad)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pau_saves_its_input_at_its_own_precision_under_autocast(device):
+    """Under bfloat16 autocast a float32 copy of every activation input would eat the memory it saves."""
+    pau = PadeActivation().to(device)
+    linear = torch.nn.Linear(8, 8).to(device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = pau(linear(torch.randn(4, 8, device=device)))
+    activation_inputs = [t for t in saved if t.shape == (4, 8)]
+    assert y.dtype == torch.bfloat16 and activation_inputs
+    assert all(t.dtype == torch.bfloat16 for t in activation_inputs)
+    y.float().sum().backward()
+    assert torch.isfinite(pau.numerator.grad).all() and torch.isfinite(linear.weight.grad).all()
+
+
+def test_activate_in_place_with_a_bias_equals_the_activation_of_the_shifted_input(monkeypatch, device):
+    monkeypatch.setattr(layers, "PADE_CHUNK", 16)
+    bias = torch.randn(5, device=device)
+    buffer = torch.randn(9, 8, device=device)
+    x = buffer[:, :5]  # rows with a stride, as a column block of the decoder's input
+    for activation in (pau_with_random_coefficients(4, device), torch.nn.LeakyReLU(0.01)):
+        expected = activation(x + bias).detach()
+        result = activate_(activation, x.clone(), bias)
+        torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+    strided = buffer.clone()
+    activate_(pau_with_random_coefficients(4, device), strided[:, :5], bias)
+    assert torch.equal(strided[:, 5:], buffer[:, 5:])
+
+
+def test_compiled_pau_falls_back_to_the_eager_kernels_where_compiling_fails(monkeypatch):
+    def no_compiler(function):
+        def failing(*args):
+            raise RuntimeError("no C++ compiler")
+        return failing
+    monkeypatch.setattr(layers, "_compiled", no_compiler)
+    monkeypatch.setattr(layers, "_compile_unavailable", False)
+    x = torch.randn(6, 4, requires_grad=True)
+    eager = PadeActivation()
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
+        y = PadeActivation(compiled=True)(x)
+    assert torch.equal(y, eager(x))
+    y.sum().backward()  # the backward pass falls back silently: the warning came once
+    assert x.grad is not None
 
 
 def test_make_activation_rejects_unknown_kind():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ossnet.errors import OssnetError
-from ossnet.models import OccupancyConfig, create, extract_patches, voxel_to_normalized
+from ossnet.models import OccupancyConfig, PatchSampler, create, extract_patches, voxel_to_normalized
 from ossnet.models.layers import ConditionalBatchNorm1d
 
 OCCUPANCY_PRESETS = ["onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d"]
@@ -135,3 +135,100 @@ def test_training_step_runs_under_bfloat16_autocast():
     logits.float().mean().backward()
     assert logits.dtype == torch.bfloat16
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def with_trained_looking_norms(model):
+    """Non-trivial CBN weights and running statistics, as after training (the initial ones fold to identity)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ConditionalBatchNorm1d):
+                module.gamma.weight.normal_(0, 0.3, generator=generator)
+                module.beta.weight.normal_(0, 0.3, generator=generator)
+                module.norm.running_mean.normal_(0, 1, generator=generator)
+                module.norm.running_var.uniform_(0.5, 2, generator=generator)
+    return model
+
+
+def one_volume(model, n, device):
+    """An encoded volume, its patch sampler and n locations (normalised coordinates, voxels)."""
+    config = model.config
+    volume = torch.randn(config.in_channels, *config.input_shape, device=device)
+    latents = model.encode(torch.nn.functional.avg_pool3d(volume[None], config.global_downscale))
+    voxels = torch.stack([torch.randint(0, size, (n,)) for size in config.input_shape], -1).to(device)
+    sampler = (PatchSampler(volume, config.local_patches, config.mid_patches) if config.patch_channels else None)
+    return latents, sampler, voxel_to_normalized(voxels, config.input_shape), voxels
+
+
+@pytest.mark.parametrize("name, overrides", [(name, {}) for name in OCCUPANCY_PRESETS]
+                         + [("ossnet-d", {"num_classes": 3, "fourier_features": 4}),
+                            ("ossnet-a", {"activation": "leaky_relu"})])
+def test_folded_decoder_equals_unfolded_decoder(name, overrides, device):
+    model = with_trained_looking_norms(create(name, **TINY, **overrides)).to(device).eval()
+    with torch.no_grad():
+        latents, sampler, coords, voxels = one_volume(model, 300, device)
+        patches = None if sampler is None else sampler(voxels)[None]
+        expected = model.decode(latents, coords[None], patches)[0]
+        folded = model.fold(latents, sampler)(coords, voxels)
+    assert folded.shape == expected.shape == (300, model.config.num_classes)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_folded_decoder_streams_patches_without_changing_the_result(monkeypatch, device):
+    from ossnet.models import occupancy
+
+    model = with_trained_looking_norms(create("ossnet-d", **TINY)).to(device).eval()
+    with torch.no_grad():
+        latents, sampler, coords, voxels = one_volume(model, 50, device)
+        whole = model.fold(latents, sampler)(coords, voxels)
+        monkeypatch.setattr(occupancy, "CHUNK_SIZE", 7)
+        torch.testing.assert_close(model.fold(latents, sampler)(coords, voxels), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_decoder_under_bfloat16_autocast_is_as_close_to_float32_as_the_unfolded_one(device):
+    model = with_trained_looking_norms(create("ossnet-c", **TINY)).to(device).eval()
+    with torch.no_grad():
+        latents, sampler, coords, voxels = one_volume(model, 500, device)
+        decoder = model.fold(latents, sampler)
+        full = decoder(coords, voxels)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            folded = decoder(coords, voxels)
+            unfolded = model.decode(latents, coords[None], sampler(voxels)[None])[0].float()
+    assert folded.dtype == torch.float32
+    error, reference_error = (folded - full).abs().mean(), (unfolded - full).abs().mean()
+    assert 0 < error < 3 * reference_error
+
+
+def test_fold_needs_eval_mode_and_one_volume():
+    model = create("ossnet-c", **TINY)
+    global_volume, _, _ = query(model, batch=2)
+    with pytest.raises(ValueError, match="eval"):
+        model.fold(model.encode(global_volume[:1]), None)
+    model.eval()
+    with pytest.raises(ValueError, match="one volume"):
+        model.fold(model.encode(global_volume), None)
+
+
+@pytest.mark.parametrize("recompute", ["norms", "blocks"])
+def test_checkpointed_training_step_gives_the_same_gradients(recompute, device):
+    """Recomputing in the backward pass changes memory, not results: gradients and batch-norm running
+    statistics (updated once per step, not again when recomputed) equal those of storing everything."""
+    reference = with_trained_looking_norms(create("ossnet-c", **TINY, decoder_recompute="none")).to(device)
+    model = create("ossnet-c", **TINY, decoder_recompute=recompute).to(device)
+    model.load_state_dict(reference.state_dict())
+    global_volume, coords, patches = (t.to(device) for t in query(reference, batch=2, n=33))
+    results = []
+    for network in (reference, model):
+        logits, latents = network(global_volume, coords, patches)
+        (logits.square().mean() + latents.aux_logits.square().mean()).backward()
+        results.append(({n: p.grad for n, p in network.named_parameters()}, dict(network.named_buffers())))
+    (grads, buffers), (grads_ours, buffers_ours) = results
+    for name in grads:
+        torch.testing.assert_close(grads_ours[name], grads[name], rtol=1e-4, atol=1e-6)
+    for name in buffers:
+        torch.testing.assert_close(buffers_ours[name], buffers[name], rtol=0, atol=0)
+
+
+def test_config_rejects_unknown_decoder_recompute():
+    with pytest.raises(OssnetError, match="decoder_recompute"):
+        OccupancyConfig(decoder_recompute="everything")

@@ -28,9 +28,12 @@ import torch
 from torch import nn
 
 from ossnet.errors import OssnetError
+from ossnet.models.layers import (ACTIVATIONS, FoldedBlock, PatchConv3d, ResidualDecoderBlock,
+                                  ResidualEncoderBlock, activate_, make_activation, recomputed)
+from ossnet.models.patches import CHUNK_SIZE, PatchSampler
 from ossnet.options import check_fields, positive
-from ossnet.models.layers import (ACTIVATIONS, PatchConv3d, ResidualDecoderBlock, ResidualEncoderBlock,
-                                  make_activation)
+
+RECOMPUTE = ("none", "norms", "blocks")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class OccupancyConfig:
     by global_downscale. num_classes: output channels (1 binary, K + 1 multi-class).
     fourier_features: F > 0 adds [cos, sin](2 pi p W) with a fixed random W ~ 4 N(0, 1) of shape (3, F)
     to p (2 F more inputs; off in the paper).
+    decoder_recompute: what the decoder recomputes in the backward pass instead of storing (activation
+    checkpointing; the same gradients): "none"; "norms", each CBN + activation keeps only its input
+    (a block stores 4 instead of 8 (N, d) tensors); "blocks", each decoder block keeps only its input and
+    runs twice. Measured at the BraTS shape in docs/benchmarks (memory table).
+    compile: evaluate the Padé units with torch.compile, one fused pass instead of ~20 (falls back to the
+    eager kernels, with a warning, where no compiler works; the first call of each shape compiles).
     """
 
     in_channels: int = 4
@@ -57,6 +66,8 @@ class OccupancyConfig:
     num_classes: int = 1
     activation: str = "pau"
     fourier_features: int = 0
+    decoder_recompute: str = "norms"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
@@ -71,6 +82,9 @@ class OccupancyConfig:
                               f" * 2**len(encoder_channels) = {factor}")
         if self.activation not in ACTIVATIONS:
             raise OssnetError(f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        if self.decoder_recompute not in RECOMPUTE:
+            raise OssnetError(f"unknown decoder_recompute {self.decoder_recompute!r}; expected one of "
+                              f"{', '.join(RECOMPUTE)}")
 
     @property
     def global_shape(self) -> tuple[int, int, int]:
@@ -118,14 +132,14 @@ class Latents:
 def encoder_blocks(config: OccupancyConfig) -> nn.ModuleList:
     """The residual blocks (in_channels -> encoder_channels[0] -> ...), each halving the resolution."""
     channels = (config.in_channels, *config.encoder_channels)
-    return nn.ModuleList(ResidualEncoderBlock(c_in, c_out, config.activation)
+    return nn.ModuleList(ResidualEncoderBlock(c_in, c_out, config.activation, config.compile)
                          for c_in, c_out in zip(channels[:-1], channels[1:]))
 
 
-def conv_bn_act(in_channels: int, out_channels: int, activation: str) -> nn.Sequential:
+def conv_bn_act(in_channels: int, out_channels: int, config: OccupancyConfig) -> nn.Sequential:
     """conv5^3 (same padding, no bias) -> BN -> act: how the encoder maps features to latents."""
     return nn.Sequential(nn.Conv3d(in_channels, out_channels, 5, padding=2, bias=False),
-                         nn.BatchNorm3d(out_channels), make_activation(activation))
+                         nn.BatchNorm3d(out_channels), make_activation(config.activation, config.compile))
 
 
 class PlainEncoder(nn.Module):
@@ -134,7 +148,7 @@ class PlainEncoder(nn.Module):
     def __init__(self, config: OccupancyConfig) -> None:
         super().__init__()
         self.blocks = encoder_blocks(config)
-        self.to_latent = conv_bn_act(config.encoder_channels[-1], 1, config.activation)
+        self.to_latent = conv_bn_act(config.encoder_channels[-1], 1, config)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, *global_shape) -> vectors (B, 1, L), last block's features (B, c_last, *latent_grid)."""
@@ -152,9 +166,9 @@ class SkipEncoder(nn.Module):
         self.blocks = encoder_blocks(config)
         skip_channels = [max(c // 2, 1) for c in config.encoder_channels]
         self.skips = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveMaxPool3d(config.latent_grid), *conv_bn_act(c, c_skip, config.activation))
+            nn.Sequential(nn.AdaptiveMaxPool3d(config.latent_grid), *conv_bn_act(c, c_skip, config))
             for c, c_skip in zip(config.encoder_channels, skip_channels))
-        self.to_latents = conv_bn_act(sum(skip_channels), config.num_latents, config.activation)
+        self.to_latents = conv_bn_act(sum(skip_channels), config.num_latents, config)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, *global_shape) -> vectors (B, K, L), last block's features (B, c_last, *latent_grid)."""
@@ -173,11 +187,18 @@ class PatchMapping(nn.Module):
         hidden = max(config.patch_channels // 2, 1)
         size = config.patch_size
         self.layers = nn.Sequential(
-            PatchConv3d(config.patch_channels, hidden, size), make_activation(config.activation),
-            PatchConv3d(hidden, 1, size), make_activation(config.activation))
+            PatchConv3d(config.patch_channels, hidden, size), make_activation(config.activation, config.compile),
+            PatchConv3d(hidden, 1, size), make_activation(config.activation, config.compile))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.layers(patches.flatten(0, 1)).view(*patches.shape[:2], -1)
+
+    @torch.no_grad()
+    def dense_layers(self) -> list[tuple[torch.Tensor, torch.Tensor, nn.Module]]:
+        """(matrix, bias, activation) per convolution: patches flattened to (M, P s^3) map to
+        act(x matrix^T + bias), see `PatchConv3d.dense_matrix`."""
+        convolutions, activations = self.layers[0::2], self.layers[1::2]
+        return [(conv.dense_matrix(), conv.dense_bias(), act) for conv, act in zip(convolutions, activations)]
 
 
 class FourierFeatures(nn.Module):
@@ -210,7 +231,8 @@ class OccupancyNetwork(nn.Module):
         self.patch_mapping = PatchMapping(config) if config.patch_channels else None
         widths = (config.decoder_in_features, *[config.decoder_width] * config.decoder_blocks)
         self.blocks = nn.ModuleList(
-            ResidualDecoderBlock(d_in, d_out, config.latent_size, config.activation)
+            ResidualDecoderBlock(d_in, d_out, config.latent_size, config.activation, config.compile,
+                                 recompute_norms=config.decoder_recompute == "norms")
             for d_in, d_out in zip(widths[:-1], widths[1:]))
         self.classifier = nn.Linear(config.decoder_width, config.num_classes, bias=False)
 
@@ -242,9 +264,17 @@ class OccupancyNetwork(nn.Module):
             inputs.append(self.patch_mapping(patches))
         inputs.append(vectors[:, :1].expand(-1, coords.shape[1], -1))
         h = torch.cat(inputs, -1)
+        recompute_blocks = self.config.decoder_recompute == "blocks" and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            h = block(h, vectors[:, i + 1] if self.config.skip_latents else vectors[:, 0])
+            latent = vectors[:, i + 1] if self.config.skip_latents else vectors[:, 0]
+            h = recomputed(block, block, h, latent) if recompute_blocks else block(h, latent)
         return self.classifier(h)
+
+    def fold(self, latents: Latents, patches: PatchSampler | None = None) -> "FoldedDecoder":
+        """`decode` for the one volume of `latents` at inference, with its constants folded in (`FoldedDecoder`).
+        Call in eval mode, after the decoder's batch-norm statistics are set. patches: that volume's patches
+        (models with patches)."""
+        return FoldedDecoder(self, latents, patches)
 
     def forward(self, global_volume: torch.Tensor, coords: torch.Tensor,
                 patches: torch.Tensor | None = None) -> tuple[torch.Tensor, Latents]:
@@ -254,3 +284,78 @@ class OccupancyNetwork(nn.Module):
         """
         latents = self.encode(global_volume)
         return self.decode(latents, coords, patches), latents
+
+
+class FoldedDecoder:
+    """`OccupancyNetwork.decode` for one encoded volume at inference, every per-volume constant folded in.
+
+    Once a volume is encoded and the decoder's batch-norm statistics are set (eval mode), each conditional
+    batch norm is a fixed affine map per feature, x * scale + shift, which folds into the linear layer
+    before it; latent vector 0, a constant part of the first block's input, folds into that block's biases.
+    A block becomes linear -> Padé -> linear (+ residual) -> Padé, with no normalisation pass (exact up to
+    float rounding). The patch mapping runs as its dense matrices, and patches are cut and mapped CHUNK_SIZE
+    locations at a time, so a decoder call never holds the patches of all its locations. Under autocast the
+    weights and activations take the autocast dtype (the Padé units compute in float32).
+    """
+
+    def __init__(self, model: "OccupancyNetwork", latents: Latents, patches: PatchSampler | None) -> None:
+        if model.training:
+            raise ValueError("fold() needs the model in eval mode (it folds the running statistics)")
+        if latents.vectors.shape[0] != 1:
+            raise ValueError(f"fold() takes the latents of one volume, got {latents.vectors.shape[0]}")
+        if (model.patch_mapping is None) != (patches is None):
+            raise ValueError(f"model {model.name!r} {'needs' if patches is None else 'takes no'} patches")
+        config = model.config
+        vectors = latents.vectors[0].detach()
+        with torch.no_grad():
+            blocks = [block.fold(vectors[i + 1] if config.skip_latents else vectors[0])
+                      for i, block in enumerate(model.blocks)]
+        blocks[0] = blocks[0].fold_constant_inputs(vectors[0])
+        self.coordinate_features, self.patches = model.coordinate_features, patches
+        self.coordinate_width = 3 + 2 * config.fourier_features
+        self.input_width = blocks[0].weight1.shape[1]
+        self.float32 = _FoldedWeights(blocks, model.patch_mapping.dense_layers() if patches else [],
+                                      model.classifier.weight.detach())
+        self.cast: dict[torch.dtype, _FoldedWeights] = {torch.float32: self.float32}
+
+    @torch.no_grad()
+    def __call__(self, coords: torch.Tensor, voxels: torch.Tensor | None = None) -> torch.Tensor:
+        """coords: (N, 3) normalised; voxels: (N, 3) long, the working voxels whose patches the locations take
+        (inside the volume, unchecked). Returns logits (N, num_classes) float32."""
+        device_type = coords.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+        if dtype not in self.cast:
+            self.cast[dtype] = self.float32.to(dtype)
+        weights = self.cast[dtype]
+        with torch.autocast(device_type, enabled=False):
+            x = coords.new_empty((len(coords), self.input_width), dtype=dtype)
+            x[:, :self.coordinate_width] = self.coordinate_features(coords.float())
+            if self.patches is not None:
+                for start in range(0, len(coords), CHUNK_SIZE):
+                    rows = slice(start, start + CHUNK_SIZE)
+                    x[rows, self.coordinate_width:] = weights.patch_features(self.patches(voxels[rows]))
+            for block in weights.blocks:
+                x = block(x)
+            return (x @ weights.classifier.t()).float()
+
+
+@dataclass
+class _FoldedWeights:
+    """The folded decoder's weights in one dtype: blocks, the patch mapping's dense layers (matrix, bias,
+    activation) and the classifier (num_classes, d)."""
+
+    blocks: list[FoldedBlock]
+    patch_layers: list[tuple[torch.Tensor, torch.Tensor, nn.Module]]
+    classifier: torch.Tensor
+
+    def to(self, dtype: torch.dtype) -> "_FoldedWeights":
+        return _FoldedWeights([block.to(dtype) for block in self.blocks],
+                              [(matrix.to(dtype), bias.to(dtype), act) for matrix, bias, act in self.patch_layers],
+                              self.classifier.to(dtype))
+
+    def patch_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (M, P, s, s, s) -> (M, s^3) features, as `PatchMapping`."""
+        x = patches.flatten(1).to(self.classifier.dtype)
+        for matrix, bias, act in self.patch_layers:
+            x = activate_(act, x @ matrix.t(), bias)
+        return x

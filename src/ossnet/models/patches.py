@@ -20,16 +20,18 @@ CHUNK_SIZE = 2**14
 def voxel_to_normalized(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """(..., 3) voxel indices of a grid of `shape` -> (..., 3) float32 in [-1, 1] (align_corners=True).
 
-    Index i on an axis of length n maps to 2 i / (n - 1) - 1; an axis of length 1 maps to 0.
+    Index i on an axis of length n maps to 2 i / (n - 1) - 1; an axis of length 1 maps to 0. Per axis with
+    Python numbers: a tensor of the shape would be copied to the device at every call (a GPU sync).
     """
-    extent = torch.tensor(shape, dtype=torch.float32, device=coords.device) - 1
-    return torch.where(extent > 0, 2 * coords.float() / extent.clamp(min=1) - 1, 0.0)
+    coords = coords.float()
+    return torch.stack([2 * coords[..., axis] / (n - 1) - 1 if n > 1 else torch.zeros_like(coords[..., axis])
+                        for axis, n in enumerate(shape)], -1)
 
 
 def normalized_to_voxel(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of `voxel_to_normalized`: (..., 3) in [-1, 1] -> (..., 3) float32 voxel indices (unrounded)."""
-    extent = torch.tensor(shape, dtype=torch.float32, device=coords.device) - 1
-    return (coords.float() + 1) * extent / 2
+    coords = coords.float()
+    return torch.stack([(coords[..., axis] + 1) * (n - 1) / 2 for axis, n in enumerate(shape)], -1)
 
 
 def _window_offsets(padded_shape: Sequence[int], size: int, step: int, device: torch.device) -> torch.Tensor:
@@ -39,44 +41,70 @@ def _window_offsets(padded_shape: Sequence[int], size: int, step: int, device: t
     return (ramp[:, None, None] * y_len * z_len + ramp[None, :, None] * z_len + ramp[None, None, :]).flatten()
 
 
-def _gather_windows(padded: torch.Tensor, voxel_coords: torch.Tensor, size: int, step: int,
-                    out: torch.Tensor) -> None:
-    """Write into out (N, C, size, size, size) the windows of padded (C, X', Y', Z') whose first sample is
-    at padded index voxel_coords (N, 3), samples `step` apart; chunked over N."""
-    channels, *padded_shape = padded.shape
-    flat = padded.reshape(channels, -1)
-    offsets = _window_offsets(padded_shape, size, step, padded.device)
-    strides = torch.tensor([padded_shape[1] * padded_shape[2], padded_shape[2], 1], device=padded.device)
-    for start in range(0, len(voxel_coords), CHUNK_SIZE):
-        corner = (voxel_coords[start:start + CHUNK_SIZE] * strides).sum(1)
-        index = (corner[:, None] + offsets[None, :]).flatten()
-        windows = flat.index_select(1, index).view(channels, -1, size, size, size)
-        out[start:start + CHUNK_SIZE] = windows.transpose(0, 1)
+class _Windows:
+    """size^3 windows of a padded grid (C, X', Y', Z'), `step` voxels between samples, the first sample
+    `shift` voxels after a location's padded index; index tensors built once (per-call device copies sync)."""
+
+    def __init__(self, padded: torch.Tensor, size: int, step: int, shift: int) -> None:
+        channels, *padded_shape = padded.shape
+        self.flat, self.size = padded.reshape(channels, -1), size
+        self.offsets = _window_offsets(padded_shape, size, step, padded.device)
+        strides = (padded_shape[1] * padded_shape[2], padded_shape[2], 1)
+        self.strides = torch.tensor(strides, device=padded.device)
+        self.shift = shift * sum(strides)
+
+    def gather(self, voxel_coords: torch.Tensor, out: torch.Tensor) -> None:
+        """Write into out (N, C, size, size, size) the windows at voxel_coords (N, 3) long; chunked over N."""
+        size = self.size
+        for start in range(0, len(voxel_coords), CHUNK_SIZE):
+            corner = (voxel_coords[start:start + CHUNK_SIZE] * self.strides).sum(1) + self.shift
+            index = (corner[:, None] + self.offsets[None, :]).flatten()
+            windows = self.flat.index_select(1, index).view(len(self.flat), -1, size, size, size)
+            out[start:start + CHUNK_SIZE] = windows.transpose(0, 1)
+
+
+class PatchSampler:
+    """The patches of one volume (C, X, Y, Z): `sampler(voxel_coords (N, 3) long) -> (N, P, size, size, size)`.
+
+    P = C (local) + C (mid-range), local channels first. The volume is zero-padded once (by size before and
+    size - 1 after each axis with mid-range patches, else by the local window's half) and every patch is a
+    gather at flat index offsets. Average-pooling a (2 size)^3 window by 2 equals sampling
+    avg_pool3d(padded, kernel 2, stride 1) every second voxel, so no (2 size)^3 window is materialised; that
+    pair-averaged copy, too, is made once per volume. Coordinates are not checked here (a check costs a
+    device sync per call): callers clamp them, or use `extract_patches`, which checks.
+    """
+
+    def __init__(self, volume: torch.Tensor, local: bool, mid: bool, size: int = 7) -> None:
+        if not (local or mid):
+            raise OssnetError("patches need local and/or mid-range windows")
+        self.size, self.channels, self.device, self.dtype = size, volume.shape[0], volume.device, volume.dtype
+        before, after = (size, size - 1) if mid else (size // 2, size - 1 - size // 2)
+        padded = F.pad(volume, (before, after) * 3)
+        # a local window starts size // 2 voxels before its location, a mid-range window size voxels before
+        self.local = _Windows(padded, size, step=1, shift=before - size // 2) if local else None
+        self.mid = (_Windows(F.avg_pool3d(padded[None], kernel_size=2, stride=1)[0], size, step=2,
+                             shift=before - size) if mid else None)
+        self.patch_channels = self.channels * (int(local) + int(mid))
+
+    def __call__(self, voxel_coords: torch.Tensor) -> torch.Tensor:
+        voxel_coords = voxel_coords.to(device=self.device, dtype=torch.long)
+        size = self.size
+        out = torch.empty(len(voxel_coords), self.patch_channels, size, size, size, device=self.device,
+                          dtype=self.dtype)
+        if self.local is not None:
+            self.local.gather(voxel_coords, out[:, :self.channels])
+        if self.mid is not None:
+            self.mid.gather(voxel_coords, out[:, self.patch_channels - self.channels:])
+        return out
 
 
 def extract_patches(volume: torch.Tensor, voxel_coords: torch.Tensor, local: bool, mid: bool,
                     size: int = 7) -> torch.Tensor:
-    """Patches of volume (C, X, Y, Z) around voxel_coords (N, 3) long -> (N, P, size, size, size).
-
-    P = C (local) + C (mid-range), local channels first. Vectorised: the volume is zero-padded once and
-    every patch is a gather at flat index offsets. Average-pooling a (2 size)^3 window by 2 equals sampling
-    avg_pool3d(padded, kernel 2, stride 1) every second voxel, so no (2 size)^3 window is materialised.
-    """
-    if not (local or mid):
-        raise OssnetError("extract_patches needs local and/or mid-range patches")
-    channels, *spatial = volume.shape
+    """Patches of volume (C, X, Y, Z) around voxel_coords (N, 3) long -> (N, P, size, size, size), checked
+    to lie inside the volume (OssnetError); see `PatchSampler`, which serves many calls on one volume."""
+    spatial = volume.shape[1:]
     voxel_coords = voxel_coords.to(device=volume.device, dtype=torch.long)
     upper = torch.tensor(spatial, device=volume.device)
     if ((voxel_coords < 0) | (voxel_coords >= upper)).any():
         raise OssnetError(f"voxel coordinates outside the volume of shape {tuple(spatial)}")
-    out = volume.new_empty(len(voxel_coords), channels * (int(local) + int(mid)), size, size, size)
-    if local:
-        before = size // 2
-        padded = F.pad(volume, (before, size - 1 - before) * 3)
-        _gather_windows(padded, voxel_coords, size, step=1, out=out[:, :channels])
-    if mid:
-        # window of 2 size voxels: size before the centre, size - 1 after
-        padded = F.pad(volume, (size, size - 1) * 3)
-        pair_means = F.avg_pool3d(padded[None], kernel_size=2, stride=1)[0]
-        _gather_windows(pair_means, voxel_coords, size, step=2, out=out[:, out.shape[1] - channels:])
-    return out
+    return PatchSampler(volume, local, mid, size)(voxel_coords)
