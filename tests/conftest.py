@@ -16,26 +16,46 @@ def _seed_everything():
 TINY_OCCUPANCY = {"encoder_channels": (4, 8), "decoder_width": 32, "decoder_blocks": 2}
 
 
-def write_blob_brats(root, num_cases: int, shape=(32, 32, 32), seed: int = 0):
-    """A BraTS-layout dataset whose tumour is one bright ellipsoid in noise: learnable in a few steps,
-    so tests of prediction geometry get a model that really segments something."""
+def write_blob_brats(root, num_cases: int, shape=(32, 32, 32), seed: int = 0, affine=None, radius_range=(5, 9),
+                     smooth: float = 0.0, head: float | None = None, layout: str = "brats"):
+    """A dataset whose tumour is one bright ellipsoid in noise: learnable in a few steps, so tests of
+    prediction geometry get a model that really segments something. 1 mm, LPS by default.
+    smooth: sigma (voxels) of a Gaussian blur of the images, so that they look alike resampled onto another
+    grid (white noise does not: interpolation averages it away). head: radius of a ball, as a fraction of
+    the shape, outside which the images are 0 (a skull-stripped scan's background). layout: "brats"
+    (case folders) or "msd" (dataset.json, imagesTr/CASE_000C.nii.gz, labelsTr/CASE.nii.gz)."""
+    import json
+
     import nibabel as nib
+    from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float32)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if affine is None else affine
+    inside_head = (True if head is None else
+                   (((grid + 0.5) / np.array(shape) - 0.5) ** 2).sum(-1) <= head ** 2)
+    channels = ("flair", "t1", "t1ce", "t2")
     for index in range(1, num_cases + 1):
         case = f"BraTS20_Training_{index:03d}"
-        folder = root / case
-        folder.mkdir(parents=True)
         centre = rng.uniform(0.35, 0.65, 3) * np.array(shape)
-        radii = rng.uniform(5, 9, 3)
+        radii = rng.uniform(*radius_range, 3)
         inside = (((grid - centre) / radii) ** 2).sum(-1) <= 1
         label = np.where(inside, 2, 0).astype(np.int16)
-        for channel, contrast in zip(("flair", "t1", "t1ce", "t2"), (2.0, -1.0, 1.0, 1.5)):
+        files = {}
+        for number, (channel, contrast) in enumerate(zip(channels, (2.0, -1.0, 1.0, 1.5))):
             image = 1.0 + contrast * inside + 0.3 * rng.standard_normal(shape)
-            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), folder / f"{case}_{channel}.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), folder / f"{case}_seg.nii.gz")
+            image = ndimage.gaussian_filter(image, smooth) if smooth else image
+            path = (root / case / f"{case}_{channel}.nii.gz" if layout == "brats"
+                    else root / "imagesTr" / f"{case}_{number:04d}.nii.gz")
+            files[path] = np.where(inside_head, image, 0.0).astype(np.float32)
+        files[root / case / f"{case}_seg.nii.gz" if layout == "brats" else root / "labelsTr" / f"{case}.nii.gz"] = label
+        for path, array in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array, affine), path)
+    if layout == "msd":
+        (root / "dataset.json").write_text(json.dumps({
+            "channel_names": {str(i): name.upper() for i, name in enumerate(channels)},
+            "labels": {"background": 0, "blob": 2}, "file_ending": ".nii.gz", "numTraining": num_cases}))
     return root
 
 
@@ -54,3 +74,14 @@ def trained_checkpoint(tiny_brats, tmp_path_factory):
     train(TrainConfig(data=tiny_brats, run_dir=run_dir, model="ossnet-c", epochs=24, batch_size=2,
                       locations=1024, lr=1e-2, device="cpu", val_every=24, model_overrides=TINY_OCCUPANCY))
     return run_dir / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def blob_dataset():
+    """`write_blob_brats` for tests that write their own blob datasets."""
+    return write_blob_brats
+
+
+@pytest.fixture(scope="session")
+def tiny_occupancy():
+    return dict(TINY_OCCUPANCY)

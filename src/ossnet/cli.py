@@ -145,9 +145,11 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from ossnet.inference.engine import DecodeOptions
     from ossnet.inference.predict import PredictOptions, predict
 
-    predict(args.checkpoint, args.input, args.output, options_from(args, PredictOptions))
+    options = options_from(args, PredictOptions, decode=options_from(args, DecodeOptions))
+    predict(args.checkpoint, args.input, args.output, options)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ossnet.data import LAYOUT_HELP, LAYOUTS
     from ossnet.data.synthetic import Grid, SynthOptions
     from ossnet.demo import DemoOptions
+    from ossnet.inference.engine import DecodeOptions
     from ossnet.inference.predict import PredictOptions
     from ossnet.training import TrainConfig
 
@@ -227,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "BraTS/LiTS case folder, or dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     add_options(p, PredictOptions)
+    add_options(p, DecodeOptions)
     p.set_defaults(func=run_predict)
 
     p = verbs.add_parser("evaluate", help="Dice, IoU, HD95, ASD of predictions against labels",

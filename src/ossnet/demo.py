@@ -69,7 +69,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> float:
 
     print(f"segmenting {options.test_cases} held-out cases (guided decoding) ...")
     predict(checkpoint, test_data, predictions,
-            PredictOptions(mode="guided", device=options.device, mesh="obj", overlay=True, overwrite=True))
+            PredictOptions(device=options.device, mesh="obj", overlay=True, overwrite=True))
     result = evaluate_folders(predictions, test_data)
     result.write_csv(out / "metrics.csv")
     mean_dice = next(s.mean for s in result.summary() if s.metric == "dice")

@@ -97,6 +97,10 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise OssnetError(f"{name} must be a mapping, got {value!r}")
         return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, annotation):
+            raise OssnetError(f"{name} must be a {annotation.__name__}, got {value!r}")
+        return value
     if annotation is bool:
         if not isinstance(value, bool):
             raise OssnetError(f"{name} must be true or false, got {value!r}")

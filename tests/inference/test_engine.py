@@ -9,10 +9,15 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ossnet.errors import OssnetError
-from ossnet.inference import decode_chunked, segment
+from ossnet.inference import DecodeOptions, cell_prior, decode_chunked, segment
 
 SHAPE = (48, 40, 32)
 BRATS_LIKE = (64, 64, 40)  # BraTS' 256 x 256 x 160 scaled by 1/4; the encoder's prior grid stays 8 x 8 x 5
+
+
+def decode(field, shape, prior=None, **options):
+    """`segment` with `DecodeOptions(**options)` and a prior given as (K, gx, gy, gz) cells over the grid."""
+    return segment(field, shape, DecodeOptions(**options), None if prior is None else cell_prior(prior, shape))
 
 
 class CountingField:
@@ -81,7 +86,7 @@ def blob():
 
 def test_dense_queries_every_voxel_and_thresholds_the_field():
     field = CountingField(sphere_field((20.0, 17.5, 14.2), 9.0))
-    result = segment(field, SHAPE, mode="dense", return_probabilities=True)
+    result = decode(field, SHAPE, mode="dense", probabilities=True)
     truth = field_on_grid(field.field, SHAPE)
     assert np.array_equal(result.labels, (truth[0] > 0.5).numpy().astype(np.uint8))
     assert np.allclose(result.probabilities, truth.numpy())
@@ -91,7 +96,7 @@ def test_dense_queries_every_voxel_and_thresholds_the_field():
 
 @pytest.mark.parametrize("mode", ["coarse-to-fine", "guided"])
 def test_refining_modes_match_dense_with_few_queries(mode, blob):
-    result = segment(lookup_field(blob), BRATS_LIKE, mode=mode, prior=pooled_prior(blob))
+    result = decode(lookup_field(blob), BRATS_LIKE, mode=mode, prior=pooled_prior(blob))
     print(f"{mode}: {result.fraction_of_dense:.3f} of dense, agreement {agreement(result, blob):.5f}")
     assert result.mode == mode
     assert agreement(result, blob) >= 0.999
@@ -100,16 +105,16 @@ def test_refining_modes_match_dense_with_few_queries(mode, blob):
 
 def test_guided_with_pooled_prior_queries_less_than_coarse_to_fine(blob):
     field = lookup_field(blob)
-    guided = segment(field, BRATS_LIKE, mode="guided", prior=pooled_prior(blob))
-    unguided = segment(field, BRATS_LIKE, mode="coarse-to-fine")
+    guided = decode(field, BRATS_LIKE, mode="guided", prior=pooled_prior(blob))
+    unguided = decode(field, BRATS_LIKE, mode="coarse-to-fine")
     assert guided.stage_queries[4] < unguided.stage_queries[4]
     assert guided.queries < unguided.queries
 
 
 def test_guided_without_prior_falls_back_to_coarse_to_fine(blob):
     field = lookup_field(blob)
-    fallback = segment(field, BRATS_LIKE, mode="guided", prior=None)
-    unguided = segment(field, BRATS_LIKE, mode="coarse-to-fine")
+    fallback = decode(field, BRATS_LIKE, mode="guided", prior=None)
+    unguided = decode(field, BRATS_LIKE, mode="coarse-to-fine")
     assert fallback.mode == "coarse-to-fine"
     assert fallback.stage_queries == unguided.stage_queries
     assert np.array_equal(fallback.labels, unguided.labels)
@@ -118,7 +123,7 @@ def test_guided_without_prior_falls_back_to_coarse_to_fine(blob):
 def test_interior_of_large_sphere_is_filled_without_being_queried():
     centre, radius = (24.0, 20.0, 16.0), 13.0
     field = CountingField(sphere_field(centre, radius))
-    result = segment(field, SHAPE, mode="coarse-to-fine")
+    result = decode(field, SHAPE, mode="coarse-to-fine")
     distance = (all_voxels(SHAPE) - torch.tensor(centre)).norm(dim=1).reshape(SHAPE).numpy()
     interior = distance < radius - 6  # deeper than the stride-1 band
     queried = np.zeros(SHAPE, dtype=bool)
@@ -136,7 +141,7 @@ def test_thin_structure_between_coarse_samples_is_found(structure):
         field = lambda coords: torch.sigmoid(1.0 - (coords[:, :1] - 21.5).abs())
     truth = field_on_grid(field, SHAPE)
     assert (truth[0, ::4, ::4, ::4] < 0.5).all()  # the paper's first stage sees nothing
-    result = segment(field, SHAPE, mode="coarse-to-fine")
+    result = decode(field, SHAPE, mode="coarse-to-fine")
     assert result.labels.sum() == (truth[0] > 0.5).sum() > 0
     assert agreement(result, truth) == 1.0
 
@@ -146,7 +151,7 @@ def test_shape_not_a_multiple_of_the_stride_is_covered_to_the_last_voxel():
     field = sphere_field((45.0, 38.0, 30.0), 2.3, width=0.25)  # a sharp speck in the far corner
     truth = field_on_grid(field, shape)
     assert (truth[0, ::4, ::4, ::4] < 0.1).all()
-    result = segment(field, shape, mode="coarse-to-fine")
+    result = decode(field, shape, mode="coarse-to-fine")
     assert result.labels[-1, -1, -1] == 1
     assert agreement(result, truth) == 1.0
 
@@ -162,8 +167,8 @@ def test_band_margin_finds_a_sharp_fin_the_coarse_stages_miss():
     fin = box_field([19.5, 20.5, 12.5], [24.5, 22.5, 14.5])  # x 20..24, y 21..22, z 13..14: no stride-4 point
     field = lambda coords: torch.maximum(body(coords), fin(coords))[:, None]
     truth = field_on_grid(field, SHAPE)
-    with_margin = segment(field, SHAPE, mode="coarse-to-fine", band_margin=1)
-    without_margin = segment(field, SHAPE, mode="coarse-to-fine", band_margin=0)
+    with_margin = decode(field, SHAPE, mode="coarse-to-fine", band_margin=1)
+    without_margin = decode(field, SHAPE, mode="coarse-to-fine", band_margin=0)
     assert agreement(with_margin, truth) == 1.0
     assert agreement(without_margin, truth) < 1.0  # too sharp for `certainty` to notice
 
@@ -177,7 +182,7 @@ def test_multi_class_field_matches_dense(mode):
 
     truth = field_on_grid(field, SHAPE)
     prior = F.adaptive_avg_pool3d(truth, (6, 5, 4))
-    result = segment(field, SHAPE, mode=mode, prior=prior, return_probabilities=True)
+    result = decode(field, SHAPE, mode=mode, prior=prior, probabilities=True)
     assert set(np.unique(result.labels)) == {0, 1, 2}
     assert result.probabilities.shape == (3, *SHAPE)
     assert agreement(result, truth) >= 0.999
@@ -187,7 +192,7 @@ def test_multi_class_field_matches_dense(mode):
 @pytest.mark.parametrize("mode", ["dense", "coarse-to-fine", "guided"])
 def test_queries_are_distinct_locations_handed_to_the_field_in_bounded_chunks(mode, blob):
     field = CountingField(lookup_field(blob))
-    result = segment(field, BRATS_LIKE, mode=mode, chunk=3000, prior=pooled_prior(blob))
+    result = decode(field, BRATS_LIKE, mode=mode, chunk=3000, prior=pooled_prior(blob))
     assert result.queries == sum(field.calls) == sum(result.stage_queries.values())
     assert len(torch.unique(torch.cat(field.coords), dim=0)) == result.queries  # no location asked twice
     assert max(field.calls) <= 3000
@@ -209,13 +214,13 @@ def test_decode_chunked_is_independent_of_the_chunk_size():
 
 def test_prior_with_other_channels_than_the_field_is_rejected():
     with pytest.raises(OssnetError, match="prior has 3 channels"):
-        segment(sphere_field((20.0, 20.0, 16.0), 8.0), SHAPE, mode="guided", prior=torch.full((3, 6, 5, 4), 1 / 3))
+        decode(sphere_field((20.0, 20.0, 16.0), 8.0), SHAPE, mode="guided", prior=torch.full((3, 6, 5, 4), 1 / 3))
 
 
 @pytest.mark.parametrize("options", [{"mode": "fast"}, {"strides": (4, 3, 1)}, {"band_margin": -1}, {"chunk": 0}])
 def test_bad_options_are_rejected(options):
     with pytest.raises(OssnetError):
-        segment(sphere_field((20.0, 20.0, 16.0), 8.0), SHAPE, **{"mode": "coarse-to-fine", **options})
+        decode(sphere_field((20.0, 20.0, 16.0), 8.0), SHAPE, **{"mode": "coarse-to-fine", **options})
 
 
 def test_guided_does_not_trust_a_confidently_positive_prior(blob):
@@ -223,6 +228,6 @@ def test_guided_does_not_trust_a_confidently_positive_prior(blob):
     grown by one cell, unsmoothed) must not fill that region: guided still reproduces dense."""
     pooled = F.adaptive_max_pool3d((blob > 0.5).float(), (4, 4, 3))  # cells of 4 lattice points a side
     sharp_prior = F.max_pool3d(pooled, 3, stride=1, padding=1)
-    result = segment(lookup_field(blob), BRATS_LIKE, mode="guided", prior=sharp_prior)
+    result = decode(lookup_field(blob), BRATS_LIKE, mode="guided", prior=sharp_prior)
     assert agreement(result, blob) >= 0.999
     assert result.fraction_of_dense < 0.2

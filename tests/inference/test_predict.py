@@ -6,7 +6,8 @@ import pytest
 
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case
 from ossnet.errors import CaseError, OssnetError
-from ossnet.inference.predict import PredictOptions, predict, resample_nearest
+from ossnet.inference.engine import DecodeOptions
+from ossnet.inference.predict import PredictOptions, predict
 from ossnet.inference.volume import segment_volume
 from ossnet.models import load
 
@@ -49,7 +50,7 @@ def test_predict_keeps_the_input_grid_and_its_oblique_affine(trained_checkpoint,
 def test_scale_two_doubles_the_grid_and_halves_the_spacing(trained_checkpoint, brats_case, tmp_path):
     affine = oblique_anisotropic_affine()
     shape = write_4d_nifti(brats_case, tmp_path / "scan.nii.gz", affine)
-    predict(trained_checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out", PredictOptions(scale=2))
+    predict(trained_checkpoint, tmp_path / "scan.nii.gz", tmp_path / "out", PredictOptions(decode=DecodeOptions(scale=2)))
     fine = nib.load(tmp_path / "out" / "scan.nii.gz")
     assert fine.shape == tuple(2 * n for n in shape)
     assert np.allclose(fine.header.get_zooms()[:3], np.array([0.9, 1.1, 2.5]) / 2, atol=1e-5)
@@ -74,10 +75,10 @@ def test_mesh_vertices_lie_inside_the_volumes_world_bounding_box(trained_checkpo
 def test_modes_agree_with_dense_and_query_less(trained_checkpoint, tiny_brats):
     model, state = load(trained_checkpoint)
     dataset = open_dataset(tiny_brats)
-    prepared = prepare_case(dataset.cases[-1].load(), PreprocessConfig(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in state["preprocess"].items()}),
-        get_target("brats", state["target"]))
-    results = {mode: segment_volume(model, prepared.volume, prepared.global_volume, mode=mode, chunk=4096)
+    prepared = prepare_case(dataset.cases[-1].load(), PreprocessConfig(**state["preprocess"]),
+                            get_target("brats", state["target"]))
+    results = {mode: segment_volume(model, prepared.volume, prepared.global_volume,
+                                    DecodeOptions(mode=mode, chunk=4096))
                for mode in ("dense", "coarse-to-fine", "guided")}
     dense = results["dense"]
     assert dense.queries == prepared.volume[0].size
@@ -96,16 +97,6 @@ def test_predict_refuses_to_overwrite_and_rejects_wrong_channels(trained_checkpo
     nib.save(nib.Nifti1Image(brats_case.image[0], np.eye(4)), tmp_path / "t1_only.nii.gz")
     with pytest.raises(CaseError, match="expects 4 channels"):
         predict(trained_checkpoint, tmp_path / "t1_only.nii.gz", tmp_path / "out2")
-
-
-def test_resample_nearest_inverts_padding_exactly():
-    rng = np.random.default_rng(0)
-    original = rng.integers(0, 3, size=(5, 6, 7)).astype(np.uint8)
-    shifted = np.eye(4)
-    shifted[:3, 3] = (-2, -1, -3)  # working voxel 0 sits at original voxel -2, -1, -3
-    working = resample_nearest(original, np.eye(4), shifted, (10, 8, 12))
-    assert working[2:7, 1:7, 3:10].tolist() == original.tolist() and working.sum() == original.sum()
-    assert np.array_equal(resample_nearest(working, shifted, np.eye(4), (5, 6, 7)), original)
 
 
 @pytest.mark.parametrize("winning_class, written", [(1, 2), (2, 1), (3, 4)])

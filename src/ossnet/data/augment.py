@@ -46,17 +46,23 @@ class AugmentConfig:
         "LO HI of the per-channel intensity factor"})
     intensity_shift: tuple[float, float] = field(default=(-0.1, 0.1), metadata={"help":
         "LO HI of the per-channel intensity shift (normalised intensities)"})
+    lowres_probability: float = field(default=0.25, metadata={"help":
+        "probability of simulating a coarser scan (all channels, as one scanner's): nearest downsampling and "
+        "linear upsampling, as a scan of another scanner's voxel size looks once resampled"})
+    lowres_zoom: tuple[float, float] = field(default=(0.33, 1.0), metadata={"help":
+        "LO HI of the downsampling factor, drawn per axis (nnU-Net draws 0.5..1 for all axes at once; a 3 mm "
+        "slice of a 1 mm plan is 0.33 along one axis)"})
     gamma_probability: float = field(default=0.3, metadata={"help":
         "probability of a per-channel gamma (mean and std kept)"})
     gamma_range: tuple[float, float] = field(default=(0.7, 1.5), metadata={"help": "LO HI of gamma"})
 
     def __post_init__(self) -> None:
-        for name in ("flip", "rotation", "scale", "noise", "blur", "intensity", "gamma"):
+        for name in ("flip", "rotation", "scale", "noise", "blur", "intensity", "lowres", "gamma"):
             p = getattr(self, f"{name}_probability")
             if not 0.0 <= p <= 1.0:
                 raise OssnetError(f"augmentation: {name}_probability must lie in [0, 1], got {p}")
         for name in ("scale_range", "noise_variance", "blur_sigma", "intensity_scale", "intensity_shift",
-                     "gamma_range"):
+                     "lowres_zoom", "gamma_range"):
             lo, hi = getattr(self, name)
             if not lo <= hi:
                 raise OssnetError(f"augmentation: {name} {getattr(self, name)} needs lo <= hi")
@@ -68,7 +74,7 @@ class AugmentConfig:
 
 AUGMENT_PRESETS = {
     "none": AugmentConfig(**{f"{name}_probability": 0.0 for name in (
-        "flip", "rotation", "scale", "noise", "blur", "intensity", "gamma")}),
+        "flip", "rotation", "scale", "noise", "blur", "intensity", "lowres", "gamma")}),
     "default": AugmentConfig(),
 }
 
@@ -143,7 +149,8 @@ def _resample(volume, label, border, matrix):
 
 
 def _intensities(volume: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Noise, blur, intensity scale and shift, gamma (nnU-Net's order), per channel where nnU-Net's are.
+    """Noise, blur, intensity scale and shift, low resolution, gamma (nnU-Net's order), per channel where
+    nnU-Net's are.
     Each transform drawn makes a new array, so the input is never written."""
     channels = volume.shape[0]
     if rng.random() < config.noise_probability:
@@ -157,9 +164,22 @@ def _intensities(volume: np.ndarray, config: AugmentConfig, rng: np.random.Gener
         scale = rng.uniform(*config.intensity_scale, channels).astype(np.float32)
         shift = rng.uniform(*config.intensity_shift, channels).astype(np.float32)
         volume = volume * scale[:, None, None, None] + shift[:, None, None, None]
+    if rng.random() < config.lowres_probability:  # every channel at once: they come from one coarser scanner
+        zoom = rng.uniform(*config.lowres_zoom, 3)
+        volume = np.stack([_low_resolution(v, zoom) for v in volume])
     if rng.random() < config.gamma_probability:
         volume = np.stack([_gamma(v, g) for v, g in zip(volume, rng.uniform(*config.gamma_range, channels))])
     return volume
+
+
+def _low_resolution(channel: np.ndarray, zoom: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) channel seen at `zoom` (3,) times its resolution: nearest downsampling, then linear upsampling
+    back to its shape (nnU-Net's SimulateLowResolutionTransform, one factor per axis)."""
+    shape = channel.shape
+    coarse = tuple(max(1, round(n * z)) for n, z in zip(shape, zoom))
+    tensor = torch.from_numpy(np.array(channel, dtype=np.float32))[None, None]
+    down = F.interpolate(tensor, size=coarse, mode="nearest")
+    return F.interpolate(down, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def _gamma(channel: np.ndarray, gamma: float) -> np.ndarray:

@@ -36,6 +36,8 @@ FINGERPRINT_FORMAT = 1
 PERCENTILES = (0.5, 50.0, 99.5)
 # Crop to the nonzero box by default when it holds less than this fraction of the image (median over cases).
 CROP_BELOW = 0.25
+# Images whose nonzero box holds less than this fraction of the image (median) have a zero background.
+ZERO_BACKGROUND_BELOW = 0.95
 # Orientation of the plan when no orientation is the most common one alone.
 TIE_ORIENTATION = "RAS"
 # CT window before normalisation for LiTS ([-200, 250] HU is common practice for the liver).
@@ -245,8 +247,13 @@ def plan_preprocessing(fingerprint: DatasetFingerprint, layout: str, working_sha
     if crop_nonzero is None:
         crop_nonzero = bool(np.median([case.nonzero_fraction for case in fingerprint.cases]) < CROP_BELOW)
     window = LITS_WINDOW if layout == "lits" else None
+    # As nnU-Net does for MRI: where the images have a zero background (skull-stripped, defaced), normalise over
+    # the nonzero voxels, so that the statistics do not depend on how much empty field of view a scanner
+    # stored around the anatomy. BraTS keeps the paper's whole-volume z-score.
+    zero_background = float(np.median([case.nonzero_fraction for case in fingerprint.cases])) < ZERO_BACKGROUND_BELOW
+    normalization = "zscore-foreground" if (crop_nonzero or zero_background) and layout != "brats" else "zscore"
     plan = PreprocessConfig(shape_multiple=shape_multiple, intensity_window=window, spacing=tuple(spacing),
-                            orientation=orientation, crop_nonzero=crop_nonzero)
+                            orientation=orientation, crop_nonzero=crop_nonzero, normalization=normalization)
     if working_shape is None:
         resampled = [Geometry.fitted(case.shape, np.asarray(case.affine), plan, case.nonzero_box).resampled_shape
                      for case in fingerprint.cases]

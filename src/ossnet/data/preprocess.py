@@ -251,7 +251,7 @@ class Geometry:
         moved = _reorient(array[(..., *(slice(a, b) for a, b in self.box))], self.reorientation)
         if self.resamples:
             moved = _resize(moved, self.resampled_shape, order)
-        return _fresh(_place(moved, self.working_shape, self.offsets), array)
+        return _fresh(place(moved, self.working_shape, self.offsets), array)
 
     def labels_to_working(self, class_map: np.ndarray) -> np.ndarray:
         """(X, Y, Z) integer class map 0..K -> (X', Y', Z') of its dtype, the way nnU-Net resamples labels:
@@ -272,12 +272,12 @@ class Geometry:
         reorientation, linear (order 1, e.g. probabilities) or nearest (order 0) for resampling. Original
         voxels outside the box or the working grid get 0."""
         self._check(array, self.working_shape, order)
-        moved = _place(array, self.resampled_shape, tuple(-o for o in self.offsets))
+        moved = place(array, self.resampled_shape, tuple(-o for o in self.offsets))
         if self.resamples:
             moved = _resize(moved, self.reoriented_shape, order)
         moved = _reorient(moved, _inverse_orientation(self.reorientation))
         starts = tuple(start for start, _ in self.box)
-        return _fresh(_place(moved, self.original_shape, starts), array)
+        return _fresh(place(moved, self.original_shape, starts), array)
 
     # ------------------------------------------------------------------ storage
 
@@ -552,7 +552,7 @@ def _fresh(out: np.ndarray, source: np.ndarray) -> np.ndarray:
     return out.copy() if np.may_share_memory(out, source) else np.ascontiguousarray(out)
 
 
-def _place(array: np.ndarray, shape: Shape3, offsets: Shape3) -> np.ndarray:
+def place(array: np.ndarray, shape: Shape3, offsets: Shape3) -> np.ndarray:
     """(..., X, Y, Z) -> (..., *shape) with index i moved to i + offset per axis; zeros elsewhere.
     `array` itself when that changes nothing."""
     if tuple(array.shape[-3:]) == tuple(shape) and not any(offsets):

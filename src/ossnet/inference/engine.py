@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ossnet.errors import OssnetError
+from ossnet.options import check_fields, finite, option, positive
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 Mode = Literal["guided", "coarse-to-fine", "dense"]
@@ -75,20 +76,49 @@ def decode_chunked(field: Field, coords: torch.Tensor, chunk: int, progress: boo
     return decoded if decoded is not None else coords.new_empty((0, 0))
 
 
-def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk: int = DEFAULT_CHUNK,
-            prior: torch.Tensor | np.ndarray | None = None, threshold: float = 0.5,
-            return_probabilities: bool = False, device: torch.device | str = "cpu",
-            strides: Sequence[int] = (4, 2, 1), band_margin: int = 1, certainty: float = 0.9,
-            progress: bool = False) -> SegmentationResult:
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a volume is decoded: one object carried from `ossnet predict` (or validation) to the engine.
+
+    The hidden fields tune the coarse-to-fine refinement (see `segment`); the defaults are measured ones.
+    """
+
+    mode: Mode = option("guided", "decoding: guided by the encoder's low-resolution prediction (C, D), "
+                                  "coarse-to-fine, or dense (every voxel)")
+    chunk: int = option(DEFAULT_CHUNK, "locations per decoder call (memory grows with it)")
+    scale: float = option(1.0, "sample the continuous function on a grid S times finer (affine adjusted)")
+    precision: Literal["fp32", "bf16"] = option("fp32", "decoder arithmetic: fp32, or bf16 autocast (faster "
+                                                        "where the processor has bfloat16 instructions)")
+    probabilities: bool = option(False, "also return (and write) the probabilities")
+    threshold: float = option(0.5, "foreground cut of a binary occupancy", hidden=True)
+    strides: tuple[int, ...] = option((4, 2, 1), "lattice strides, coarse to fine", hidden=True)
+    band_margin: int = option(1, "coarse cells added around a class change", hidden=True)
+    certainty: float = option(0.9, "a corner less certain than this is refined", hidden=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "decoding")
+        positive({"chunk": self.chunk}, "decoding")
+        positive({"band_margin": self.band_margin}, "decoding", minimum=0)
+        finite(self.scale, "decoding: --scale", 0.0, low_open=True)
+        finite(self.threshold, "decoding: threshold", 0.0, 1.0)
+        finite(self.certainty, "decoding: certainty", 0.0, 1.0)
+        nested = all(coarse > fine and coarse % fine == 0 for coarse, fine in zip(self.strides, self.strides[1:]))
+        if not self.strides or self.strides[-1] != 1 or not nested:
+            raise OssnetError(f"strides must decrease to 1, each a multiple of the next, got {self.strides}")
+
+
+def segment(field: Field, grid_shape: Sequence[int], options: DecodeOptions = DecodeOptions(),
+            prior: Field | None = None, device: torch.device | str = "cpu", progress: bool = False
+            ) -> SegmentationResult:
     """Segment the grid of `grid_shape` (X, Y, Z) by querying `field` (see the module docstring).
 
     mode "dense" queries every voxel: the reference. "coarse-to-fine" queries the whole stride-`strides[0]`
     lattice, then at each finer stride only the *band* where the coarser result may change. "guided" takes
-    the stride-`strides[0]` values from `prior` (K, gx, gy, gz), the encoder's low-resolution probabilities
-    (cell-centred over the volume, upsampled trilinearly), and queries only the prior's band at that stride;
+    the stride-`strides[0]` values from `prior`, a cheap field of the same grid (the encoder's
+    low-resolution probabilities, see `cell_prior`), and queries only the prior's band at that stride;
     without a prior it falls back to coarse-to-fine. In other modes the prior is ignored.
 
-    Going from a stride to the next finer one, fixing the paper's two weaknesses:
+    Going from a stride to the next finer one, fixing the paper's two weaknesses (docs/method.md §5.2):
     - every new lattice point starts with the trilinear interpolation of the coarser *probabilities*, so the
       interior of a region is filled although never visited; in a cell whose corners agree, the
       interpolation keeps their class (binary and argmax alike);
@@ -101,21 +131,22 @@ def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk
     Raising `band_margin` or `certainty` costs queries and misses less. In guided mode the prior's band
     (its uncertain cells and its class changes) decides the first stage; what the prior calls certain
     there is taken as known only where it calls background (its foreground is always queried), so a lesion
-    the prior misses entirely stays missed.
+    the prior misses entirely stays missed (docs/method.md §5.3).
 
     threshold: foreground cut for K = 1 (ignored for K >= 2). chunk: locations per field call.
     device: where the lattices and coordinates live (the field's device).
     """
-    _check_options(grid_shape, mode, strides, band_margin)
+    _check_grid(grid_shape)
     device = torch.device(device)
     grid_shape = tuple(int(n) for n in grid_shape)
-    refiner = _Refiner(field, chunk, threshold, certainty, band_margin, progress)
-    strides = (1,) if mode == "dense" else tuple(strides)
+    mode, threshold = options.mode, options.threshold
+    refiner = _Refiner(field, options.chunk, threshold, options.certainty, options.band_margin, progress)
+    strides = (1,) if mode == "dense" else tuple(options.strides)
     mode_used = "coarse-to-fine" if mode == "guided" and prior is None else mode
     first_axes = _lattice_axes(grid_shape, strides[0], device)
     stage_queries = {}
     if mode_used == "guided":
-        start = _prior_stage(prior, first_axes, grid_shape, threshold)
+        start = _prior_stage(prior, first_axes, threshold)
         stage, stage_queries[strides[0]] = refiner.refine(start, first_axes, strides[0])
     else:
         stage = refiner.decode_lattice(first_axes, strides[0])
@@ -124,23 +155,54 @@ def segment(field: Field, grid_shape: Sequence[int], mode: str = "guided", chunk
         stage, stage_queries[stride] = refiner.refine(stage, _lattice_axes(grid_shape, stride, device), stride)
     queries = sum(stage_queries.values())
     return SegmentationResult(
-        labels=_labels(stage.values, threshold).cpu().numpy(),
-        probabilities=stage.values.cpu().numpy() if return_probabilities else None,
+        labels=labels_of(stage.values, threshold).cpu().numpy(),
+        probabilities=stage.values.cpu().numpy() if options.probabilities else None,
         queries=queries, fraction_of_dense=queries / math.prod(grid_shape), mode=mode_used,
         stage_queries=stage_queries,
     )
 
 
-def _check_options(grid_shape: Sequence[int], mode: str, strides: Sequence[int], band_margin: int) -> None:
-    if mode not in MODES:
-        raise OssnetError(f"unknown inference mode {mode!r}; choose one of {', '.join(MODES)}")
+def cell_prior(prior: torch.Tensor | np.ndarray, grid_shape: Sequence[int],
+               query_to_grid: torch.Tensor | np.ndarray | None = None) -> Field:
+    """Low-resolution probabilities (K, gx, gy, gz) whose cells are centred over a grid of `grid_shape`, as a
+    field: trilinear interpolation, clamped to the outermost cell centres (align_corners=False: voxel a of n
+    sits at prior index (a + 0.5) g / n - 0.5). query_to_grid: (4, 4) map from the queried coordinates to
+    that grid's voxel coordinates (default: the queries are that grid's voxels)."""
+    values = torch.as_tensor(prior, dtype=torch.float32)
+    if values.dim() != 4:
+        raise OssnetError(f"a low-resolution prior must be (K, gx, gy, gz) probabilities, got shape "
+                          f"{tuple(values.shape)}")
+    cells = torch.tensor(values.shape[1:], dtype=torch.float32)
+    sizes = torch.tensor(tuple(grid_shape), dtype=torch.float32)
+    matrix = None if query_to_grid is None else torch.as_tensor(query_to_grid, dtype=torch.float32)
+
+    def field(coords: torch.Tensor) -> torch.Tensor:
+        on_grid = coords.float() if matrix is None else apply_affine(matrix.to(coords.device), coords.float())
+        position = ((on_grid + 0.5) * cells.to(coords.device) / sizes.to(coords.device) - 0.5)
+        position = torch.minimum(position.clamp(min=0), cells.to(coords.device) - 1)
+        return sample_trilinear(values.to(coords.device), position)
+
+    return field
+
+
+def apply_affine(matrix: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """(N, 3) coordinates through the (4, 4) affine map `matrix`."""
+    return coords @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def sample_trilinear(values: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of values (K, a, b, c) at float indices position (N, 3), clamped to the
+    grid -> (N, K)."""
+    extent = (torch.tensor(values.shape[1:], device=position.device) - 1).clamp(min=1)
+    normalized = (2 * position / extent - 1).flip(-1)  # grid_sample's last axis indexes the first dimension
+    sampled = F.grid_sample(values[None], normalized.view(1, -1, 1, 1, 3), mode="bilinear",
+                            padding_mode="border", align_corners=True)
+    return sampled.view(values.shape[0], -1).T
+
+
+def _check_grid(grid_shape: Sequence[int]) -> None:
     if len(grid_shape) != 3 or min(grid_shape) < 1:
         raise OssnetError(f"grid shape must be three positive sizes (X, Y, Z), got {tuple(grid_shape)}")
-    nested = all(coarse > fine and coarse % fine == 0 for coarse, fine in zip(strides, strides[1:]))
-    if not strides or strides[-1] != 1 or not nested:
-        raise OssnetError(f"strides must decrease to 1, each a multiple of the next, got {tuple(strides)}")
-    if band_margin < 0:
-        raise OssnetError(f"band_margin must be >= 0 cells, got {band_margin}")
 
 
 @dataclass
@@ -202,24 +264,19 @@ def _lattice_axes(grid_shape: Sequence[int], stride: int, device: torch.device) 
     return tuple(axes)
 
 
-def _prior_stage(prior: torch.Tensor | np.ndarray, axes: Axes, grid_shape: Sequence[int],
-                 threshold: float) -> _Stage:
-    """The prior (K, gx, gy, gz) upsampled trilinearly to the lattice `axes`, nothing known yet.
+def _prior_stage(prior: Field, axes: Axes, threshold: float) -> _Stage:
+    """The prior field's values on the lattice `axes`, nothing known yet.
 
-    Prior cells are centred over the volume (align_corners=False): voxel a of n sits at prior index
-    (a + 0.5) g / n - 0.5, clamped to the outermost cell centres. The prior only rules locations *out*:
-    where it calls a point foreground, the point is set undecided (p = 0.5, or 1 / K for K classes) so the
-    first stage queries it, as the paper decodes inside the prior's mask. Trusting confident positives
-    instead would fill every coarse cell a lesion merely touches (benchmarks: 1 % of voxels wrong at BraTS
-    shape); confident background is kept, which is where the savings are.
+    The prior only rules locations *out*: where it calls a point foreground, the point is set undecided
+    (p = 0.5, or 1 / K for K classes) so the first stage queries it, as the paper decodes inside the prior's
+    mask. Trusting confident positives instead would fill every coarse cell a lesion merely touches
+    (benchmarks: 1 % of voxels wrong at BraTS shape); confident background is kept, which is where the
+    savings are.
     """
-    prior = torch.as_tensor(prior, dtype=torch.float32, device=axes[0].device)
-    if prior.dim() != 4:
-        raise OssnetError(f"the guided prior must be (K, gx, gy, gz) probabilities, got shape {tuple(prior.shape)}")
-    positions = [((axis + 0.5) * g / n - 0.5).clamp(0, g - 1)
-                 for axis, g, n in zip(axes, prior.shape[1:], grid_shape)]
-    values = _resample(prior, positions)
-    foreground = _labels(values, threshold) > 0
+    shape = tuple(len(axis) for axis in axes)
+    grid = torch.meshgrid(*(axis.float() for axis in axes), indexing="ij")
+    values = prior(torch.stack(grid, dim=-1).reshape(-1, 3)).T.reshape(-1, *shape).to(axes[0].device).contiguous()
+    foreground = labels_of(values, threshold) > 0
     values.movedim(0, -1)[foreground] = 0.5 if len(values) == 1 else 1.0 / len(values)
     return _Stage(axes, values, torch.zeros(values.shape[1:], dtype=torch.bool, device=values.device))
 
@@ -256,7 +313,7 @@ def _inherit_known(coarse: _Stage, fine_axes: Axes) -> torch.Tensor:
     return known
 
 
-def _labels(values: torch.Tensor, threshold: float) -> torch.Tensor:
+def labels_of(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """(K, ...) probabilities -> (...) uint8 class map: threshold for K = 1, argmax otherwise."""
     if len(values) == 1:
         return (values[0] > threshold).to(torch.uint8)
@@ -276,7 +333,7 @@ def _band_cells(values: torch.Tensor, threshold: float, certainty: float, margin
     Disputed cells (corners of different classes) grown by `margin` cells, plus doubtful cells (a corner's
     winning probability below `certainty`). An axis with one lattice point has one degenerate cell.
     """
-    labels = _labels(values, threshold).float()
+    labels = labels_of(values, threshold).float()
     doubt = (_confidence(values) < certainty).float()
     kernel = tuple(min(2, n) for n in labels.shape)
     # one pooling pass gives, per cell, the highest label, minus the lowest label, and any doubtful corner

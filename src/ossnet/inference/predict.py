@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from ossnet.data import LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, get_target, open_dataset, prepare_case
+from ossnet.data.preprocess import place
 from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
-from ossnet.inference.engine import DEFAULT_CHUNK, Mode
+from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
-from ossnet.inference.volume import fine_grid_affine, fine_grid_shape, segment_volume
+from ossnet.inference.volume import QueryGrid, fine_grid_affine, fine_grid_shape, segment_volume
 from ossnet.models import load as load_model
 from ossnet.options import check_fields, finite, option, positive
 
@@ -37,23 +38,17 @@ BYTES_PER_OUTPUT_VOXEL = 24
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How `ossnet predict` segments and what it writes; one field per command-line option."""
+    """How `ossnet predict` reads, decodes and writes; one field per command-line option (`decode`'s too)."""
 
     layout: LayoutChoice = option("auto", LAYOUT_HELP)
-    mode: Mode = option("guided", "decoding: guided by the encoder's low-resolution prediction (C, D), "
-                                  "coarse-to-fine, or dense (every voxel)")
-    chunk: int = option(DEFAULT_CHUNK, "locations per decoder call (memory grows with it)")
     device: str = option("auto", DEVICE_HELP)
-    probabilities: bool = option(False, "also write CASE_prob.nii.gz (float)")
-    scale: float = option(1.0, "sample the continuous function on a grid S times finer (affine adjusted)")
+    decode: DecodeOptions = option(default_factory=DecodeOptions, help="how each case is decoded", hidden=True)
     mesh: MeshFormat | None = option(None, "also write a surface mesh in world mm")
     overlay: bool = option(False, "also write CASE_overlay.png")
     overwrite: bool = option(False, "replace existing outputs")
 
     def __post_init__(self) -> None:
         check_fields(self, "predict")
-        positive({"chunk": self.chunk}, "predict")
-        finite(self.scale, "predict: --scale", 0.0, low_open=True)
 
 
 @dataclass
@@ -98,56 +93,46 @@ class Predictor:
                             f"{list(case.channel_names)}")
 
     def predict_case(self, case: Case, options: PredictOptions) -> CasePrediction:
+        """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4."""
         self.check_case(case)
         started = time.perf_counter()
         prepared = prepare_case(case, self.preprocess, self.target)
-        result = segment_volume(self.model, prepared.volume, prepared.global_volume, mode=options.mode,
-                                chunk=options.chunk, scale=options.scale,
-                                return_probabilities=options.probabilities, device=self.device)
-        geometry = prepared.geometry
-        source_affine = fine_grid_affine(geometry.working_affine(), options.scale)
-        target_affine = fine_grid_affine(geometry.affine, options.scale)
-        target_shape = fine_grid_shape(geometry.original_shape, options.scale)
-        labels = resample_nearest(result.labels, source_affine, target_affine, target_shape)
-        probabilities = None
-        if result.probabilities is not None:
-            probabilities = resample_nearest(np.asarray(result.probabilities, dtype=np.float32),
-                                             source_affine, target_affine, target_shape)
-            if probabilities.shape[0] == 1:
-                probabilities = probabilities[0]
-        return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, target_affine,
+        geometry, decode = prepared.geometry, options.decode
+        output_shape = fine_grid_shape(geometry.original_shape, decode.scale)
+        output_affine = fine_grid_affine(geometry.affine, decode.scale)
+        to_working = np.linalg.inv(geometry.working_to_original) @ fine_grid_affine(np.eye(4), decode.scale)
+        working = QueryGrid.working(geometry.working_shape, decode.scale)
+        shift = np.linalg.inv(working.to_working) @ to_working  # output voxel -> (fine) working voxel
+        if _is_integer_translation(shift):
+            # The input's voxels are (fine) working voxels: segment the working grid, as validation does,
+            # and copy the result back exactly.
+            result = segment_volume(self.model, prepared.volume, prepared.global_volume, decode, self.device,
+                                    working)
+            offsets = tuple(-int(round(t)) for t in shift[:3, 3])
+            labels = place(result.labels, output_shape, offsets)
+            probabilities = (None if result.probabilities is None else
+                             place(np.asarray(result.probabilities, dtype=np.float32), output_shape, offsets))
+        else:
+            result = segment_volume(self.model, prepared.volume, prepared.global_volume, decode, self.device,
+                                    QueryGrid(output_shape, to_working))
+            labels, probabilities = result.labels, result.probabilities
+        if probabilities is not None and probabilities.shape[0] == 1:
+            probabilities = probabilities[0]
+        return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, output_affine,
                               result.queries, result.fraction_of_dense, result.mode,
                               time.perf_counter() - started)
 
 
-def resample_nearest(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
-                     target_shape: tuple[int, int, int]) -> np.ndarray:
-    """(..., X, Y, Z) on the grid of `source_affine` -> (..., *target_shape) on the grid of `target_affine`.
-
-    Both grids share their axes (the voxel map between them is a per-axis scale and shift: padding,
-    cropping, resizing, finer sampling), so nearest-neighbour lookup is separable. Target voxels outside
-    the source grid are 0. With an integer shift this is an exact copy, which makes padding invertible.
-    """
-    voxel_map = np.linalg.inv(source_affine) @ target_affine
-    linear = voxel_map[:3, :3]
-    if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):
-        raise OssnetError("resample_nearest: the two grids do not share their axes")
-    out = np.zeros((*array.shape[:-3], *target_shape), dtype=array.dtype)
-    indices, inside = [], []
-    for axis, n_out in enumerate(target_shape):
-        position = np.arange(n_out) * linear[axis, axis] + voxel_map[axis, 3]
-        index = np.floor(position + 0.5 + 1e-6).astype(np.int64)
-        valid = (index >= 0) & (index < array.shape[-3 + axis])
-        indices.append(index[valid])
-        inside.append(np.flatnonzero(valid))
-    out[(..., *np.ix_(*inside))] = array[(..., *np.ix_(*indices))]
-    return out
+def _is_integer_translation(voxel_map: np.ndarray) -> bool:
+    """Whether the (4, 4) voxel map only shifts by whole voxels (no rotation, flip or scaling)."""
+    shift = voxel_map[:3, 3]
+    return np.allclose(voxel_map[:3, :3], np.eye(3), atol=1e-6) and np.allclose(shift, np.round(shift), atol=1e-6)
 
 
 def output_paths(output_dir: Path, case_id: str, options: PredictOptions) -> dict[str, Path]:
     """Every file `predict` writes for one case, nnU-Net style names (CASE.nii.gz ...)."""
     paths = {"mask": output_dir / f"{case_id}.nii.gz"}
-    if options.probabilities:
+    if options.decode.probabilities:
         paths["probabilities"] = output_dir / f"{case_id}_prob.nii.gz"
     if options.mesh:
         paths["mesh"] = output_dir / f"{case_id}.{options.mesh}"
@@ -194,10 +179,10 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
 def check_output_memory(shape: tuple[int, int, int], options: PredictOptions) -> None:
     """OssnetError before anything is allocated when the output grid of a case of `shape` at `options.scale`
     cannot fit in memory (e.g. --scale 1000)."""
-    grid = fine_grid_shape(shape, options.scale)
-    copies = 2 if options.probabilities else 1
+    grid = fine_grid_shape(shape, options.decode.scale)
+    copies = 2 if options.decode.probabilities else 1
     check_memory(math.prod(grid) * BYTES_PER_OUTPUT_VOXEL * copies,
-                 f"--scale {options.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)")
+                 f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)")
 
 
 def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path]) -> None:

@@ -13,26 +13,47 @@ locations (`CALIBRATION_LOCATIONS`), drawn the way training drew them (`volume_s
 for every chunk of every mode (so dense, coarse-to-fine and guided decode the same function). The model's
 own buffers are restored afterwards.
 
-Grids: `scale` S samples the working grid S times finer. Fine index j sits at working voxel coordinate
+Grids: a volume is segmented on a `QueryGrid`, any voxel grid with an affine map into the working grid.
+By default it is the working grid `scale` S times finer: fine index j sits at working voxel coordinate
 w = (j + 0.5) / S - 0.5 on each axis (voxel centres aligned, the `align_corners=False` convention), so
-S = 1 is the working grid itself.
+S = 1 is the working grid itself. `ossnet predict` passes the input scan's own grid instead, so that the
+decision is taken where the user's voxels are (docs/method.md §5.4).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ossnet.inference.engine import DEFAULT_CHUNK, SegmentationResult, segment
+from ossnet.inference.engine import (DecodeOptions, Field, SegmentationResult, apply_affine, cell_prior, labels_of,
+                                    sample_trilinear, segment)
 from ossnet.models import Latents, OccupancyNetwork, PatchSampler, ResidualUNet, voxel_to_normalized
 
 
 CALIBRATION_LOCATIONS = 2 ** 13
+
+
+@dataclass(frozen=True)
+class QueryGrid:
+    """The voxel grid a volume is segmented on: `shape` (X, Y, Z), and `to_working` (4, 4), the affine map from
+    its voxel coordinates to the working grid's (continuous; docs/method.md §5.4)."""
+
+    shape: tuple[int, int, int]
+    to_working: np.ndarray
+
+    @classmethod
+    def working(cls, working_shape: Sequence[int], scale: float = 1.0) -> QueryGrid:
+        """The working grid S times finer: fine index j sits at working coordinate (j + 0.5) / S - 0.5."""
+        return cls(fine_grid_shape(working_shape, scale), fine_grid_affine(np.eye(4), scale))
+
+    def is_working_grid(self, working_shape: Sequence[int]) -> bool:
+        return tuple(self.shape) == tuple(working_shape) and np.allclose(self.to_working, np.eye(4), atol=1e-9)
 
 
 class EncodedVolume:
@@ -44,27 +65,34 @@ class EncodedVolume:
         self.model, self.latents, self.device = model, latents, volume.device
         self.patches = (PatchSampler(volume, config.local_patches, config.mid_patches, config.patch_size)
                         if config.patch_channels else None)
-        self.last_voxel = torch.tensor(config.input_shape, device=volume.device) - 1
+        self.shape = torch.tensor(config.input_shape, device=volume.device)
 
-    def field(self, scale: float = 1.0, folded: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The network as a field over a grid S times finer than its working grid: field(coords (N, 3) float
-        fine-grid voxel coordinates) -> probabilities (N, K). Patches are cut around the nearest working
-        voxel; the decoder sees the exact continuous position. `folded`: decode with `FoldedDecoder`, made
-        here from the current batch-norm statistics (eval mode); else with `decode` (statistics in any mode).
-        """
+    def field(self, to_working: np.ndarray | None = None, folded: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The network as a field over a query grid: field(coords (N, 3) float voxel coordinates of the grid
+        whose map to the working grid is `to_working` (4, 4), default the working grid itself) -> probabilities
+        (N, K). Patches are cut around the nearest working voxel; the decoder sees the exact continuous
+        position; locations outside the working grid are background. `folded`: decode with `FoldedDecoder`,
+        made here from the current batch-norm statistics (eval mode); else with `decode` (any mode)."""
         model, shape = self.model, self.model.config.input_shape
         decoder = model.fold(self.latents, self.patches) if folded else None
+        matrix = None if to_working is None else torch.as_tensor(to_working, dtype=torch.float32,
+                                                                   device=self.device)
+        background = torch.zeros(model.config.num_classes, device=self.device)
+        background[0] = float(model.config.num_classes > 1)  # binary: occupancy 0; classes: class 0
 
         def field(coords: torch.Tensor) -> torch.Tensor:
-            working = (coords.to(self.device, torch.float32) + 0.5) / scale - 0.5
-            voxels = torch.minimum(working.round().long().clamp(min=0), self.last_voxel)
+            working = coords.to(self.device, torch.float32)
+            if matrix is not None:
+                working = apply_affine(matrix, working)
+            inside = ((working >= -0.5) & (working < self.shape - 0.5)).all(-1, keepdim=True)
+            voxels = torch.minimum(working.round().long().clamp(min=0), self.shape - 1)
             normalized = voxel_to_normalized(working, shape)
             if decoder is not None:
                 logits = decoder(normalized, voxels)
             else:
                 patches = None if self.patches is None else self.patches(voxels)[None]
                 logits = model.decode(self.latents, normalized[None], patches)[0]
-            return probabilities_from_logits(logits.float(), dim=-1)
+            return torch.where(inside, probabilities_from_logits(logits.float(), dim=-1), background)
 
         return field
 
@@ -77,7 +105,9 @@ def volume_statistics(encoded: EncodedVolume, seed: int = 0):
     unknown here, so: (1) statistics from a uniform sample, (2) a cheap prediction on the stride-4 lattice
     (1/64 of the voxels) with them, (3) final statistics from half uniform, half from the band around
     that coarse prediction. On a demo case (3) raised Dice from 0.55 to 0.74 and cut guided queries from
-    25 % to 15 % of dense, against the uniform sample alone.
+    25 % to 15 % of dense, against the uniform sample alone. Where (2) finds nothing (a small structure in a
+    mostly empty volume skews the uniform statistics), the band comes from the auxiliary head's
+    low-resolution prediction instead, when the model has one.
     """
     model = encoded.model
     norms = [m for m in model.decoder_norms() if m.track_running_stats]
@@ -89,6 +119,9 @@ def volume_statistics(encoded: EncodedVolume, seed: int = 0):
     try:
         _estimate_statistics(norms, encoded.field(folded=False), uniform.to(encoded.device))
         band = _coarse_prediction_band(encoded.field(), shape, encoded.device)
+        prior = low_resolution_prior(encoded.latents, shape, QueryGrid.working(shape))
+        if not band.numel() and prior is not None:  # nothing found with uniform statistics: the encoder's guess
+            band = _coarse_prediction_band(prior, shape, encoded.device)
         if band.numel():
             half = CALIBRATION_LOCATIONS // 2
             picks = band[torch.randint(0, len(band), (half,), generator=generator).to(band.device)]
@@ -117,13 +150,13 @@ def _estimate_statistics(norms: list[torch.nn.BatchNorm1d], field, voxels: torch
 
 def _coarse_prediction_band(field, shape: tuple[int, int, int], device: torch.device, stride: int = 4,
                             radius: int = 1) -> torch.Tensor:
-    """(M, 3) voxels of the band around the foreground predicted on the stride-`stride` lattice: lattice
-    cells within `radius` cells of a label change, expanded to the voxels they cover (radius 1 at stride 4
-    is about the training band's 6 voxels). The lattice is segmented coarse-to-fine (its own strides 4, 2,
-    1), so the queries follow the structure's surface rather than its volume."""
+    """(M, 3) voxels of the band around the foreground `field` predicts on the stride-`stride` lattice:
+    lattice cells within `radius` cells of a label change, expanded to the voxels they cover (radius 1 at
+    stride 4 is about the training band's 6 voxels). The lattice is segmented coarse-to-fine (its own
+    strides 4, 2, 1), so the queries follow the structure's surface rather than its volume."""
     lattice_shape = tuple(len(range(0, n, stride)) for n in shape)
-    lattice = segment(lambda index: field(index * stride), lattice_shape, mode="coarse-to-fine",
-                      chunk=CALIBRATION_LOCATIONS, device=device)
+    lattice = segment(lambda index: field(index * stride), lattice_shape,
+                      DecodeOptions(mode="coarse-to-fine", chunk=CALIBRATION_LOCATIONS), device=device)
     labels = torch.from_numpy(lattice.labels > 0).to(device)[None, None].float()
     kernel = 2 * radius + 1
     grown = F.max_pool3d(labels, kernel, stride=1, padding=radius)
@@ -151,49 +184,58 @@ def probabilities_from_logits(logits: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[dim] == 1 else torch.softmax(logits, dim=dim)
 
 
-def occupancy_field(model: OccupancyNetwork, volume: torch.Tensor, latents: Latents, scale: float = 1.0
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`EncodedVolume(model, volume, latents).field(scale)`: the folded network as a field over a grid S times
-    finer than its working grid, with the decoder's current (eval-mode) batch-norm statistics."""
-    return EncodedVolume(model, volume, latents).field(scale)
+def occupancy_field(model: OccupancyNetwork, volume: torch.Tensor, latents: Latents) -> Field:
+    """The folded network as a field over its working grid, with the decoder's current (eval-mode) batch-norm
+    statistics (`EncodedVolume(...).field()`; benchmarks time this)."""
+    return EncodedVolume(model, volume, latents).field()
 
 
-def low_resolution_prior(latents) -> torch.Tensor | None:
-    """The auxiliary head's probabilities (K, gx, gy, gz) for guided decoding, or None without a head."""
+def low_resolution_prior(latents: Latents, working_shape: Sequence[int], grid: QueryGrid) -> Field | None:
+    """The auxiliary head's probabilities (cells centred over the working grid) as a field over `grid`, for
+    guided decoding; None without a head."""
     if latents.aux_logits is None:
         return None
-    return probabilities_from_logits(latents.aux_logits[0].float(), dim=0)
+    return cell_prior(probabilities_from_logits(latents.aux_logits[0].float(), dim=0), working_shape,
+                      grid.to_working)
 
 
 @torch.no_grad()
 def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
-                   global_volume: np.ndarray | torch.Tensor | None, mode: str = "guided",
-                   chunk: int = DEFAULT_CHUNK, scale: float = 1.0, return_probabilities: bool = False,
-                   device: torch.device | str = "cpu", progress: bool = False) -> SegmentationResult:
-    """Segment a preprocessed volume (C, X', Y', Z') on its working grid S times finer.
+                   global_volume: np.ndarray | torch.Tensor | None, options: DecodeOptions = DecodeOptions(),
+                   device: torch.device | str = "cpu", grid: QueryGrid | None = None,
+                   progress: bool = False) -> SegmentationResult:
+    """Segment a preprocessed volume (C, X', Y', Z') on `grid` (default: its working grid, `options.scale`
+    times finer; predict passes the input's own grid, docs/method.md §5.4).
 
     global_volume: (C, X'/d, Y'/d, Z'/d) encoder input (occupancy models only).
-    Returns labels (fine grid) as a numpy uint8 array, probabilities (K, ...) if asked, and the number
-    of decoder queries (U-Nets: voxels of the dense forward pass).
+    Returns labels on `grid` as a numpy uint8 array, probabilities (K, ...) if asked, and the number of
+    decoder queries (U-Nets: the voxels of `grid`).
     """
     model.eval()
     # np.array copies: the cache hands out read-only memory maps, which torch will not wrap.
     volume = torch.as_tensor(np.array(volume), dtype=torch.float32, device=device)
-    grid = fine_grid_shape(volume.shape[1:], scale)
-    if isinstance(model, ResidualUNet):
-        return _segment_dense_unet(model, volume, grid, return_probabilities)
-    global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)
-    latents = model.encode(global_tensor[None])
-    encoded = EncodedVolume(model, volume, latents)
-    with volume_statistics(encoded):
-        return segment(encoded.field(scale), grid, mode=mode, chunk=chunk,
-                       prior=low_resolution_prior(latents), return_probabilities=return_probabilities,
-                       device=volume.device, progress=progress)
+    working_shape = tuple(volume.shape[1:])
+    grid = grid or QueryGrid.working(working_shape, options.scale)
+    with torch.autocast(volume.device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16"):
+        if isinstance(model, ResidualUNet):
+            return _segment_dense_unet(model, volume, grid, options)
+        global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)
+        latents = model.encode(global_tensor[None])
+        encoded = EncodedVolume(model, volume, latents)
+        with volume_statistics(encoded):
+            return segment(encoded.field(grid.to_working), grid.shape, options,
+                           prior=low_resolution_prior(latents, working_shape, grid), device=volume.device,
+                           progress=progress)
 
 
-def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: tuple[int, int, int],
-                        return_probabilities: bool) -> SegmentationResult:
-    """Dense U-Net prediction; a finer grid is sampled by trilinear interpolation of probabilities."""
+# Query-grid voxels resampled from a U-Net's probabilities per pass (bounds the coordinate tensors).
+RESAMPLE_CHUNK = 2**20
+
+
+def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: QueryGrid,
+                        options: DecodeOptions) -> SegmentationResult:
+    """Dense U-Net prediction on the working grid; another grid samples the probabilities trilinearly
+    (clamped at the edges, background outside the working grid), then takes the class."""
     if model.config.dims == 3:
         logits = model(volume[None])[0]
     else:  # axial slices (B = Z, C, X, Y) one slice batch at a time keeps memory at slice size
@@ -201,19 +243,29 @@ def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: tuple[i
         logits = torch.cat([model(slices[z:z + 8]) for z in range(0, slices.shape[0], 8)])
         logits = logits.permute(1, 2, 3, 0)
     probabilities = probabilities_from_logits(logits.float(), dim=0)
-    if tuple(probabilities.shape[1:]) != grid:
-        probabilities = F.interpolate(probabilities[None], size=grid, mode="trilinear",
-                                      align_corners=False)[0]
-    labels = _labels_from_probabilities(probabilities)
+    if not grid.is_working_grid(probabilities.shape[1:]):
+        probabilities = _resample_probabilities(probabilities, grid)
+    labels = labels_of(probabilities, options.threshold)
+    voxels = math.prod(grid.shape)
     return SegmentationResult(
         labels=labels.cpu().numpy().astype(np.uint8),
-        probabilities=probabilities.cpu().numpy() if return_probabilities else None,
-        queries=math.prod(grid), fraction_of_dense=1.0, mode="dense", stage_queries={1: math.prod(grid)},
+        probabilities=probabilities.cpu().numpy() if options.probabilities else None,
+        queries=voxels, fraction_of_dense=1.0, mode="dense", stage_queries={1: voxels},
     )
 
 
-def _labels_from_probabilities(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(K, ...) probabilities -> class map: threshold for one channel, argmax otherwise."""
-    if probabilities.shape[0] == 1:
-        return (probabilities[0] > threshold).to(torch.uint8)
-    return probabilities.argmax(0).to(torch.uint8)
+def _resample_probabilities(probabilities: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
+    """(K, X', Y', Z') on the working grid -> (K, *grid.shape) at the grid's voxels mapped into it."""
+    device, shape = probabilities.device, torch.tensor(probabilities.shape[1:], device=probabilities.device)
+    matrix = torch.as_tensor(grid.to_working, dtype=torch.float32, device=device)
+    background = torch.zeros(len(probabilities), device=device)
+    background[0] = float(len(probabilities) > 1)
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid.shape]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    out = torch.empty(len(points), len(probabilities), device=device)
+    for start in range(0, len(points), RESAMPLE_CHUNK):
+        working = apply_affine(matrix, points[start:start + RESAMPLE_CHUNK])
+        inside = ((working >= -0.5) & (working < shape - 0.5)).all(-1, keepdim=True)
+        values = sample_trilinear(probabilities, torch.minimum(working.clamp(min=0), shape - 1))
+        out[start:start + RESAMPLE_CHUNK] = torch.where(inside, values, background)
+    return out.T.reshape(len(probabilities), *grid.shape)

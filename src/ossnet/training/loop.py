@@ -44,6 +44,7 @@ from ossnet.data import (AUGMENT_PRESETS, PreparedCache, PreprocessConfig, datas
 from ossnet.device import configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
+from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.volume import segment_volume
 from ossnet.metrics import dice, iou
 from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
@@ -56,8 +57,8 @@ from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
 from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
 from ossnet.training.run_files import MetricsLog, choose_split, write_json
 
-# Locations per decoder call when validating (the paper's smaller inference setting).
-VALIDATION_CHUNK = 2**14
+# Validation decodes in chunks of 2^14 locations (the paper's smaller inference setting).
+VALIDATION_DECODING = DecodeOptions(mode="guided", chunk=2**14)
 # Steps between progress-bar updates: the only times a step's loss is read back from the device.
 LOG_EVERY = 10
 
@@ -308,8 +309,8 @@ class _Run:
         totals = np.zeros(3)  # Dice, IoU, cases
         for index in range(self.context.rank, len(self.val_cases), self.context.world_size):
             case = self.val_cases[index]
-            result = segment_volume(self.model, case.volume, case.global_volume,
-                                    mode="guided", chunk=VALIDATION_CHUNK, device=self.device)
+            result = segment_volume(self.model, case.volume, case.global_volume, VALIDATION_DECODING,
+                                    device=self.device)
             totals += (np.mean([dice(result.labels == k, case.label == k) for k in classes]),
                        np.mean([iou(result.labels == k, case.label == k) for k in classes]), 1)
         dice_sum, iou_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
