@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 
 from ossnet.inference.engine import DEFAULT_CHUNK, SegmentationResult, decode_chunked, segment
 from ossnet.models import OccupancyNetwork, ResidualUNet, extract_patches, voxel_to_normalized
@@ -175,8 +176,14 @@ def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
 
 def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: tuple[int, int, int],
                         return_probabilities: bool) -> SegmentationResult:
-    """Dense U-Net prediction; a finer grid is sampled by trilinear interpolation of probabilities."""
-    if model.config.dims == 3:
+    """Dense U-Net prediction (a patch-trained one through `sliding_window_logits`); a finer grid is
+    sampled by trilinear interpolation of probabilities. queries: the grid's voxels (sliding window: the
+    voxels of every window, more than the grid's as windows overlap)."""
+    queries, mode = math.prod(grid), "dense"
+    if model.config.patch_shape is not None:
+        logits, windows = sliding_window_logits(model, volume)
+        queries, mode = windows * math.prod(model.config.patch_shape), "sliding-window"
+    elif model.config.dims == 3:
         logits = model(volume[None])[0]
     else:  # axial slices (B = Z, C, X, Y) one slice batch at a time keeps memory at slice size
         slices = volume.permute(3, 0, 1, 2)
@@ -190,8 +197,31 @@ def _segment_dense_unet(model: ResidualUNet, volume: torch.Tensor, grid: tuple[i
     return SegmentationResult(
         labels=labels.cpu().numpy().astype(np.uint8),
         probabilities=probabilities.cpu().numpy() if return_probabilities else None,
-        queries=math.prod(grid), fraction_of_dense=1.0, mode="dense", stage_queries={1: math.prod(grid)},
+        queries=queries, fraction_of_dense=queries / math.prod(grid), mode=mode, stage_queries={1: queries},
     )
+
+
+def sliding_window_logits(model: ResidualUNet, volume: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Logits (num_classes, X, Y, Z) of a patch-trained 3D U-Net on volume (C, X, Y, Z), and the number of
+    windows it ran.
+
+    MONAI's sliding window as nnU-Net predicts: windows of `patch_shape` overlapping by half, one per
+    forward pass on the model's device, blended with Gaussian weights (sigma 1/8 of the window) into an
+    output on `volume`'s device; axes shorter than the window are zero-padded and cropped back. So the
+    model's device holds one window's activations whatever the volume's size, plus the volume and the
+    blended output when `volume` lives there too.
+    """
+    windows = 0
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal windows
+        windows += batch.shape[0]
+        return model(batch)
+
+    logits = sliding_window_inference(volume[None], roi_size=model.config.patch_shape, sw_batch_size=1,
+                                      predictor=predictor, overlap=0.5, mode="gaussian",
+                                      sw_device=next(model.parameters()).device, device=volume.device)
+    return logits[0], windows
 
 
 def _labels_from_probabilities(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
