@@ -87,3 +87,22 @@ def test_synth_on_another_scanners_grid_then_info_shows_its_spacing_orientation_
     assert lines["orientations"].strip() == "LSA 1"
     assert "median 2*2*3" in lines["spacing"]
     assert "percentiles" in lines["intensities"]
+
+
+def test_models_train_predict_evaluate_with_the_patch_trained_unet(tiny_brats, tmp_path, capsys):
+    """unet3d-patch end to end through the command line, on a patch larger than the 32^3 working volume in
+    two axes (zero-padded in training, padded and cropped back by the sliding window)."""
+    assert main(["models", "--in-channels", "4", "--input-shape", "32", "32", "32"]) == 0
+    assert "unet3d-patch" in capsys.readouterr().out
+    tiny = ["--override", "channels=(4, 8, 16)", "--override", "strides=(2, 2)", "--override", "num_res_units=1",
+            "--override", "patch_shape=(48, 24, 48)"]
+    assert main(["train", "--data", str(tiny_brats), "--model", "unet3d-patch", "-o", str(tmp_path / "run"),
+                 "--epochs", "1", "--batch-size", "2", "--device", "cpu", *tiny]) == 0
+    assert main(["predict", "-c", str(tmp_path / "run" / "best.pt"), "-i", str(tiny_brats),
+                 "-o", str(tmp_path / "pred")]) == 0
+    printed = capsys.readouterr()
+    assert "sliding-window" in printed.out + printed.err
+    masks = sorted((tmp_path / "pred").glob("*.nii.gz"))
+    assert len(masks) == 4 and all(nib.load(mask).shape == (32, 32, 32) for mask in masks)
+    assert main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(tiny_brats), "-o", str(tmp_path / "m.csv")]) == 0
+    assert len((tmp_path / "m.csv").read_text().strip().splitlines()) == 1 + 4

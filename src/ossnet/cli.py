@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
     p.set_defaults(func=run_info)
 
-    p = verbs.add_parser("models", help="list the seven architectures",
+    p = verbs.add_parser("models", help="list the model presets",
                          description="Print each preset: parameters, encoder input, decoder MACs per query.")
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--input-shape", type=int, nargs=3, default=[256, 256, 160], metavar=("X", "Y", "Z"),
@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_models)
 
     p = verbs.add_parser("train", help="train a model on a dataset",
-                         description="Train onet, ossnet-a..d, unet3d or unet2d with the paper's defaults. "
-                                     "Writes RUN_DIR/{last.pt,best.pt,metrics.csv,curves.png,config.json}. "
+                         description="Train onet, ossnet-a..d, unet3d, unet2d or unet3d-patch with the paper's "
+                                     "defaults. Writes RUN_DIR/{last.pt,best.pt,metrics.csv,curves.png,config.json}. "
                                      "Multi-GPU/CPU: torchrun --nproc_per_node N -m ossnet train ...")
     add_options(p, TrainConfig)
     p.set_defaults(func=run_train)

@@ -114,6 +114,9 @@ def test_describe_presets_counts_parameters_and_decoder_cost():
         else:
             assert row["macs_per_query"] > 0
     by_name = {row["name"]: row for row in rows}
+    patch, patch_row = PRESETS["unet3d-patch"].patch_shape, by_name["unet3d-patch"]
+    assert patch_row["encoder_input"] == (2, *patch) and f"patch_shape={patch}" in patch_row["adds"]
+    assert patch_row["macs_per_query"] == pytest.approx(by_name["unet3d"]["macs_per_query"], rel=1e-3)
     assert "mid_patches=True" in by_name["ossnet-b"]["adds"] and "aux_head=True" in by_name["ossnet-c"]["adds"]
     table = format_presets(rows)
     assert all(name in table for name in PRESETS)

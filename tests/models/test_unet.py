@@ -1,8 +1,11 @@
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
 from ossnet.errors import OssnetError
-from ossnet.models import UNetConfig, create
+from ossnet.models import PRESETS, UNetConfig, create
 
 TINY = dict(in_channels=2, input_shape=(16, 16, 8), channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 
@@ -26,6 +29,28 @@ def test_unet_config_rejects_axes_the_strides_cannot_halve():
     with pytest.raises(OssnetError, match="divisible"):
         UNetConfig(input_shape=(16, 12, 8), channels=(4, 8, 16), strides=(2, 4))
     UNetConfig(dims=2, input_shape=(16, 16, 12), channels=(4, 8, 16), strides=(2, 4))  # slices ignore Z
+
+
+def test_unet3d_patch_is_unet3d_on_a_cubic_patch_of_at_most_nnunets_128():
+    patch = PRESETS["unet3d-patch"].patch_shape
+    assert PRESETS["unet3d-patch"] == replace(PRESETS["unet3d"], patch_shape=patch)
+    assert len(set(patch)) == 1 and patch[0] <= 128 and patch[0] % math.prod(PRESETS["unet3d"].strides) == 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"patch_shape": (16, 12, 16)}, "patch_shape .* divisible"),
+    ({"patch_shape": (16, 0, 16)}, "patch_shape must be at least 1"),
+    ({"patch_shape": (16, 16, 16), "dims": 2}, "patch_shape needs dims 3"),
+])
+def test_patch_shape_is_positive_divisible_by_the_strides_and_three_dimensional(changes, message):
+    with pytest.raises(OssnetError, match=message):
+        UNetConfig(**{"input_shape": (32, 32, 32), "channels": (4, 8, 16), "strides": (2, 4), **changes})
+
+
+def test_a_patch_model_takes_any_working_shape_since_it_only_sees_patches():
+    UNetConfig(input_shape=(250, 250, 155), patch_shape=(96, 96, 96))
+    with pytest.raises(OssnetError, match="input axes"):
+        UNetConfig(input_shape=(250, 250, 155))
 
 
 def test_unet_keeps_a_full_resolution_level_and_ends_in_a_plain_convolution():

@@ -23,6 +23,7 @@ TINY_MODELS = {
     "ossnet-c": {"encoder_channels": (4, 8), "decoder_width": 32, "decoder_blocks": 2},
     "unet3d": {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1},
     "unet2d": {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1},
+    "unet3d-patch": {"channels": (4, 8, 16), "strides": (2, 2), "num_res_units": 1, "patch_shape": (16, 16, 16)},
 }
 
 
@@ -42,7 +43,7 @@ def read_metrics(run_dir) -> list[dict]:
         return list(csv.DictReader(stream))
 
 
-@pytest.mark.parametrize("model", ["ossnet-c", "unet3d", "unet2d"])
+@pytest.mark.parametrize("model", ["ossnet-c", "unet3d", "unet2d", "unet3d-patch"])
 def test_training_lowers_the_loss_and_writes_the_run_files(dataset, tmp_path, model):
     result = train(tiny_config(dataset, tmp_path / "run", model, val_every=3))
     run_dir = tmp_path / "run"
@@ -59,6 +60,23 @@ def test_training_lowers_the_loss_and_writes_the_run_files(dataset, tmp_path, mo
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["train"]) == 4 and len(split["val"]) == 1
     assert not set(split["train"]) & set(split["val"])
+
+
+@pytest.mark.parametrize("patch_shape", [(16, 8, 12), (32, 32, 32)])  # inside the 24^3 volume; larger than it
+def test_a_patch_model_steps_on_patches_of_its_patch_shape(dataset, tmp_path, monkeypatch, patch_shape):
+    shapes = []
+
+    def recorded(model, batch):
+        shapes.append(tuple(batch["volume"].shape))
+        return loop_step_losses(model, batch)
+
+    loop_step_losses = loop.step_losses
+    monkeypatch.setattr(loop, "step_losses", recorded)
+    overrides = {**TINY_MODELS["unet3d-patch"], "patch_shape": patch_shape}
+    result = train(tiny_config(dataset, tmp_path / "run", "unet3d-patch", epochs=1, batch_size=2,
+                               model_overrides=overrides))
+    assert shapes == [(2, 4, *patch_shape)] * 2  # 4 training cases, 2 patches per step
+    assert 0.0 <= result.best_dice <= 1.0  # validated with the sliding window
 
 
 def test_resume_after_an_interruption_continues_like_an_uninterrupted_run(dataset, tmp_path, monkeypatch):

@@ -36,10 +36,21 @@ PRESETS["ossnet-c"] = replace(PRESETS["ossnet-a"], skip_latents=True, aux_head=T
 PRESETS["ossnet-d"] = replace(PRESETS["ossnet-c"], mid_patches=True)
 PRESETS["unet3d"] = UNetConfig(dims=3)
 PRESETS["unet2d"] = replace(PRESETS["unet3d"], dims=2)
+# The baseline nnU-Net and MONAI users pick when volumes do not fit: the same 3D U-Net trained on random
+# patches (a third centred on foreground) and predicted with a Gaussian-weighted sliding window, overlap
+# 0.5. Its patch is the largest cube (multiple of 16) whose training step needs no more memory than OSS-Net
+# C's at the BraTS shape 256 x 256 x 160 with 2^14 locations per volume, capped at nnU-Net's usual 128^3.
+# Measured on CPU at commit 7eacdac (benchmarks/steps.py: peak resident set of one step in a fresh process,
+# GB = 2^30 bytes):
+#   patch (batch 1 / batch 2):  64^3 0.66 / 1.04,  80^3 1.03 / 1.78,  96^3 1.58 / 2.88,  112^3 2.34 / 4.41,
+#                               128^3 3.37 / 6.46;  OSS-Net C 2.46 / 4.71.
+# 112^3 fits at batch 1 and at nnU-Net's batch 2 (one patch per volume and step, so both models step on
+# the same number of volumes); 128^3 does not.
+PRESETS["unet3d-patch"] = replace(PRESETS["unet3d"], patch_shape=(112, 112, 112))
 
 # The preset each one is derived from, for `describe_presets`.
 DERIVED_FROM = {"ossnet-a": "onet", "ossnet-b": "ossnet-a", "ossnet-c": "ossnet-a", "ossnet-d": "ossnet-c",
-                "unet2d": "unet3d"}
+                "unet2d": "unet3d", "unet3d-patch": "unet3d"}
 
 CHECKPOINT_KEYS = ("model_name", "model_kind", "model_config", "model_state")
 
@@ -200,18 +211,18 @@ def decoder_macs_per_query(model: OccupancyNetwork) -> int:
 
 
 def unet_macs_per_voxel(model: ResidualUNet) -> int:
-    """MACs of a dense forward pass divided by its output voxels (2D: pixels of one slice)."""
+    """MACs of a dense forward pass divided by its output voxels (2D: pixels of one slice; with a patch
+    shape: voxels of one window)."""
     config = model.config
-    spatial = config.input_shape[:config.dims]
-    volume = torch.zeros(1, config.in_channels, *spatial, device="meta")
+    volume = torch.zeros(1, *encoder_input_shape(config), device="meta")
     return _count_macs(lambda: model(volume)) // volume[0, 0].numel()
 
 
 def encoder_input_shape(config: ModelConfig) -> tuple[int, ...]:
-    """What the network's convolutional part sees per volume (or slice): (C, *spatial)."""
+    """What the network's convolutional part sees per volume, slice or patch: (C, *spatial)."""
     if isinstance(config, OccupancyConfig):
         return (config.in_channels, *config.global_shape)
-    return (config.in_channels, *config.input_shape[:config.dims])
+    return (config.in_channels, *(config.patch_shape or config.input_shape[:config.dims]))
 
 
 def _changes(name: str) -> str:
@@ -256,4 +267,5 @@ def format_presets(rows: list[dict]) -> str:
                          _metric(row["macs_per_query"]), row["adds"]) for row in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1] for line in lines]
-    return "\n".join(table) + "\n(U-Nets: dense forward MACs per voxel.)"
+    return "\n".join(table) + ("\n(U-Nets: dense forward MACs per voxel; unet3d-patch: per voxel of one window, "
+                                "and its sliding window, overlap 0.5, evaluates most voxels in several windows.)")

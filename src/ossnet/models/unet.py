@@ -1,4 +1,6 @@
-"""Dense residual U-Net baselines (REFERENCE 3.6): 3D on the full volume, 2D on axial slices.
+"""Dense residual U-Net baselines (REFERENCE 3.6): 3D on the full volume, 2D on axial slices, and the 3D
+U-Net as nnU-Net and MONAI train it when volumes do not fit: on random patches, predicted with a sliding
+window (`patch_shape`; see the `unet3d-patch` preset in `registry`).
 
 The paper does not publish their depths and widths. We use MONAI's residual U-Net
 (`monai.networks.nets.UNet`, Kerfoot et al. 2018) with two residual units per level, batch norm and
@@ -30,8 +32,11 @@ class UNetConfig:
     """Sizes of a residual U-Net.
 
     dims: 3 (input (B, C, X, Y, Z)) or 2 (input (B, C, X, Y), axial slices of the volume).
-    input_shape: working shape (X, Y, Z) of the volume; its first `dims` axes must be divisible by the
-    product of the strides. num_classes: output channels (1 binary, K + 1 multi-class).
+    input_shape: working shape (X, Y, Z) of the volume. num_classes: output channels (1 binary, K + 1
+    multi-class). patch_shape: None, the network sees the whole volume (3D) or whole slices (2D); or
+    (px, py, pz), it trains on random patches of that shape and predicts with a sliding window of it
+    (3D only). What the network sees (the patch, else the first `dims` axes of input_shape) must be
+    divisible by the product of the strides.
     """
 
     dims: int = 3
@@ -41,22 +46,26 @@ class UNetConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128, 256, 320)
     strides: tuple[int, ...] = (1, 2, 2, 2, 2)
     num_res_units: int = 2
+    patch_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
         positive({"in_channels": self.in_channels, "num_classes": self.num_classes, "input_shape":
                   min(self.input_shape), "channels": min(self.channels, default=0),
-                  "strides": min(self.strides, default=1)}, "model")
+                  "strides": min(self.strides, default=1),
+                  "patch_shape": min(self.patch_shape) if self.patch_shape else None}, "model")
         positive({"num_res_units": self.num_res_units}, "model", minimum=0)
         if self.dims not in (2, 3):
             raise OssnetError(f"U-Net dims must be 2 or 3, got {self.dims}")
         if len(self.strides) != len(self.channels) - 1:
             raise OssnetError(f"U-Net needs len(channels) - 1 = {len(self.channels) - 1} strides, "
                               f"got {len(self.strides)}")
-        factor = math.prod(self.strides)
-        if any(n % factor for n in self.input_shape[:self.dims]):
-            raise OssnetError(f"U-Net input axes {tuple(self.input_shape[:self.dims])} must be divisible by the "
-                              f"product of the strides, {factor}")
+        if self.patch_shape is not None and self.dims != 3:
+            raise OssnetError(f"U-Net patch_shape needs dims 3 (patches of the volume), got dims {self.dims}")
+        factor, seen = math.prod(self.strides), self.patch_shape or self.input_shape[:self.dims]
+        if any(n % factor for n in seen):
+            what = "patch_shape" if self.patch_shape else "input axes"
+            raise OssnetError(f"U-Net {what} {tuple(seen)} must be divisible by the product of the strides, {factor}")
 
 
 class ResidualUNet(nn.Module):

@@ -1,9 +1,10 @@
 """What a training step reads, built inside DataLoader workers from the memory-mapped preprocessing cache.
 
 No dataset is ever held in memory: `PreparedCases` memory-maps a case's cached arrays when a worker
-first asks for it, and each item reads only what one step needs. The three item kinds match the model
-families: sampled locations with their patches (occupancy networks), whole volumes (3D U-Net) and
-axial slices (2D U-Net). Random draws come from `case_rng(seed, epoch, case index)`.
+first asks for it, and each item reads only what one step needs. The four item kinds match the model
+families: sampled locations with their patches (occupancy networks), whole volumes (3D U-Net), random
+patches (3D U-Net with a patch shape) and axial slices (2D U-Net). Random draws come from
+`case_rng(seed, epoch, case index)`.
 """
 
 from collections.abc import Sequence
@@ -20,6 +21,9 @@ from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
 from ossnet.training.losses import downscale_label
 from ossnet.training.sampling import case_rng, sample_locations
 
+# Share of patches centred on a foreground voxel, nnU-Net's `oversample_foreground_percent` (the rest lie
+# uniformly in the volume, so small structures are seen often without forgetting the background).
+FOREGROUND_PATCH_FRACTION = 1 / 3
 # Axial slices each volume of a batch gives the 2D U-Net per step (half of them from slices that cross
 # the border band, like the occupancy networks' locations).
 SLICES_PER_VOLUME = 8
@@ -122,6 +126,51 @@ class VolumeSamples(EpochSamples):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         _, case = self.draw(index)
         return {"volume": _tensor(case.volume), "label": _tensor(case.label).long()}
+
+
+class PatchSamples(EpochSamples):
+    """3D U-Net with a patch shape: one random patch per case, volume (C, px, py, pz) and label (px, py, pz)
+    int64.
+
+    With probability FOREGROUND_PATCH_FRACTION the patch is centred on a random foreground voxel (as
+    close as the volume's edges allow), otherwise placed uniformly. A volume smaller than the patch along
+    an axis is first zero-padded to it, centred: zero is the normalised mean intensity and background,
+    what the working grid's own padding and the sliding window's padding hold too.
+    """
+
+    def __init__(self, cases: PreparedCases, seed: int, patch_shape: tuple[int, int, int],
+                 augment: AugmentConfig | None = None) -> None:
+        super().__init__(cases, seed, augment)
+        self.patch_shape = tuple(patch_shape)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng, case = self.draw(index)
+        volume, label = pad_to_patch(case.volume, case.label, self.patch_shape)
+        start = patch_start(label, self.patch_shape, rng.random() < FOREGROUND_PATCH_FRACTION, rng)
+        window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_shape))
+        return {"volume": _tensor(volume[(slice(None), *window)]), "label": _tensor(label[window]).long()}
+
+
+def pad_to_patch(volume: np.ndarray, label: np.ndarray, patch_shape: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """volume (C, X, Y, Z) and label (X, Y, Z), each axis shorter than the patch zero-padded to it, centred
+    (the arrays themselves when nothing is short, so a memory map is not read in full)."""
+    short = [max(p - n, 0) for n, p in zip(label.shape, patch_shape)]
+    if not any(short):
+        return volume, label
+    widths = [(s // 2, s - s // 2) for s in short]
+    return np.pad(volume, [(0, 0), *widths]), np.pad(label, widths)
+
+
+def patch_start(label: np.ndarray, patch_shape: tuple[int, int, int], foreground: bool,
+                rng: np.random.Generator) -> np.ndarray:
+    """(3,) int64 corner of a patch inside the grid of label (X, Y, Z), each axis at least the patch:
+    centred on a random foreground voxel when `foreground` (and the label has one), else uniform."""
+    shape, patch = np.array(label.shape), np.array(patch_shape)
+    if foreground and (voxels := np.flatnonzero(label)).size:
+        centre = np.array(np.unravel_index(voxels[rng.integers(voxels.size)], label.shape))
+        return np.clip(centre - patch // 2, 0, shape - patch)
+    return rng.integers(0, shape - patch + 1)
 
 
 class SliceSamples(EpochSamples):

@@ -2,10 +2,11 @@
 
 One epoch visits every training case once, in batches of `batch_size` volumes. Occupancy networks learn
 from `locations` border-balanced voxels per volume (plus the auxiliary loss of C / D), the 3D U-Net from
-whole working volumes and the 2D U-Net from axial slices (see `datasets`); all with the losses of
-`losses`. Every `val_every` epochs the validation cases are segmented on their working grid the way
-`ossnet predict` does it (`inference.volume.segment_volume`: guided decoding for occupancy networks,
-dense / slice-wise for U-Nets) and scored with Dice and IoU (multi-class: mean over foreground classes).
+whole working volumes (or one random patch per volume with a patch shape) and the 2D U-Net from axial
+slices (see `datasets`); all with the losses of `losses`. Every `val_every` epochs the validation cases
+are segmented on their working grid the way `ossnet predict` does it (`inference.volume.segment_volume`:
+guided decoding for occupancy networks, dense / sliding-window / slice-wise for U-Nets) and scored with
+Dice and IoU (multi-class: mean over foreground classes).
 
 A run folder holds last.pt / best.pt (see `checkpoints`), metrics.csv, curves.png, config.json (the
 resolved settings) and split.json (train / validation case ids: a seeded `val_fraction` or a split file).
@@ -49,7 +50,7 @@ from ossnet.inference.volume import segment_volume
 from ossnet.metrics import dice, iou
 from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
                                          restore_training_state, save_checkpoint)
-from ossnet.training.datasets import LocationSamples, PreparedCases, SliceSamples, VolumeSamples
+from ossnet.training.datasets import LocationSamples, PatchSamples, PreparedCases, SliceSamples, VolumeSamples
 from ossnet.training.config import PRECISIONS, TrainConfig, resumed_config
 from ossnet.training.distributed import (DistributedContext, all_reduce_sum, barrier, gather_objects,
                                          init_distributed, shutdown)
@@ -188,6 +189,8 @@ class _Run:
                                    config.border_fraction, augment)
         if model_config.dims == 2:
             return SliceSamples(self.train_cases, config.seed, config.border_fraction, augment)
+        if model_config.patch_shape is not None:
+            return PatchSamples(self.train_cases, config.seed, model_config.patch_shape, augment)
         return VolumeSamples(self.train_cases, config.seed, augment)
 
     # ------------------------------------------------------------------ the loop
@@ -250,14 +253,19 @@ class _Run:
         config = self.model.config
         if isinstance(config, models.OccupancyConfig):
             coarsest = math.prod(config.latent_grid)
-        else:  # U-Nets: 2D steps hold several slices per volume; 3D steps one bottleneck per volume
-            coarsest = 2 if config.dims == 2 else math.prod(n // math.prod(config.strides) for n in config.input_shape)
+        elif config.dims == 2:  # several slices per volume
+            coarsest = 2
+        else:  # one bottleneck per volume, or per patch
+            coarsest = math.prod(n // math.prod(config.strides) for n in config.patch_shape or config.input_shape)
         if coarsest > 1:
             return False
         if min(self.config.batch_size, cases_per_rank) < 2:
-            raise OssnetError(f"the working shape {tuple(config.input_shape)} leaves a 1 x 1 x 1 feature map, where "
-                              f"batch norm needs two volumes per step: use --batch-size 2 or more with at least two "
-                              f"training cases per process, or a larger --working-shape")
+            patch = getattr(config, "patch_shape", None)
+            what, larger = ((f"patch {patch}", "a larger --override patch_shape=X,Y,Z") if patch else
+                            (f"working shape {tuple(config.input_shape)}", "a larger --working-shape"))
+            raise OssnetError(f"the {what} leaves a 1 x 1 x 1 feature map, where batch norm needs two volumes per "
+                              f"step: use --batch-size 2 or more with at least two training cases per process, "
+                              f"or {larger}")
         return True
 
     def _autocast(self) -> torch.autocast:

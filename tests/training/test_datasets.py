@@ -1,0 +1,73 @@
+"""Training items of the patch-trained 3D U-Net: patch shape, zero padding of small volumes, a third of the
+patches centred on foreground, draws fixed by (seed, epoch, case)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ossnet.training.datasets import FOREGROUND_PATCH_FRACTION, PatchSamples
+
+
+def cases(*arrays):
+    """Stand-ins for `PreparedCases`: what `EpochSamples.draw` reads of each case without augmentation."""
+    return [SimpleNamespace(volume=volume, global_volume=None, label=label, border=None) for volume, label in arrays]
+
+
+def test_a_patch_is_a_window_of_the_volume_and_its_label():
+    volume = np.arange(2 * 20 * 18 * 16, dtype=np.float32).reshape(2, 20, 18, 16)
+    label = (volume[0] % 3 == 0).astype(np.uint8)
+    item = PatchSamples(cases((volume, label)), seed=0, patch_shape=(8, 12, 16))[0]
+    assert item["volume"].shape == (2, 8, 12, 16) and item["label"].shape == (8, 12, 16)
+    assert item["label"].dtype == torch.int64
+    x, y, z = np.unravel_index(int(item["volume"][0, 0, 0, 0]), (20, 18, 16))  # the corner's own index
+    assert np.array_equal(item["volume"].numpy(), volume[:, x:x + 8, y:y + 12, z:z + 16])
+    assert np.array_equal(item["label"].numpy(), label[x:x + 8, y:y + 12, z:z + 16])
+
+
+def test_a_volume_smaller_than_the_patch_is_zero_padded_to_it_centred():
+    volume = np.ones((2, 6, 16, 11), np.float32)
+    label = np.ones((6, 16, 11), np.uint8)
+    item = PatchSamples(cases((volume, label)), seed=0, patch_shape=(8, 16, 16))[0]
+    expected = np.zeros((8, 16, 16))
+    expected[1:7, :, 2:13] = 1
+    assert np.array_equal(item["label"].numpy(), expected)
+    assert np.array_equal(item["volume"].numpy(), np.stack([expected, expected]))
+
+
+def test_a_third_of_the_patches_are_centred_on_a_foreground_voxel():
+    """One foreground voxel in a 40^3 volume: a uniform 8^3 patch holds it at its centre with probability
+    1 / 33^3, so the patches that do are the forced ones."""
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[20, 20, 20] = 1
+    samples = PatchSamples(cases((np.zeros((1, 40, 40, 40), np.float32), label)), seed=0, patch_shape=(8, 8, 8))
+    centred = []
+    for epoch in range(300):
+        samples.epoch = epoch
+        centred.append(samples[0]["label"][4, 4, 4].item() == 1)
+    assert np.mean(centred) == pytest.approx(FOREGROUND_PATCH_FRACTION, abs=0.08)
+    assert FOREGROUND_PATCH_FRACTION == pytest.approx(1 / 3)
+
+
+def test_a_forced_patch_near_the_edge_stays_inside_the_volume():
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[0, 19, 0] = 1
+    samples = PatchSamples(cases((np.zeros((1, 20, 20, 20), np.float32), label)), seed=0, patch_shape=(8, 8, 8))
+    holding = []
+    for epoch in range(60):
+        samples.epoch = epoch
+        item = samples[0]["label"]
+        assert item.shape == (8, 8, 8)
+        holding.append(item[0, 7, 0].item() == 1)
+    assert np.mean(holding) == pytest.approx(FOREGROUND_PATCH_FRACTION, abs=0.15)
+
+
+def test_patches_depend_only_on_seed_epoch_and_case():
+    rng = np.random.default_rng(0)
+    arrays = [(rng.standard_normal((1, 24, 24, 24)).astype(np.float32), (rng.random((24, 24, 24)) > 0.9).astype(np.uint8))
+              for _ in range(2)]
+    first, again = (PatchSamples(cases(*arrays), seed=3, patch_shape=(8, 8, 8)) for _ in range(2))
+    assert np.array_equal(first[1]["volume"], again[1]["volume"])
+    again.epoch = 1
+    assert not np.array_equal(first[1]["volume"], again[1]["volume"])
