@@ -151,6 +151,12 @@ def test_predict_with_a_scale_too_large_for_memory_is_refused_before_allocating(
     assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
 
 
+def test_a_plan_too_fine_for_memory_is_refused_before_preparing(dataset, tmp_path, capsys):
+    err = one_line_error(capsys, train_args(dataset, tmp_path / "run", "--spacing", "0.001", "0.001", "0.001",
+                                            "--cache-dir", tmp_path / "cache"))
+    assert "GiB" in err and "--spacing" in err
+
+
 def test_predict_into_a_file_is_one_line(checkpoint, dataset, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file in the way")
     err = one_line_error(capsys, ["predict", "-c", checkpoint, "-i", dataset, "-o", tmp_path / "taken"])

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ossnet import models
 from ossnet.data import (AUGMENT_PRESETS, PreparedCache, PreprocessConfig, dataset_preprocess_config, describe_plan,
                          fingerprint_dataset, get_target, open_dataset, plan_preprocessing)
-from ossnet.device import configure_cuda, resolve_device
+from ossnet.device import check_memory, configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.engine import DecodeOptions
@@ -60,6 +60,8 @@ from ossnet.training.run_files import MetricsLog, choose_split, write_json
 
 # Validation decodes in chunks of 2^14 locations (the paper's smaller inference setting).
 VALIDATION_DECODING = DecodeOptions(mode="guided", chunk=2**14)
+# Copies of a working-grid array that preparing one case holds at once (normalised, resampled, padded).
+PREPARATION_COPIES = 3
 # Steps between progress-bar updates: the only times a step's loss is read back from the device.
 LOG_EVERY = 10
 
@@ -148,6 +150,10 @@ class _Run:
             plan = plan_preprocessing(fingerprint, layout, config.working_shape, spacing=spacing)
         if self.context.is_main:
             print(describe_plan(plan), file=sys.stderr)
+        # a case on the working grid: its channels, label, border band and the copies preparing it makes
+        check_memory(math.prod(plan.working_shape) * (len(self.channel_names) + 2) * 4 * PREPARATION_COPIES,
+                     f"a case at the plan's working shape {' x '.join(map(str, plan.working_shape))} (choose a "
+                     f"coarser --spacing or a --working-shape)")
         return plan
 
     def _build_optimisation(self, checkpoint: dict | None) -> None:
