@@ -186,18 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("synth", help="write a synthetic dataset in a real on-disk layout",
-                         description="Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), "
-                                     "optionally on another scanner's grid (--spacing, --orientation, --oblique).")
-    add_options(p, SynthOptions)
-    add_options(p, Grid)
-    p.add_argument("-o", "--output", type=Path, required=True, help="new folder to write")
-    p.set_defaults(func=run_synth)
+    def verb(name: str, run, help: str, description: str, *config_types: type) -> argparse.ArgumentParser:
+        """A subcommand calling `run(args)`, with an option per field of each of `config_types`."""
+        sub = verbs.add_parser(name, help=help, description=description)
+        for config_type in config_types:
+            add_options(sub, config_type)
+        sub.set_defaults(func=run)
+        return sub
 
-    p = verbs.add_parser("info", help="check a dataset before training",
-                         description="Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI "
-                                     "file) and print cases, channels, shapes, spacings, label values "
-                                     "and every case that fails to load.")
+    p = verb("synth", run_synth, "write a synthetic dataset in a real on-disk layout",
+             "Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), optionally on another "
+             "scanner's grid (--spacing, --orientation, --oblique).", SynthOptions, Grid)
+    p.add_argument("-o", "--output", type=Path, required=True, help="new folder to write")
+
+    p = verb("info", run_info, "check a dataset before training",
+             "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "
+             "shapes, spacings, orientations, label values and every case that fails to load.")
     p.add_argument("path", type=Path, help="dataset folder, case folder or NIfTI file")
     p.add_argument("--max-cases", type=int, default=None,
                    help="load the labels of at most this many cases for voxel fractions")
@@ -205,50 +209,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read every voxel of every case (slow) to list truncated files and NaN/Inf images too; "
                         "default: headers only")
     p.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
-    p.set_defaults(func=run_info)
 
-    p = verbs.add_parser("models", help="list the model presets",
-                         description="Print each preset: parameters, encoder input, decoder MACs per query.")
+    p = verb("models", run_models, "list the model presets",
+             "Print each preset: parameters, encoder input, decoder MACs per query.")
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--input-shape", type=int, nargs=3, default=[256, 256, 160], metavar=("X", "Y", "Z"),
                    help="working (padded full-resolution) shape (default BraTS 256 256 160)")
-    p.set_defaults(func=run_models)
 
-    p = verbs.add_parser("train", help="train a model on a dataset",
-                         description="Train onet, ossnet-a..d, unet3d, unet2d or unet3d-patch with the paper's "
-                                     "defaults. Writes RUN_DIR/{last.pt,best.pt,metrics.csv,curves.png,config.json}. "
-                                     "Multi-GPU/CPU: torchrun --nproc_per_node N -m ossnet train ...")
-    add_options(p, TrainConfig)
-    p.set_defaults(func=run_train)
+    verb("train", run_train, "train a model on a dataset",
+         "Train onet, ossnet-a..d, unet3d, unet2d or unet3d-patch with the paper's defaults. Writes "
+         "RUN_DIR/{last.pt,best.pt,metrics.csv,curves.png,config.json}. Multi-GPU/CPU: torchrun "
+         "--nproc_per_node N -m ossnet train ...", TrainConfig)
 
-    p = verbs.add_parser("predict", help="segment NIfTI files, case folders or datasets",
-                         description="Segment each case of INPUT with a trained checkpoint and write "
-                                     "OUTPUT/CASE.nii.gz on the input's voxel grid and affine.")
+    p = verb("predict", run_predict, "segment NIfTI files, case folders or datasets",
+             "Segment each case of INPUT with a trained checkpoint and write OUTPUT/CASE.nii.gz on the input's "
+             "voxel grid and affine.", PredictOptions, DecodeOptions)
     p.add_argument("-c", "--checkpoint", type=Path, required=True, help="best.pt or last.pt of a run")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="NIfTI file, folder of NIfTI files (one per case, or nnU-Net CASE_XXXX channel files), "
                         "BraTS/LiTS case folder, or dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    add_options(p, PredictOptions)
-    add_options(p, DecodeOptions)
-    p.set_defaults(func=run_predict)
 
-    p = verbs.add_parser("evaluate", help="Dice, IoU, HD95, ASD of predictions against labels",
-                         description="Match PRED/CASE.nii.gz to the ground truth by case id and report "
-                                     "Dice, IoU, 95%% Hausdorff and average surface distance (mm).")
+    p = verb("evaluate", run_evaluate, "Dice, IoU, HD95, ASD of predictions against labels",
+             "Match PRED/CASE.nii.gz to the ground truth by case id and report Dice, IoU, 95%% Hausdorff and "
+             "average surface distance (mm).")
     p.add_argument("-p", "--pred", type=Path, required=True, help="folder of predicted masks")
     p.add_argument("-g", "--gt", type=Path, required=True, help="folder of label NIfTIs or a dataset folder")
     p.add_argument("-o", "--output", type=Path, default=None, help="write per-case metrics CSV here")
     p.add_argument("--target", default=None,
                    help="when -g is a dataset: the target its labels are turned into (default: the paper's)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto", help=f"of -g: {LAYOUT_HELP}")
-    p.set_defaults(func=run_evaluate)
 
-    p = verbs.add_parser("demo", help="synthesise data, train ossnet-c, segment, evaluate",
-                         description="The main job on built-in data: writes runs/demo/ with masks, "
-                                     "meshes, overlays, metrics and a report.")
-    add_options(p, DemoOptions)
-    p.set_defaults(func=run_demo)
+    verb("demo", run_demo, "synthesise data, train ossnet-c, segment, evaluate",
+         "The main job on built-in data: writes runs/demo/ with masks, meshes, overlays, metrics and a report.",
+         DemoOptions)
     return parser
 
 

@@ -36,16 +36,22 @@ def test_a_volume_smaller_than_the_patch_is_zero_padded_to_it_centred():
     assert np.array_equal(item["volume"].numpy(), np.stack([expected, expected]))
 
 
+def label_patches(label: np.ndarray, epochs: int) -> list[torch.Tensor]:
+    """The 8^3 label patch of one case with `label` (an empty image) in each of `epochs` epochs."""
+    samples = PatchSamples(cases((np.zeros((1, *label.shape), np.float32), label)), seed=0, patch_shape=(8, 8, 8))
+    patches = []
+    for epoch in range(epochs):
+        samples.epoch = epoch
+        patches.append(samples[0]["label"])
+    return patches
+
+
 def test_a_third_of_the_patches_are_centred_on_a_foreground_voxel():
     """One foreground voxel in a 40^3 volume: a uniform 8^3 patch holds it at its centre with probability
     1 / 33^3, so the patches that do are the forced ones."""
     label = np.zeros((40, 40, 40), np.uint8)
     label[20, 20, 20] = 1
-    samples = PatchSamples(cases((np.zeros((1, 40, 40, 40), np.float32), label)), seed=0, patch_shape=(8, 8, 8))
-    centred = []
-    for epoch in range(300):
-        samples.epoch = epoch
-        centred.append(samples[0]["label"][4, 4, 4].item() == 1)
+    centred = [patch[4, 4, 4].item() == 1 for patch in label_patches(label, 300)]
     assert np.mean(centred) == pytest.approx(FOREGROUND_PATCH_FRACTION, abs=0.08)
     assert FOREGROUND_PATCH_FRACTION == pytest.approx(1 / 3)
 
@@ -53,14 +59,10 @@ def test_a_third_of_the_patches_are_centred_on_a_foreground_voxel():
 def test_a_forced_patch_near_the_edge_stays_inside_the_volume():
     label = np.zeros((20, 20, 20), np.uint8)
     label[0, 19, 0] = 1
-    samples = PatchSamples(cases((np.zeros((1, 20, 20, 20), np.float32), label)), seed=0, patch_shape=(8, 8, 8))
-    holding = []
-    for epoch in range(60):
-        samples.epoch = epoch
-        item = samples[0]["label"]
-        assert item.shape == (8, 8, 8)
-        holding.append(item[0, 7, 0].item() == 1)
-    assert np.mean(holding) == pytest.approx(FOREGROUND_PATCH_FRACTION, abs=0.15)
+    patches = label_patches(label, 60)
+    assert all(patch.shape == (8, 8, 8) for patch in patches)
+    assert np.mean([patch[0, 7, 0].item() == 1 for patch in patches]) == pytest.approx(FOREGROUND_PATCH_FRACTION,
+                                                                                       abs=0.15)
 
 
 def test_patches_depend_only_on_seed_epoch_and_case():
