@@ -66,7 +66,7 @@ class OccupancyConfig:
     num_classes: int = 1
     activation: str = "pau"
     fourier_features: int = 0
-    decoder_recompute: str = "norms"
+    decoder_recompute: str = "blocks"
     compile: bool = False
 
     def __post_init__(self) -> None:
