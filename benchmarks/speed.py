@@ -103,6 +103,7 @@ def measure_throughput(spec: dict) -> dict:
     of THROUGHPUT_CALLS calls after a warm-up call; the matrix-multiply peak of the precision, measured
     right before; MACs per query counted on the same path (3 locations minus 2)."""
     device = torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
     peak = matmul_peak(device, dtype or torch.float32)
     model = models.create("ossnet-c", input_shape=BRATS_WORKING_SHAPE,
@@ -137,7 +138,8 @@ def decoder_throughput(device: torch.device, precisions: list[str], baseline: st
         results = {variant: [] for variant in variants}
         for repeat in range(repeats):
             for code, precision, kernels in variants:
-                spec = {"device": device.type, "precision": precision, "compiled": kernels == "compiled"}
+                spec = {"device": device.type, "precision": precision, "compiled": kernels == "compiled",
+                        "threads": torch.get_num_threads()}
                 with children_import(codes[code]):
                     result = throughput_child(spec)
                 results[code, precision, kernels].append(result)
@@ -332,6 +334,7 @@ def main() -> None:
     parser.add_argument("--time-network", action="store_true",
                         help="at the BraTS shape run OSS-Net C on every queried location (default on cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per throughput variant")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the cores)")
     add_baseline_option(parser)
     parser.add_argument("--throughput-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,6 +342,8 @@ def main() -> None:
         print("RESULT " + json.dumps(measure_throughput(json.loads(args.throughput_child))), flush=True)
         return
     check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     provenance = Provenance.collect(args.device)
     device = torch.device(args.device)
     precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
