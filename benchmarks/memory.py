@@ -289,8 +289,8 @@ def before_after_report(rows: list[tuple[str, StepResult, StepResult]], revision
              for label, before, after in rows]
     c_before, c_after = rows[0][1], rows[0][2]
     if unet.peak_bytes and c_before.peak_bytes and c_after.peak_bytes:
-        table.append(["ratio 3D U-Net / OSS-Net C, training at batch 1", f"{unet.peak_bytes / c_before.peak_bytes:.1f}x",
-                      f"{unet.peak_bytes / c_after.peak_bytes:.1f}x", ""])
+        table.append(["ratio 3D U-Net / OSS-Net C, training at batch 1",
+                      f"{unet.peak_bytes / c_before.peak_bytes:.1f}x", f"{unet.peak_bytes / c_after.peak_bytes:.1f}x", ""])
     return (f"\nBefore (the package as of {revision}, measured in this run by the same steps) and after, GB:\n\n"
             + markdown_table(["figure", f"before ({revision})", "after", "change"], table))
 

@@ -5,8 +5,7 @@ from torch.func import functional_call
 
 from ossnet.errors import OssnetError
 from ossnet.models import layers
-from ossnet.models.layers import (ConditionalBatchNorm1d, PadeActivation, PadeFunction, ResidualEncoderBlock, activate_,
-                                  make_activation, pade)
+from ossnet.models.layers import ConditionalBatchNorm1d, PadeActivation, ResidualEncoderBlock, activate_, make_activation
 
 
 def rational_numpy(x, a, b):

@@ -78,8 +78,8 @@ def volume_statistics(encoded: EncodedVolume, seed: int = 0):
     Training normalised over border-balanced samples (half from the band around the label); the label is
     unknown here, so: (1) statistics from a uniform sample, (2) a cheap prediction on the stride-4 lattice
     (segmented coarse-to-fine: a fraction of its 1/64 of the voxels) with them, (3) final statistics from
-    half uniform, half from the band around that coarse prediction. On a demo case (3) raised Dice from 0.55 to 0.74 and cut guided queries from
-    25 % to 15 % of dense, against the uniform sample alone.
+    half uniform, half from the band around that coarse prediction. On a demo case (3) raised Dice from 0.55
+    to 0.74 and cut guided queries from 25 % to 15 % of dense, against the uniform sample alone.
     """
     model = encoded.model
     norms = [m for m in model.decoder_norms() if m.track_running_stats]
