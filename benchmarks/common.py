@@ -10,7 +10,9 @@ interpretation around the block stays hand-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import platform
@@ -18,6 +20,8 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +61,44 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="a smaller, faster variant; results go to *-quick files and not into the README")
     return parser
+
+
+def add_baseline_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure the package as of git revision REV (e.g. 873f1d9), in the same run, "
+                             "for before / after figures")
+
+
+@contextlib.contextmanager
+def package_source(revision: str | None):
+    """The folder to put on PYTHONPATH for child processes that must import ossnet as of git `revision`
+    (a temporary export of its src/), or None for the package this script runs with."""
+    if revision is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ossnet-baseline-") as folder:
+        archive = subprocess.run(["git", "archive", revision, "src"], cwd=REPO, capture_output=True, check=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(folder, filter="data")
+        yield Path(folder) / "src"
+
+
+@contextlib.contextmanager
+def children_import(source: Path | None):
+    """Within the block, child processes (which inherit os.environ) import ossnet from `source` (None: as
+    this process does)."""
+    if source is None:
+        yield
+        return
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(source)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
 
 
 def check_device(device: str) -> None:

@@ -1,6 +1,7 @@
 """The paper's memory table (REFERENCE 6) for all seven models at the BraTS working shape 4 x 256 x 256 x 160.
 
     .venv/bin/python benchmarks/memory.py [--device cpu|cuda] [--quick] [--measure-batch8] [--ablations]
+        [--recompute-repeats N] [--baseline REV]
 
 Figures (each in a fresh process, see steps.py for the exact definition of "memory"):
 - occupancy networks: one training step with 2^14 locations per volume at batch 1 and batch 8; inference =
@@ -17,6 +18,11 @@ patches, local, local + mid-range); A and B, whose decoders equal C's and D's, a
 plus their own measured 2^14 difference (the encoder differs). --ablations adds OSS-Net C with Leaky ReLU
 instead of PAU, OSS-Net C and the 3D U-Net under bfloat16 autocast (what would lower the figures), and the
 3D U-Net as MONAI builds it by default, whose first unit already strides (no full-resolution level).
+The models are built with their defaults (OSS-Net C's decoder recomputes as `OccupancyConfig.decoder_recompute`
+says); a second table measures OSS-Net C's training step with each decoder_recompute level, memory and median
+step time of --recompute-repeats fresh processes. --baseline REV measures OSS-Net C's training step and
+inference and OSS-Net D's 2^17 inference with the package as of git revision REV as well (its src/
+exported to a temporary folder, imported by those children): before / after in the same run.
 --quick: O-Net, OSS-Net C and the U-Nets, batch 1 and 2^14 locations only.
 """
 
@@ -26,12 +32,15 @@ import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ossnet import models
+from ossnet.models.occupancy import RECOMPUTE
 
 from common import (BRATS_WORKING_SHAPE, GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, Provenance,
-                    argument_parser, check_device, gb, markdown_table, write_results)
+                    add_baseline_option, argument_parser, check_device, children_import, gb, markdown_table,
+                    package_source, write_results)
 from steps import StepResult, StepSpec, run_isolated
 
 OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
@@ -79,15 +88,17 @@ class Figures:
 
     def measure(self, model: str, task: str, batch: int = 1, locations: int = 2**14,
                 shape: tuple[int, int, int] = BRATS_WORKING_SHAPE, estimate: float | None = None,
-                precision: str = "fp32", overrides: dict | None = None) -> StepResult:
+                precision: str = "fp32", overrides: dict | None = None, code: str = "after") -> StepResult:
+        """One figure; `code` labels the package the child imports ("after", or "before (REV)" inside
+        `children_import`)."""
         spec = StepSpec(model, shape, task, batch, locations, self.device, precision=precision,
                         overrides=overrides or {})
         if estimate is not None and estimate > skip_above(self.device):
             result = StepResult("skipped", note=f"~{estimate / GB:.1f} GB estimated")
         else:
             result = run_isolated(spec, memory_cap())
-        self.records.append({"spec": asdict(spec), "estimate_bytes": estimate, **asdict(result)})
-        print(f"{model:9s} {task:5s} batch {batch} locations {locations:6d} shape {shape} {precision} "
+        self.records.append({"code": code, "spec": asdict(spec), "estimate_bytes": estimate, **asdict(result)})
+        print(f"{code:6s} {model:9s} {task:5s} batch {batch} locations {locations:6d} shape {shape} {precision} "
               f"{overrides or ''}: {describe(result)}", flush=True)
         return result
 
@@ -171,6 +182,38 @@ def ablations(figures: Figures) -> list[tuple[str, StepResult]]:
             (STRIDED_UNET, figures.measure("unet3d", "train", overrides=MONAI_DEFAULT_UNET))]
 
 
+def recompute_rows(figures: Figures, repeats: int) -> dict[str, list[StepResult]]:
+    """OSS-Net C training steps at batch 1 with each `decoder_recompute` level, `repeats` times each
+    (levels interleaved; memory does not vary, the step time does)."""
+    rows = {level: [] for level in RECOMPUTE}
+    for _ in range(repeats):
+        for level in RECOMPUTE:
+            rows[level].append(figures.measure("ossnet-c", "train", overrides={"decoder_recompute": level}))
+    return rows
+
+
+# (model, task, locations) measured with the package before and after, in the same run
+BEFORE_AFTER = (("ossnet-c", "train", 2**14), ("ossnet-c", "infer", 2**14), ("ossnet-c", "infer", 2**17),
+                ("ossnet-d", "infer", 2**17))
+
+
+def before_after(figures: Figures, revision: str, table: dict) -> list[tuple[str, StepResult, StepResult]]:
+    """BEFORE_AFTER figures of the package as of `revision` beside this run's own."""
+    after = {("ossnet-c", "train", 2**14): table["ossnet-c"]["train1"],
+             ("ossnet-c", "infer", 2**14): table["ossnet-c"]["infer14"],
+             ("ossnet-c", "infer", 2**17): table["ossnet-c"].get("infer17"),
+             ("ossnet-d", "infer", 2**17): table.get("ossnet-d", {}).get("infer17")}
+    rows = []
+    code = f"before ({revision})"
+    with package_source(revision) as source, children_import(source):
+        for model, task, locations in BEFORE_AFTER:
+            before = figures.measure(model, task, locations=locations, code=code)
+            label = f"{PAPER_NAMES[model]} {'training step, batch 1' if task == 'train' else 'inference'}, " \
+                    f"{'2^14' if locations == 2**14 else '2^17'} locations"
+            rows.append((label, before, after[model, task, locations]))
+    return rows
+
+
 def unet3d_row(figures: Figures, quick: bool, measure_batch8: bool) -> dict[str, StepResult]:
     """Training at half resolution first; the full volume only if 8x that stays below `skip_above`."""
     probe = figures.measure("unet3d", "train", shape=PROBE_SHAPE)
@@ -219,6 +262,39 @@ def report(table: dict, strided_unet: StepResult | None) -> str:
     return text
 
 
+def recompute_report(rows: dict[str, list[StepResult]]) -> str:
+    """The decoder_recompute table: memory, saving, median step time and its change against "none"."""
+    def seconds(level):
+        times = [r.seconds for r in rows[level] if r.status == "ok"]
+        return float(np.median(times)) if times else None
+
+    none_bytes, none_seconds = rows["none"][0].peak_bytes, seconds("none")
+    table = []
+    for level, results in rows.items():
+        peak, time = results[0].peak_bytes, seconds(level)
+        saving = f"{100 * (1 - peak / none_bytes):.0f} %" if peak and none_bytes else ""
+        extra = f"{100 * (time / none_seconds - 1):+.0f} %" if time and none_seconds else ""
+        runs = ", ".join(f"{r.seconds:.1f}" for r in results if r.seconds is not None)
+        table.append([level, cell(results[0]), saving, "" if time is None else f"{time:.1f}", extra, runs])
+    return ("\nDecoder recomputation (`OccupancyConfig.decoder_recompute`), OSS-Net C training step at batch 1 "
+            f"with 2^14 locations, {len(rows['none'])} fresh processes per level (levels interleaved):\n\n"
+            + markdown_table(["decoder_recompute", "train b1 (GB)", "memory saved vs none", "step (s, median)",
+                              "step time vs none", "runs (s)"], table))
+
+
+def before_after_report(rows: list[tuple[str, StepResult, StepResult]], revision: str, unet: StepResult) -> str:
+    table = [[label, cell(before), cell(after),
+              f"{100 * (after.peak_bytes / before.peak_bytes - 1):+.0f} %"
+              if after is not None and before.peak_bytes and after.peak_bytes else ""]
+             for label, before, after in rows]
+    c_before, c_after = rows[0][1], rows[0][2]
+    if unet.peak_bytes and c_before.peak_bytes and c_after.peak_bytes:
+        table.append(["ratio 3D U-Net / OSS-Net C, training at batch 1",
+                      f"{unet.peak_bytes / c_before.peak_bytes:.1f}x", f"{unet.peak_bytes / c_after.peak_bytes:.1f}x", ""])
+    return (f"\nBefore (the package as of {revision}, measured in this run by the same steps) and after, GB:\n\n"
+            + markdown_table(["figure", f"before ({revision})", "after", "change"], table))
+
+
 def main() -> None:
     parser = argument_parser(__doc__.split("\n")[0])
     parser.add_argument("--measure-batch8", action="store_true",
@@ -226,13 +302,23 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true",
                         help="also measure OSS-Net C without PAU, OSS-Net C / 3D U-Net under bf16 autocast and "
                              "MONAI's default 3D U-Net (no full-resolution level)")
+    parser.add_argument("--recompute-repeats", type=int,
+                        help="training steps per decoder_recompute level (default 3, --quick 1; 0: no such table)")
+    add_baseline_option(parser)
     args = parser.parse_args()
     check_device(args.device)
     provenance = Provenance.collect(args.device)
     measure_batch8 = args.measure_batch8 or args.device == "cuda"
     table, figures = run(args.device, args.quick, measure_batch8)
     variants = ablations(figures) if args.ablations else []
+    repeats = args.recompute_repeats if args.recompute_repeats is not None else 1 if args.quick else 3
+    recompute = recompute_rows(figures, repeats) if repeats else None
+    comparison = before_after(figures, args.baseline, table) if args.baseline else None
     body = report(table, dict(variants).get(STRIDED_UNET))
+    if recompute:
+        body += recompute_report(recompute)
+    if comparison:
+        body += before_after_report(comparison, args.baseline, table["unet3d"]["train1"])
     if variants:
         rows = [[label, cell(result), "" if result.seconds is None else f"{result.seconds:.0f}"]
                 for label, result in variants]

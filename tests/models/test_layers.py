@@ -5,8 +5,7 @@ from torch.func import functional_call
 
 from ossnet.errors import OssnetError
 from ossnet.models import layers
-from ossnet.models.layers import (ConditionalBatchNorm1d, PadeActivation, PadeFunction, ResidualEncoderBlock, activate_,
-                                  make_activation, pade)
+from ossnet.models.layers import ConditionalBatchNorm1d, PadeActivation, ResidualEncoderBlock, activate_, make_activation
 
 
 def rational_numpy(x, a, b):
@@ -170,3 +169,18 @@ def test_patch_conv_equals_a_same_padded_conv3d_in_values_and_gradients():
     grad_conv = torch.autograd.grad(expected.square().sum(), (patches, layer.weight, layer.bias))
     for ours, reference in zip(grad_ours, grad_conv):
         assert torch.allclose(ours, reference, atol=1e-8)
+
+
+def test_compiled_pau_equals_the_eager_kernels(device):
+    if device.type == "cpu":
+        pytest.skip("compiling takes ~30 s on a CPU; benchmarks/gpu.sh runs this on CUDA")
+    eager, compiled = pau_with_random_coefficients(5, device), pau_with_random_coefficients(5, device)
+    compiled.compiled = True
+    x = torch.randn(300, 7, device=device)
+    results = []
+    for pau in (eager, compiled):
+        x_ = x.clone().requires_grad_()
+        y = pau(x_)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x_, pau.numerator, pau.denominator))))
+    for ours, reference in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

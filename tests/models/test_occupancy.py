@@ -232,3 +232,18 @@ def test_checkpointed_training_step_gives_the_same_gradients(recompute, device):
 def test_config_rejects_unknown_decoder_recompute():
     with pytest.raises(OssnetError, match="decoder_recompute"):
         OccupancyConfig(decoder_recompute="everything")
+
+
+def test_folded_decoding_does_not_synchronise_the_gpu(device):
+    if device.type != "cuda":
+        pytest.skip("host-device synchronisation is a GPU matter; benchmarks/gpu.sh runs this on CUDA")
+    model = with_trained_looking_norms(create("ossnet-d", **TINY)).to(device).eval()
+    with torch.no_grad():
+        latents, sampler, coords, voxels = one_volume(model, 300, device)
+        decoder = model.fold(latents, sampler)
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+        try:
+            logits = decoder(coords, voxels)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert logits.shape == (300, 1)

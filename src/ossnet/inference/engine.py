@@ -124,7 +124,9 @@ def segment(field: Field, grid_shape: Sequence[int], options: DecodeOptions = De
       interpolation keeps their class (binary and argmax alike);
     - the *band* is queried: the cells whose corners disagree on the class (for K >= 2: not all the same
       class), grown by `band_margin` coarse cells so that a boundary that moves, or a thin protrusion next
-      to it, is not missed, plus the cells with a corner whose winning probability is below `certainty`,
+      to it, is not missed (except at the last stage, whose 2-voxel cells pin the boundary down already:
+      there the growth would only add a shell of queries), plus the cells with a corner whose winning
+      probability is below `certainty`,
       so that a structure thinner than the stride, which the coarse points see only as a faint rise of
       probability, is found. Every point of a (closed) band cell is queried unless the field already
       answered it, so positives are re-examined as much as negatives, and so are values from the prior.
@@ -240,7 +242,10 @@ class _Refiner:
         positions = [_fractional_index(c, f) for c, f in zip(coarse.axes, fine_axes)]
         values = _resample(coarse.values, positions)
         known = _inherit_known(coarse, fine_axes)
-        cells = _band_cells(coarse.values, self.threshold, self.certainty, self.band_margin)
+        # the last stage refines 2-voxel cells whose corners the field answered: the boundary is known to a
+        # cell there, and growing the band would add a shell of queries as thick as the band itself
+        margin = self.band_margin if stride > 1 else 0
+        cells = _band_cells(coarse.values, self.threshold, self.certainty, margin)
         query = _points_in_cells(cells, coarse.axes, fine_axes) & ~known
         if query.any():
             index = torch.nonzero(query)

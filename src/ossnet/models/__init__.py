@@ -7,7 +7,6 @@ from ossnet.models.unet import ResidualUNet, UNetConfig
 
 __all__ = [
     "PRESETS", "FoldedDecoder", "Latents", "OccupancyConfig", "OccupancyNetwork", "PatchSampler", "ResidualUNet",
-    "UNetConfig", "check_overrides", "create",
-    "describe_presets", "extract_patches", "format_presets", "load", "normalized_to_voxel", "save",
-    "voxel_to_normalized",
+    "UNetConfig", "check_overrides", "create", "describe_presets", "extract_patches", "format_presets", "load",
+    "normalized_to_voxel", "save", "voxel_to_normalized",
 ]

@@ -66,7 +66,7 @@ class OccupancyConfig:
     num_classes: int = 1
     activation: str = "pau"
     fourier_features: int = 0
-    decoder_recompute: str = "norms"
+    decoder_recompute: str = "blocks"
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -314,8 +314,12 @@ class FoldedDecoder:
         self.coordinate_features, self.patches = model.coordinate_features, patches
         self.coordinate_width = 3 + 2 * config.fourier_features
         self.input_width = blocks[0].weight1.shape[1]
-        self.float32 = _FoldedWeights(blocks, model.patch_mapping.dense_layers() if patches else [],
-                                      model.classifier.weight.detach())
+        patch_layers = model.patch_mapping.dense_layers() if patches else []
+        if patch_layers:  # the first matrix takes patches voxels first (`PatchSampler.channels_last`)
+            matrix, bias, act = patch_layers[0]
+            matrix = matrix.view(len(matrix), patches.patch_channels, -1).transpose(1, 2).reshape(len(matrix), -1)
+            patch_layers[0] = (matrix, bias, act)
+        self.float32 = _FoldedWeights(blocks, patch_layers, model.classifier.weight.detach())
         self.cast: dict[torch.dtype, _FoldedWeights] = {torch.float32: self.float32}
 
     @torch.no_grad()
@@ -333,7 +337,7 @@ class FoldedDecoder:
             if self.patches is not None:
                 for start in range(0, len(coords), CHUNK_SIZE):
                     rows = slice(start, start + CHUNK_SIZE)
-                    x[rows, self.coordinate_width:] = weights.patch_features(self.patches(voxels[rows]))
+                    x[rows, self.coordinate_width:] = weights.patch_features(self.patches.channels_last(voxels[rows]))
             for block in weights.blocks:
                 x = block(x)
             return (x @ weights.classifier.t()).float()
@@ -354,7 +358,7 @@ class _FoldedWeights:
                               self.classifier.to(dtype))
 
     def patch_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches (M, P, s, s, s) -> (M, s^3) features, as `PatchMapping`."""
+        """patches (M, s^3, P) voxels first -> (M, s^3) features, as `PatchMapping`."""
         x = patches.flatten(1).to(self.classifier.dtype)
         for matrix, bias, act in self.patch_layers:
             x = activate_(act, x @ matrix.t(), bias)
