@@ -48,7 +48,7 @@ OSSNET_TEST_DEVICE=cuda timeout 300 "$PYTHON" -m pytest -q -m device -p no:cache
 summary "tests: pytest -m device tests/models passed on CUDA"
 
 step "memory benchmark on CUDA"
-timeout 300 "$PYTHON" benchmarks/memory.py --device cuda --quick --recompute-repeats 1
+timeout 300 "$PYTHON" benchmarks/memory.py --device cuda --quick --recompute-rounds 1
 step "speed benchmark on CUDA"
 timeout 300 "$PYTHON" benchmarks/speed.py --device cuda --quick --repeats 1
 for name in memory speed; do

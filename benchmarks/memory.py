@@ -1,7 +1,7 @@
 """The paper's memory table (REFERENCE 6) for all seven models at the BraTS working shape 4 x 256 x 256 x 160.
 
     .venv/bin/python benchmarks/memory.py [--device cpu|cuda] [--quick] [--measure-batch8] [--ablations]
-        [--recompute-repeats N] [--baseline REV]
+        [--recompute-rounds N] [--baseline REV]
 
 Figures (each in a fresh process, see steps.py for the exact definition of "memory"):
 - occupancy networks: one training step with 2^14 locations per volume at batch 1 and batch 8; inference =
@@ -19,16 +19,18 @@ plus their own measured 2^14 difference (the encoder differs). --ablations adds 
 instead of PAU, OSS-Net C and the 3D U-Net under bfloat16 autocast (what would lower the figures), and the
 3D U-Net as MONAI builds it by default, whose first unit already strides (no full-resolution level).
 The models are built with their defaults (OSS-Net C's decoder recomputes as `OccupancyConfig.decoder_recompute`
-says); a second table measures OSS-Net C's training step with each decoder_recompute level, memory and median
-step time of --recompute-repeats fresh processes. --baseline REV measures OSS-Net C's training step and
-inference and OSS-Net D's 2^17 inference with the package as of git revision REV as well (its src/
-exported to a temporary folder, imported by those children): before / after in the same run.
+says); a second table measures OSS-Net C's training step with each decoder_recompute level: memory in a fresh
+process each, step time in --recompute-rounds paired rounds within one process (`paired_step_times`).
+--baseline REV measures OSS-Net C's training step and inference and OSS-Net D's 2^17 inference with the
+package as of git revision REV as well (its src/ exported to a temporary folder, imported by those
+children): before / after in the same run.
 --quick: O-Net, OSS-Net C and the U-Nets, batch 1 and 2^14 locations only.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -41,7 +43,8 @@ from ossnet.models.occupancy import RECOMPUTE
 from common import (BRATS_WORKING_SHAPE, GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, Provenance,
                     add_baseline_option, argument_parser, check_device, children_import, gb, markdown_table,
                     package_source, write_results)
-from steps import StepResult, StepSpec, run_isolated
+from steps import (StepResult, StepSpec, build_model, occupancy_batch, prepare_optimizer_state, run_isolated,
+                   synchronize, training_step)
 
 OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
 UNETS = ("unet3d", "unet2d")
@@ -182,14 +185,36 @@ def ablations(figures: Figures) -> list[tuple[str, StepResult]]:
             (STRIDED_UNET, figures.measure("unet3d", "train", overrides=MONAI_DEFAULT_UNET))]
 
 
-def recompute_rows(figures: Figures, repeats: int) -> dict[str, list[StepResult]]:
-    """OSS-Net C training steps at batch 1 with each `decoder_recompute` level, `repeats` times each
-    (levels interleaved; memory does not vary, the step time does)."""
-    rows = {level: [] for level in RECOMPUTE}
-    for _ in range(repeats):
-        for level in RECOMPUTE:
-            rows[level].append(figures.measure("ossnet-c", "train", overrides={"decoder_recompute": level}))
-    return rows
+def recompute_rows(figures: Figures) -> dict[str, StepResult]:
+    """OSS-Net C's training step at batch 1 with each `decoder_recompute` level, each in a fresh process."""
+    return {level: figures.measure("ossnet-c", "train", overrides={"decoder_recompute": level})
+            for level in RECOMPUTE}
+
+
+def paired_step_times(device: str, rounds: int) -> dict[str, list[float]]:
+    """Seconds of OSS-Net C training steps (batch 1, 2^14 locations, the same inputs) per decoder_recompute
+    level, all in this process: the levels in turn, round after round, after a warm-up step each, so that a
+    change of the machine's load hits every level alike (compare them by the ratios within a round)."""
+    torch_device = torch.device(device)
+    runs = {}
+    for level in RECOMPUTE:
+        model = build_model(StepSpec("ossnet-c", BRATS_WORKING_SHAPE, "train", device=device,
+                                     overrides={"decoder_recompute": level}), torch_device).train()
+        runs[level] = (model, prepare_optimizer_state(model))
+    batch = occupancy_batch(runs["none"][0].config, 1, 2**14, torch_device)
+    times = {level: [] for level in RECOMPUTE}
+    for round_ in range(rounds + 1):
+        for level, (model, optimizer) in runs.items():
+            synchronize(torch_device)
+            started = time.perf_counter()
+            training_step(model, optimizer, batch)
+            synchronize(torch_device)
+            if round_:  # round 0 warms up
+                times[level].append(time.perf_counter() - started)
+        if round_:
+            print(f"paired step times, round {round_}: "
+                  + ", ".join(f"{level} {times[level][-1]:.1f} s" for level in RECOMPUTE), flush=True)
+    return times
 
 
 # (model, task, locations) measured with the package before and after, in the same run
@@ -262,24 +287,21 @@ def report(table: dict, strided_unet: StepResult | None) -> str:
     return text
 
 
-def recompute_report(rows: dict[str, list[StepResult]]) -> str:
-    """The decoder_recompute table: memory, saving, median step time and its change against "none"."""
-    def seconds(level):
-        times = [r.seconds for r in rows[level] if r.status == "ok"]
-        return float(np.median(times)) if times else None
-
-    none_bytes, none_seconds = rows["none"][0].peak_bytes, seconds("none")
+def recompute_report(rows: dict[str, StepResult], times: dict[str, list[float]]) -> str:
+    """The decoder_recompute table: memory and its saving (fresh processes), step time and its change against
+    "none" (paired rounds: the median over rounds of each round's ratio)."""
+    none_bytes = rows["none"].peak_bytes
     table = []
-    for level, results in rows.items():
-        peak, time = results[0].peak_bytes, seconds(level)
-        saving = f"{100 * (1 - peak / none_bytes):.0f} %" if peak and none_bytes else ""
-        extra = f"{100 * (time / none_seconds - 1):+.0f} %" if time and none_seconds else ""
-        runs = ", ".join(f"{r.seconds:.1f}" for r in results if r.seconds is not None)
-        table.append([level, cell(results[0]), saving, "" if time is None else f"{time:.1f}", extra, runs])
+    for level, result in rows.items():
+        saving = f"{100 * (1 - result.peak_bytes / none_bytes):.0f} %" if result.peak_bytes and none_bytes else ""
+        ratio = float(np.median([t / n for t, n in zip(times[level], times["none"])]))
+        table.append([level, cell(result), saving, f"{np.median(times[level]):.1f}", f"{100 * (ratio - 1):+.0f} %",
+                      ", ".join(f"{t:.1f}" for t in times[level])])
     return ("\nDecoder recomputation (`OccupancyConfig.decoder_recompute`), OSS-Net C training step at batch 1 "
-            f"with 2^14 locations, {len(rows['none'])} fresh processes per level (levels interleaved):\n\n"
+            f"with 2^14 locations: memory from a fresh process per level; time from {len(times['none'])} paired "
+            "rounds in one process (`paired_step_times`), its change as the median of the per-round ratios:\n\n"
             + markdown_table(["decoder_recompute", "train b1 (GB)", "memory saved vs none", "step (s, median)",
-                              "step time vs none", "runs (s)"], table))
+                              "step time vs none", "rounds (s)"], table))
 
 
 def before_after_report(rows: list[tuple[str, StepResult, StepResult]], revision: str, unet: StepResult) -> str:
@@ -302,8 +324,8 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true",
                         help="also measure OSS-Net C without PAU, OSS-Net C / 3D U-Net under bf16 autocast and "
                              "MONAI's default 3D U-Net (no full-resolution level)")
-    parser.add_argument("--recompute-repeats", type=int,
-                        help="training steps per decoder_recompute level (default 3, --quick 1; 0: no such table)")
+    parser.add_argument("--recompute-rounds", type=int,
+                        help="paired timing rounds of the decoder_recompute table (default 5, --quick 1; 0: no table)")
     add_baseline_option(parser)
     args = parser.parse_args()
     check_device(args.device)
@@ -311,12 +333,12 @@ def main() -> None:
     measure_batch8 = args.measure_batch8 or args.device == "cuda"
     table, figures = run(args.device, args.quick, measure_batch8)
     variants = ablations(figures) if args.ablations else []
-    repeats = args.recompute_repeats if args.recompute_repeats is not None else 1 if args.quick else 3
-    recompute = recompute_rows(figures, repeats) if repeats else None
+    rounds = args.recompute_rounds if args.recompute_rounds is not None else 1 if args.quick else 5
+    recompute = (recompute_rows(figures), paired_step_times(args.device, rounds)) if rounds else None
     comparison = before_after(figures, args.baseline, table) if args.baseline else None
     body = report(table, dict(variants).get(STRIDED_UNET))
     if recompute:
-        body += recompute_report(recompute)
+        body += recompute_report(*recompute)
     if comparison:
         body += before_after_report(comparison, args.baseline, table["unet3d"]["train1"])
     if variants:
