@@ -1,12 +1,16 @@
 """Post-processing decided on validation: component rules, the decision, its round trip through a checkpoint."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+from ossnet.cli import main
+from ossnet.data import open_dataset
 from ossnet.inference.postprocess import (ComponentRule, ComponentTable, Postprocessing, decide_postprocessing,
                                           kept_components)
+from ossnet.inference.predict import PredictOptions, Predictor
 from ossnet.metrics import dice
 
 SHAPE = (40, 40, 40)
@@ -87,3 +91,67 @@ def test_the_decision_round_trips_through_a_weights_only_checkpoint(tmp_path):
     torch.save({"postprocessing": decision.to_dict()}, tmp_path / "c.pt")
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)["postprocessing"]
     assert Postprocessing.from_dict(loaded) == decision
+
+
+# ------------------------------------------------------------------ through predict, with a trained model
+
+
+@pytest.fixture(scope="module")
+def scan_with_island(tiny_brats, tmp_path_factory):
+    """A tiny_brats case with a second, small bright blob (the tumour's contrasts) far from its tumour, as
+    one 4D NIfTI: the trained model segments both."""
+    case = open_dataset(tiny_brats).cases[0].load()
+    image = case.image.copy()
+    tumour = ndimage.center_of_mass(case.label > 0)
+    corner = tuple(3 if c > 16 else 25 for c in tumour)  # the opposite corner of the 32^3 volume
+    island = tuple(slice(c, c + 4) for c in corner)
+    for channel, contrast in enumerate((2.0, -1.0, 1.0, 1.5)):
+        image[(channel, *island)] = 1.0 + contrast
+    path = tmp_path_factory.mktemp("island") / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), case.affine), path)
+    return path
+
+
+def with_postprocessing(checkpoint, path, decision):
+    """A copy of `checkpoint` whose post-processing entry is `decision` (None: removed, an old checkpoint)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state.pop("postprocessing", None)
+    if decision is not None:
+        state["postprocessing"] = decision.to_dict()
+    torch.save(state, path)
+    return path
+
+
+def load_scan(path):
+    (source,) = open_dataset(path).test_cases  # one unlabelled NIfTI file
+    return source.load()
+
+
+def read_mask(path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_predict_applies_the_checkpoint_decision_unless_told_none(trained_checkpoint, scan_with_island, tmp_path):
+    raw = Predictor(trained_checkpoint).predict_case(load_scan(scan_with_island),
+                                                     PredictOptions(postprocess="none")).labels > 0
+    components, count = ndimage.label(raw, np.ones((3, 3, 3)))
+    sizes = np.bincount(components.ravel())[1:]
+    assert count >= 2, "the model should segment the island too"
+    decision = Postprocessing((ComponentRule("min-volume", float(sizes.max())),), dice=0.7, dice_gain=0.05, cases=1)
+    checkpoint = with_postprocessing(trained_checkpoint, tmp_path / "decided.pt", decision)
+    assert main(["predict", "-c", str(checkpoint), "-i", str(scan_with_island), "-o", str(tmp_path / "auto")]) == 0
+    assert main(["predict", "-c", str(checkpoint), "-i", str(scan_with_island), "-o", str(tmp_path / "none"),
+                 "--postprocess", "none"]) == 0
+    auto, none = read_mask(tmp_path / "auto" / "scan.nii.gz"), read_mask(tmp_path / "none" / "scan.nii.gz")
+    assert np.array_equal(none > 0, raw)  # --postprocess none leaves the island
+    assert np.array_equal(auto > 0, components == sizes.argmax() + 1)  # auto keeps the largest component only
+
+
+def test_a_checkpoint_without_a_decision_predicts_as_before(trained_checkpoint, scan_with_island, tmp_path):
+    old = with_postprocessing(trained_checkpoint, tmp_path / "old.pt", None)
+    case = load_scan(scan_with_island)
+    predictor = Predictor(old)
+    assert predictor.postprocessing is None
+    auto = predictor.predict_case(case, PredictOptions()).labels
+    raw = Predictor(trained_checkpoint).predict_case(case, PredictOptions(postprocess="none")).labels
+    assert np.array_equal(auto, raw)
