@@ -67,12 +67,14 @@ def tiny_brats(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tiny_brats, tmp_path_factory):
-    """best.pt of a tiny OSS-Net C trained for a few epochs on `tiny_brats`."""
+    """best.pt of a tiny OSS-Net C trained for a few epochs on `tiny_brats`, with sampled validation every 4
+    epochs and the full one after the last (its run folder's metrics.csv is read by tests)."""
     from ossnet.training import TrainConfig, train
 
     run_dir = tmp_path_factory.mktemp("run") / "run"
     train(TrainConfig(data=tiny_brats, run_dir=run_dir, model="ossnet-c", epochs=24, batch_size=2,
-                      locations=1024, lr=1e-2, device="cpu", val_every=24, model_overrides=TINY_OCCUPANCY))
+                      locations=1024, lr=1e-2, device="cpu", val_every=4, full_val_every=24,
+                      model_overrides=TINY_OCCUPANCY))
     return run_dir / "best.pt"
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from ossnet import models
 from ossnet.data import write_synthetic_dataset
 from ossnet.errors import OssnetError
 from ossnet.training import TrainConfig, train
-from ossnet.training import loop
+from ossnet.training import loop, validation
 
 SHAPE = (24, 24, 24)  # divisible by the tiny encoder's 2 * 2**2 and the tiny U-Nets' 2 * 2
 RUN_FILES = {"last.pt", "best.pt", "metrics.csv", "curves.png", "config.json", "split.json"}
@@ -44,19 +45,25 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("model", ["ossnet-c", "unet3d", "unet2d", "unet3d-patch"])
-def test_training_lowers_the_loss_and_writes_the_run_files(dataset, tmp_path, model):
-    result = train(tiny_config(dataset, tmp_path / "run", model, val_every=3))
+def test_training_lowers_the_loss_and_writes_the_run_files(dataset, tmp_path, capsys, model):
+    result = train(tiny_config(dataset, tmp_path / "run", model, val_every=2, full_val_every=3))
     run_dir = tmp_path / "run"
     assert RUN_FILES <= {path.name for path in run_dir.iterdir()}
     rows = read_metrics(run_dir)
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert [bool(row["val_dice"]) for row in rows] == [False, False, True]  # validated at the end only
+    assert [bool(row["val_dice"]) for row in rows] == [False, False, True]  # validated in full at the end only
+    sampled = [False, True, True] if model == "ossnet-c" else [False] * 3  # every 2 epochs and after the last
+    assert [bool(row["sampled_dice"]) for row in rows] == sampled
     assert 0.0 <= float(rows[-1]["val_dice"]) <= 1.0
     assert result.best_dice == pytest.approx(float(rows[-1]["val_dice"]), abs=1e-5)
     assert bool(rows[0]["aux_loss"]) == (model == "ossnet-c")
+    assert all(float(row["train_seconds"]) > 0 for row in rows)
+    assert [bool(row["val_seconds"]) for row in rows] == [a or b for a, b in zip(sampled, [False, False, True])]
     network, checkpoint = models.load(run_dir / "last.pt")
     assert network.name == model and checkpoint["epoch"] == 3
+    assert checkpoint["postprocessing"]["dice"] == pytest.approx(result.best_dice, abs=1e-5)
+    assert "post-processing of best.pt" in capsys.readouterr().out
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["train"]) == 4 and len(split["val"]) == 1
     assert not set(split["train"]) & set(split["val"])
@@ -80,7 +87,7 @@ def test_a_patch_model_steps_on_patches_of_its_patch_shape(dataset, tmp_path, mo
 
 
 def test_resume_after_an_interruption_continues_like_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
-    config = tiny_config(dataset, tmp_path / "whole", epochs=2, batch_size=2, max_val_cases=0)
+    config = tiny_config(dataset, tmp_path / "whole", epochs=2, batch_size=2, val_every=1, full_val_every=1)
     train(config)
     interrupted = replace(config, run_dir=tmp_path / "interrupted")
     train_epoch = loop._Run._train_epoch
@@ -104,6 +111,65 @@ def test_resume_after_an_interruption_continues_like_an_uninterrupted_run(datase
     for name, value in whole_checkpoint["model_state"].items():
         torch.testing.assert_close(resumed_checkpoint["model_state"][name], value, rtol=1e-5, atol=1e-6)
     assert resumed_checkpoint["scheduler_state"] == whole_checkpoint["scheduler_state"]
+
+
+def test_validation_leaves_the_training_unchanged(dataset, tmp_path):
+    validated = tiny_config(dataset, tmp_path / "validated", epochs=2, batch_size=2, val_every=1, full_val_every=1)
+    train(validated)
+    train(replace(validated, run_dir=tmp_path / "at-the-end", val_every=2, full_val_every=2))
+    assert [bool(row["val_dice"]) for row in read_metrics(validated.run_dir)] == [True, True]
+    weights = models.load(validated.run_dir / "last.pt")[1]["model_state"]
+    unvalidated = models.load(tmp_path / "at-the-end" / "last.pt")[1]["model_state"]
+    for name, value in weights.items():
+        assert torch.equal(unvalidated[name], value), name  # bit for bit: no random stream, no buffer touched
+
+
+class FakeClock:
+    """time.perf_counter for the loop and its validation: advances only when a test says so (plus a
+    microsecond per reading, so that rates never divide by zero)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1e-6
+        return self.now
+
+
+def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoch(dataset, tmp_path, monkeypatch):
+    # Each epoch trains for 1 s, a sampled validation costs 0.1 s (its estimate of a full one, decoding every
+    # voxel: 3 s) and a full validation 2.5 s: `FullValidationSchedule`, driven by the loop's measurements.
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(validation, "time", clock)
+    train_epoch, segment_volume = loop._Run._train_epoch, loop.segment_volume
+
+    def one_second_epoch(self, loader, epoch):
+        result = train_epoch(self, loader, epoch)
+        clock.now += 1.0
+        return result
+
+    def probe(*args):
+        probabilities, _, _ = validation.probe(*args)
+        clock.now += 0.1
+        return probabilities, 0.3, 0.1  # 0.3 s fixed + 0.1 s for 512 of the 24^3 voxels: 3 s for all
+
+    def slow_segment_volume(*args, **kwargs):
+        clock.now += 2.5
+        return segment_volume(*args, **kwargs)
+
+    monkeypatch.setattr(loop._Run, "_train_epoch", one_second_epoch)
+    monkeypatch.setattr(loop, "probe", probe)
+    monkeypatch.setattr(loop, "segment_volume", slow_segment_volume)
+    train(tiny_config(dataset, tmp_path / "run", epochs=9))
+    rows = read_metrics(tmp_path / "run")
+    # credit: +1 s of training and -0.1 s of sampled validation per epoch; epoch 4 covers the estimate (3.6 s),
+    # leaving 1.1 s; epoch 6 covers the measured 2.5 s (2.9 s), then only the last epoch is validated
+    assert [int(row["epoch"]) for row in rows if row["val_dice"]] == [4, 6, 9]
+    assert all(row["sampled_dice"] for row in rows)
+    trained = np.cumsum([float(row["train_seconds"]) for row in rows])
+    validating = np.cumsum([float(row["val_seconds"]) for row in rows])
+    assert all(validating[:-1] <= trained[:-1] + 1e-3)
 
 
 def test_a_finished_run_folder_is_not_overwritten(dataset, tmp_path):

@@ -197,16 +197,17 @@ def _draw_contour(axes, mask_slice: np.ndarray, colour: str, style: str) -> None
 def plot_curves(curves: str | Path | Sequence[Mapping[str, object]], path_png: str | Path) -> Path:
     """Training curves: loss per epoch (train, aux if present) and validation Dice on a twin axis.
 
-    `curves` is a CSV file or its rows, with columns `epoch, train_loss, aux_loss, val_dice`; every column is
-    optional and empty cells are gaps (validation may run every few epochs). Missing epochs count from 1.
+    `curves` is a CSV file or its rows, with columns `epoch, train_loss, aux_loss, sampled_dice, val_dice`;
+    every column is optional and empty cells are gaps (validation may run every few epochs). Missing epochs
+    count from 1.
     """
     source = str(curves) if isinstance(curves, (str, Path)) else "curve rows"
     columns = _read_columns(curves)
     epochs = columns.get("epoch", np.arange(1, len(next(iter(columns.values()), [])) + 1))
     losses = {name: columns[name] for name in ("train_loss", "aux_loss") if _has_values(columns.get(name))}
-    dice = columns.get("val_dice") if _has_values(columns.get("val_dice")) else None
-    if not losses and dice is None:
-        raise OssnetError(f"{source}: no values in columns train_loss, aux_loss or val_dice")
+    dices = {name: columns[name] for name in ("sampled_dice", "val_dice") if _has_values(columns.get(name))}
+    if not losses and not dices:
+        raise OssnetError(f"{source}: no values in columns train_loss, aux_loss, sampled_dice or val_dice")
     figure = Figure(figsize=(7, 4.2), layout="constrained")
     loss_axes = figure.subplots()
     lines = []
@@ -216,9 +217,12 @@ def plot_curves(curves: str | Path | Sequence[Mapping[str, object]], path_png: s
     loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_axes.set_ylabel("loss")
     loss_axes.grid(alpha=0.3)
-    if dice is not None:
+    if dices:
         dice_axes = loss_axes.twinx()
-        lines += _plot_series(dice_axes, epochs, dice, "tab:green", "validation Dice")
+        styles = {"sampled_dice": ("tab:olive", "sampled validation Dice"),
+                  "val_dice": ("tab:green", "validation Dice")}
+        for name, values in dices.items():
+            lines += _plot_series(dice_axes, epochs, values, *styles[name])
         dice_axes.set_ylabel("validation Dice")
         dice_axes.set_ylim(0.0, 1.0)
     figure.legend(handles=lines, loc="outside lower center", ncols=len(lines), frameon=False)

@@ -1,9 +1,10 @@
 """`ossnet predict`: a checkpoint + cases -> masks (NIfTI on the input's grid), meshes and overlays.
 
 A checkpoint carries everything needed to treat a new scan exactly as training did: the model config and
-weights, the preprocessing settings, the target and the channel names. Each case is preprocessed to the
-working grid, segmented there (optionally on an S times finer grid), and mapped back onto the input's own
-voxel grid and affine, so the mask overlays the scan in any viewer.
+weights, the preprocessing settings, the target, the channel names and the post-processing decided on
+validation. Each case is segmented on the input's own voxel grid (optionally S times finer) through the
+working grid, so the mask overlays the scan in any viewer; the post-processing then applies there, its
+component volumes in mm³ (docs/method.md §5.5).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
+from ossnet.inference.postprocess import Postprocessing
 from ossnet.inference.volume import QueryGrid, fine_grid_affine, fine_grid_shape, segment_volume
 from ossnet.models import load as load_model
 from ossnet.options import check_fields, finite, option, positive
@@ -43,6 +45,9 @@ class PredictOptions:
     layout: LayoutChoice = option("auto", LAYOUT_HELP)
     device: str = option("auto", DEVICE_HELP)
     decode: DecodeOptions = option(default_factory=DecodeOptions, help="how each case is decoded", hidden=True)
+    postprocess: Literal["auto", "none"] = option(
+        "auto", "auto: apply the checkpoint's post-processing (connected-component rules per class, kept in "
+                "training only where they raised the validation Dice); none: write the network's raw masks")
     mesh: MeshFormat | None = option(None, "also write a surface mesh in world mm")
     overlay: bool = option(False, "also write CASE_overlay.png")
     overwrite: bool = option(False, "replace existing outputs")
@@ -81,6 +86,9 @@ class Predictor:
             self.preprocess = PreprocessConfig(**state["preprocess"])
             self.target = get_target(state["layout"], state["target"], state.get("label_values"))
             self.channel_names = tuple(state["channel_names"])
+            # checkpoints written before post-processing existed, or never validated in full: none
+            entry = state.get("postprocessing")
+            self.postprocessing = Postprocessing.from_dict(entry) if entry else None
         except (KeyError, TypeError) as error:
             raise CheckpointError(f"{checkpoint}: not a training checkpoint of ossnet (missing {error}); "
                                   "use RUN_DIR/best.pt or last.pt written by `ossnet train`") from error
@@ -93,7 +101,8 @@ class Predictor:
                             f"{list(case.channel_names)}")
 
     def predict_case(self, case: Case, options: PredictOptions) -> CasePrediction:
-        """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4."""
+        """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4, and
+        post-process the class map there (`options.postprocess`; probabilities stay the network's)."""
         self.check_case(case)
         started = time.perf_counter()
         prepared = prepare_case(case, self.preprocess, self.target)
@@ -116,6 +125,8 @@ class Predictor:
             result = segment_volume(self.model, prepared.volume, prepared.global_volume, decode, self.device,
                                     QueryGrid(output_shape, to_working))
             labels, probabilities = result.labels, result.probabilities
+        if options.postprocess == "auto" and self.postprocessing is not None:
+            labels = self.postprocessing.apply(labels, abs(float(np.linalg.det(output_affine[:3, :3]))))
         if probabilities is not None and probabilities.shape[0] == 1:
             probabilities = probabilities[0]
         return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, output_affine,
@@ -162,6 +173,8 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
             raise OssnetError(f"{existing[0]} exists ({len(existing)} output files in all); "
                               "pass --overwrite to replace them or choose another -o")
     output_dir.mkdir(parents=True, exist_ok=True)
+    if options.postprocess == "auto" and predictor.postprocessing is not None:
+        tqdm.write(f"post-processing: {predictor.postprocessing.describe(predictor.target.class_names)}")
     summaries = []
     for source in tqdm(sources, desc="cases", unit="case", disable=len(sources) == 1):
         check_output_memory(source.inspect().shape, options)

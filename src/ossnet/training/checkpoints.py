@@ -4,7 +4,8 @@ Both are `ossnet.models.save` files (written to a temporary file, then renamed, 
 any moment leaves the previous complete file), so `ossnet.models.load(path)` rebuilds the model alone.
 Entries besides the model's:
   run metadata (both files): train_config (dict), preprocess_config (dict), layout, target, class_names,
-    channel_names, epoch (completed epochs), best_dice (float or None), split ({"train": ids, "val": ids});
+    channel_names, epoch (completed epochs), best_dice (float or None), split ({"train": ids, "val": ids}),
+    postprocessing (`inference.postprocess.Postprocessing.to_dict()` of the file's weights, or None);
   training state (last.pt only): optimizer_state, scheduler_state, scaler_state (None unless fp16 on
     CUDA), rng_state (torch, CUDA, numpy and Python generators).
 Everything is tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` accepts it.

@@ -21,7 +21,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
 RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "tf32", "deterministic", "workers",
-                    "resume", "cache_dir", "val_every")
+                    "resume", "cache_dir", "val_every", "full_val_every")
 # Model sizes the data decides (channels, working shape, classes, encoder downscale).
 DATA_FIELDS = ("in_channels", "input_shape", "num_classes", "global_downscale")
 
@@ -69,7 +69,13 @@ class TrainConfig:
                                           "cache folder when DATA is read-only)")
     max_train_cases: int | None = option(None, "use only the first N training cases")
     max_val_cases: int | None = option(None, "use only the first N validation cases (0: no validation)")
-    val_every: int = option(1, "validate every N epochs (and after the last)")
+    val_every: int = option(1, "occupancy networks: sampled validation (Dice at a fixed sample of locations per "
+                               "validation case, a small part of an epoch's cost) every N epochs and after the "
+                               "last; U-Nets have none")
+    full_val_every: int | None = option(
+        None, "full-volume validation, which chooses best.pt and the post-processing, every N epochs and after "
+              "the last (default: whenever the training time not yet spent validating pays for one, so that "
+              "validation takes at most as long as training; which epochs that is depends on timing)")
     model_overrides: dict = option(default_factory=dict, help="change a model config field, e.g. "
                                    "--override decoder_width=128 (repeatable)", flags=("--override",),
                                    metavar="KEY=VALUE")
@@ -78,7 +84,8 @@ class TrainConfig:
         self.spacing = _spacing(self.spacing)
         check_fields(self, "training")
         positive({"epochs": self.epochs, "batch_size": self.batch_size, "locations": self.locations,
-                  "val_every": self.val_every, "max_train_cases": self.max_train_cases}, "training")
+                  "val_every": self.val_every, "full_val_every": self.full_val_every,
+                  "max_train_cases": self.max_train_cases}, "training")
         positive({"workers": self.workers, "max_val_cases": self.max_val_cases}, "training", minimum=0)
         finite(self.border_fraction, "training: border fraction", 0.0, 1.0)
         finite(self.val_fraction, "training: validation fraction", 0.0)

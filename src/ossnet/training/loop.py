@@ -3,16 +3,25 @@
 One epoch visits every training case once, in batches of `batch_size` volumes. Occupancy networks learn
 from `locations` border-balanced voxels per volume (plus the auxiliary loss of C / D), the 3D U-Net from
 whole working volumes (or one random patch per volume with a patch shape) and the 2D U-Net from axial
-slices (see `datasets`); all with the losses of `losses`. Every `val_every` epochs the validation cases
-are segmented on their working grid the way `ossnet predict` does it (`inference.volume.segment_volume`:
-guided decoding for occupancy networks, dense / sliding-window / slice-wise for U-Nets) and scored with
-Dice and IoU (multi-class: mean over foreground classes).
+slices (see `datasets`); all with the losses of `losses`.
+
+Validation (`validation`): every `val_every` epochs (and after the last) an occupancy network is scored on a
+fixed sample of each validation case's locations (sampled_dice, an estimate of the full-volume Dice that
+costs a small part of an epoch). The full validation, which decides best.pt, segments the validation cases
+on their working grid the way `ossnet predict` does it (`inference.volume.segment_volume`: guided decoding
+for occupancy networks, dense / sliding-window / slice-wise for U-Nets) and scores Dice and IoU (multi-class:
+mean over foreground classes); it runs every `full_val_every` epochs, or by default when the training time
+has paid for it (`FullValidationSchedule`), and always after the last epoch. Each full validation also
+decides the post-processing of the current weights (`inference.postprocess`), which best.pt and last.pt
+carry and `ossnet predict` applies.
 
 A run folder holds last.pt / best.pt (see `checkpoints`), metrics.csv, curves.png, config.json (the
 resolved settings) and split.json (train / validation case ids: a seeded `val_fraction` or a split file).
 metrics.csv gets one flushed row per epoch: train_loss (mean segmentation loss of the epoch's steps),
-aux_loss (mean unweighted auxiliary loss, empty without a head), val_dice / val_iou (empty when not
-validated), seconds, peak_memory_mb (CUDA: peak allocated this epoch; CPU: peak resident set so far).
+aux_loss (mean unweighted auxiliary loss, empty without a head), sampled_dice (empty when not sampled),
+val_dice / val_iou (full validation; empty when not validated), train_seconds, val_seconds (both kinds of
+validation), seconds (the whole epoch, files included), peak_memory_mb (CUDA: peak allocated this epoch; CPU:
+peak resident set so far).
 `resume` continues last.pt exactly (model, optimiser, schedule, random states, split, settings), taking
 only RESUMABLE_FIELDS from the new request; a run folder with a last.pt is never started afresh.
 Under torchrun every rank trains on its share of the cases (DistributedDataParallel) and validates its
@@ -46,6 +55,7 @@ from ossnet.device import check_memory, configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.engine import DecodeOptions
+from ossnet.inference.postprocess import ComponentTable, Postprocessing, decide_postprocessing
 from ossnet.inference.volume import segment_volume
 from ossnet.metrics import dice, iou
 from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
@@ -57,6 +67,7 @@ from ossnet.training.distributed import (DistributedContext, all_reduce_sum, bar
 from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
 from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
 from ossnet.training.run_files import MetricsLog, choose_split, write_json
+from ossnet.training.validation import FullValidationSchedule, ValidationSample, dense_seconds, probe
 
 # Validation decodes in chunks of 2^14 locations (the paper's smaller inference setting).
 VALIDATION_DECODING = DecodeOptions(mode="guided", chunk=2**14)
@@ -109,6 +120,10 @@ class _Run:
         self._prepare_cases()  # after the model, so that a bad setting fails before the long part
         self._build_optimisation(checkpoint)
         self.samples = self._training_samples()
+        occupancy = isinstance(self.model, models.OccupancyNetwork)
+        # Occupancy networks estimate a full validation's cost from their sampled one; U-Nets measure it at once.
+        self.schedule = FullValidationSchedule(config.full_val_every, config.epochs, None if occupancy else 0.0)
+        self.postprocessing: Postprocessing | None = None  # decided for the current weights, if validated
         self.step_model = (DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
                                                    find_unused_parameters=False)
                            if context.enabled else self.model)
@@ -202,7 +217,8 @@ class _Run:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        """Train from the current epoch to `epochs`, validating and writing the run files every epoch."""
+        """Train from the current epoch to `epochs`, validating when due and writing the run files every
+        epoch; print the post-processing best.pt carries at the end."""
         run_dir = Path(self.config.run_dir)
         if self.context.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,20 +234,25 @@ class _Run:
             self.samples.epoch = epoch
             train_loss, aux = self._train_epoch(loader, epoch)
             self.scheduler.step()
-            scores = (None, None)
-            if (epoch + 1) % self.config.val_every == 0 or epoch + 1 == self.config.epochs:
-                with self._autocast():
-                    scores = self._validate()
-            self.epoch = epoch + 1
+            self.epoch, self.postprocessing = epoch + 1, None
+            trained = time.perf_counter()
+            self.schedule.spent_training(trained - started)
+            sampled, scores = self._validate()
             improved = scores[0] is not None and (self.best_dice is None or scores[0] > self.best_dice)
             if improved:
                 self.best_dice = scores[0]
             rng_states = gather_objects(capture_rng_state(), self.context)  # every rank's, saved in last.pt
             if self.context.is_main:
+                validated = time.perf_counter()
                 self._record_epoch(run_dir, {"epoch": self.epoch, "train_loss": train_loss, "aux_loss": aux,
-                                             "val_dice": scores[0], "val_iou": scores[1],
+                                             "sampled_dice": sampled, "val_dice": scores[0], "val_iou": scores[1],
+                                             "train_seconds": trained - started,
+                                             "val_seconds": None if sampled is None and scores[0] is None
+                                             else validated - trained,
                                              "seconds": time.perf_counter() - started,
                                              "peak_memory_mb": self._peak_memory_mb()}, improved, rng_states)
+        if self.context.is_main and (run_dir / BEST).is_file():
+            print(describe_postprocessing(run_dir / BEST, self.target.class_names))
         return TrainResult(run_dir, self.epoch, self.best_dice)
 
     def _record_epoch(self, run_dir: Path, row: dict, improved: bool, rng_states: list[dict]) -> None:
@@ -315,30 +336,76 @@ class _Run:
                                                              self.device)
         return loss_sum / steps, (aux_sum / aux_steps if aux_steps else None)
 
+    def _validate(self) -> tuple[float | None, tuple[float | None, float | None]]:
+        """The validations due after epoch `self.epoch` -> (sampled Dice, (full Dice, full IoU)), None where
+        not run; nothing without validation cases."""
+        sampled, scores = None, (None, None)
+        if not len(self.val_cases):
+            return sampled, scores
+        with self._autocast():
+            if isinstance(self.model, models.OccupancyNetwork) and (
+                    self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs):
+                sampled = self._validate_sampled()
+            # every rank must agree: full validation when it is due on all of them (the slowest decides)
+            if all_reduce_sum([float(not self.schedule.due(self.epoch))], self.context, self.device)[0] == 0:
+                scores = self._validate_full()
+        return sampled, scores
+
+    def _val_share(self) -> range:
+        """Indices of the validation cases this rank validates."""
+        return range(self.context.rank, len(self.val_cases), self.context.world_size)
+
     @torch.no_grad()
-    def _validate(self) -> tuple[float | None, float | None]:
-        """Mean Dice and IoU over the validation cases (each rank segments its share); None without any."""
+    def _validate_sampled(self) -> float:
+        """Mean sampled Dice of the validation cases (`validation.ValidationSample`; the sample of case i
+        is drawn from a generator seeded by (seed, i), the same every epoch); gives the schedule its cost
+        and its estimate of a full validation's."""
+        started, totals, estimate = time.perf_counter(), np.zeros(2), 0.0  # Dice, cases
+        for index in self._val_share():
+            case = self.val_cases[index]
+            sample = ValidationSample.draw(case.label, case.border, self.config.locations,
+                                           np.random.default_rng([self.config.seed, index]))
+            probabilities, fixed, decoding = probe(self.model, case.volume, case.global_volume, sample.voxels,
+                                                   VALIDATION_DECODING.chunk, self.device)
+            totals += (sample.dice(probabilities, VALIDATION_DECODING.threshold), 1)
+            estimate += dense_seconds(fixed, decoding, len(sample.voxels), case.label.size)
+        dice_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
+        self.schedule.estimate(estimate)
+        self.schedule.spent_validating(time.perf_counter() - started, full=False)
+        return dice_sum / count
+
+    @torch.no_grad()
+    def _validate_full(self) -> tuple[float, float]:
+        """Mean Dice and IoU over the validation cases segmented in full (each rank segments its share), and
+        the post-processing of the current weights decided on them (rank 0)."""
         self.model.eval()
-        classes = range(1, len(self.target.class_names) + 1)
-        totals = np.zeros(3)  # Dice, IoU, cases
-        for index in range(self.context.rank, len(self.val_cases), self.context.world_size):
+        started, classes = time.perf_counter(), range(1, len(self.target.class_names) + 1)
+        totals, tables = np.zeros(3), []  # Dice, IoU, cases; per case, per class
+        for index in self._val_share():
             case = self.val_cases[index]
             result = segment_volume(self.model, case.volume, case.global_volume, VALIDATION_DECODING,
                                     device=self.device)
             totals += (np.mean([dice(result.labels == k, case.label == k) for k in classes]),
                        np.mean([iou(result.labels == k, case.label == k) for k in classes]), 1)
+            voxel_volume = abs(float(np.linalg.det(case.geometry.working_affine()[:3, :3])))
+            tables.append([ComponentTable.of(result.labels == k, case.label == k, voxel_volume) for k in classes])
         dice_sum, iou_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
-        return (dice_sum / count, iou_sum / count) if count else (None, None)
+        tables = [case_tables for share in gather_objects(tables, self.context) for case_tables in share]
+        self.postprocessing = decide_postprocessing(tables)
+        self.schedule.spent_validating(time.perf_counter() - started, full=True)
+        return dice_sum / count, iou_sum / count
 
     # ------------------------------------------------------------------ what is written
 
     def _metadata(self) -> dict:
         """Run entries of both checkpoints; the keys `ossnet predict` reads are preprocess, layout, target,
-        label_values and channel_names."""
+        label_values, channel_names and postprocessing (the decision for these weights when this epoch
+        validated them in full, else None)."""
         return {"train_config": self.config.to_dict(), "preprocess": asdict(self.preprocess),
                 "layout": self.layout, "target": self.target.name, "class_names": list(self.target.class_names),
                 "label_values": list(self.label_values), "channel_names": list(self.channel_names),
-                "epoch": self.epoch, "best_dice": self.best_dice, "split": self.split}
+                "epoch": self.epoch, "best_dice": self.best_dice, "split": self.split,
+                "postprocessing": self.postprocessing.to_dict() if self.postprocessing else None}
 
     def _resolved_config(self) -> dict:
         model = self.model
@@ -365,6 +432,15 @@ def step_losses(model: nn.Module, batch: dict[str, torch.Tensor]
         aux = None if latents.aux_logits is None else aux_loss(latents.aux_logits, batch["aux_targets"])
         return main, aux, batch["targets"].numel()
     return segmentation_loss(model(batch["volume"]), batch["label"]), None, batch["label"].numel()
+
+
+def describe_postprocessing(checkpoint: Path, class_names: tuple[str, ...]) -> str:
+    """The line training ends with: the post-processing `checkpoint` carries (old checkpoints: none)."""
+    entry = torch.load(checkpoint, map_location="cpu", weights_only=True).get("postprocessing")
+    if entry is None:
+        return f"{checkpoint.name} carries no post-processing"
+    return (f"post-processing of {checkpoint.name}, applied by `ossnet predict` unless --postprocess none: "
+            f"{Postprocessing.from_dict(entry).describe(class_names)}")
 
 
 def _concatenate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from ossnet.atomic import write_text
 from ossnet.errors import DatasetError
 from ossnet.training.config import TrainConfig
 
-METRICS_COLUMNS = ("epoch", "train_loss", "aux_loss", "val_dice", "val_iou", "seconds", "peak_memory_mb")
+METRICS_COLUMNS = ("epoch", "train_loss", "aux_loss", "sampled_dice", "val_dice", "val_iou", "train_seconds",
+                   "val_seconds", "seconds", "peak_memory_mb")
 
 
 def choose_split(case_ids: list[str], config: TrainConfig) -> dict[str, list[str]]:

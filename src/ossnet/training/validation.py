@@ -1,0 +1,147 @@
+"""Validation during training: a cheap sampled Dice to watch, the full-volume Dice to choose best.pt
+(docs/method.md §4.1).
+
+Sampled validation (occupancy networks): each validation case has a fixed set of working-grid voxels
+(`ValidationSample`, seeded by the run's seed and the case, the same every epoch so that epochs compare),
+as many as training samples per volume, half uniform and half from the label's border band as training
+draws them. The network is evaluated there exactly as `ossnet predict` evaluates it (per-volume decoder
+statistics, folded decoder; docs/method.md §5.1), and the Dice is computed from counts weighted by the
+inverse of each location's sampling density, so that it estimates the full-volume Dice rather than the
+Dice of the border-heavy sample. U-Nets have no cheap sampled variant of a dense forward pass: they are
+validated in full only.
+
+Full validation segments every validation case as `ossnet predict` does and decides best.pt. Its cost is
+steep for an untrained model (guided decoding queries nearly every voxel while the network is uncertain
+everywhere), so it follows `FullValidationSchedule`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ossnet.inference.engine import decode_chunked, labels_of
+from ossnet.inference.volume import EncodedVolume, volume_statistics
+from ossnet.models import OccupancyNetwork
+from ossnet.training.sampling import sample_locations
+
+# Share of the sampled validation locations drawn from the border band, as in training (docs/method.md §4).
+BORDER_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class ValidationSample:
+    """The fixed locations of one validation case.
+
+    voxels: (n, 3) int64 working-grid indices; labels: (n,) uint8 target classes there; weights: (n,)
+    float64, the working voxels each location stands for (1 / (n x its sampling density)), so that weighted
+    counts are unbiased estimates of the whole grid's counts.
+    """
+
+    voxels: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def draw(cls, label: np.ndarray, border: np.ndarray, n: int, rng: np.random.Generator) -> ValidationSample:
+        """n locations of the (X, Y, Z) class map `label` with its border band `border`: round(n / 2)
+        uniformly from the band, the rest uniformly over the grid (all uniform without a band)."""
+        voxels = sample_locations(border, n, BORDER_FRACTION, rng)
+        band = int(np.count_nonzero(border))
+        from_band = round(n * BORDER_FRACTION) if band else 0
+        density = (n - from_band) / border.size + from_band * border[tuple(voxels.T)] / max(band, 1)
+        return cls(voxels, label[tuple(voxels.T)].astype(np.uint8), 1.0 / density)
+
+    def dice(self, probabilities: torch.Tensor, threshold: float = 0.5) -> float:
+        """Estimated full-volume Dice, mean over foreground classes, of probabilities (n, K) at the voxels
+        (K = 1: occupancy > threshold; else argmax); a class absent from both counts 1, as in `metrics.dice`."""
+        predicted = labels_of(probabilities.T.float().cpu(), threshold).numpy()
+        classes = range(1, max(2, probabilities.shape[1]))
+        scores = []
+        for k in classes:
+            mine, theirs = predicted == k, self.labels == k
+            total = self.weights[mine].sum() + self.weights[theirs].sum()
+            scores.append(1.0 if total == 0 else 2.0 * self.weights[mine & theirs].sum() / total)
+        return float(np.mean(scores))
+
+
+@torch.no_grad()
+def probe(model: OccupancyNetwork, volume: np.ndarray, global_volume: np.ndarray, voxels: np.ndarray,
+          chunk: int, device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """The network's probabilities (n, K) at voxels (n, 3) of a preprocessed volume (C, X', Y', Z'), decoded as
+    `inference.volume.segment_volume` decodes (same per-volume statistics, same field), and the seconds spent
+    encoding and setting the statistics, then decoding the n locations (the parts of a full validation's
+    cost that are fixed per case and that grow with its queries)."""
+    started = _now(device)
+    model.eval()
+    # np.array copies: the cache hands out read-only memory maps, which torch will not wrap.
+    volume_tensor = torch.as_tensor(np.array(volume), dtype=torch.float32, device=device)
+    global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)
+    encoded = EncodedVolume(model, volume_tensor, model.encode(global_tensor[None]))
+    with volume_statistics(encoded):
+        calibrated = _now(device)
+        probabilities = decode_chunked(encoded.field(), torch.as_tensor(voxels, device=device).float(), chunk)
+        decoded = _now(device)
+    return probabilities, calibrated - started, decoded - calibrated
+
+
+def dense_seconds(fixed: float, decoding: float, sampled: int, voxels: int) -> float:
+    """The cost of a full validation of one case decoding every voxel, from its sampled validation: the
+    fixed part plus every voxel at the sampled rate. About what an untrained network costs (guided decoding
+    queries 93-97 % of the voxels while it is uncertain everywhere), more than a trained one does."""
+    return fixed + decoding * voxels / max(sampled, 1)
+
+
+@dataclass
+class FullValidationSchedule:
+    """When full-volume validation runs: every `every` epochs, or by the time budget when `every` is None;
+    always after the last epoch (`epochs`).
+
+    The budget: the seconds spent training and not yet spent validating (sampled or full) are the credit;
+    a full validation runs after an epoch when the credit covers its `expected` cost, the duration of the
+    last one. Until one has run, the sampled validation gives an `estimate` (decoding every voxel), so the
+    first one waits until the training has paid for what an untrained network costs; without an estimate
+    (U-Nets: `expected` 0) the first runs after the first epoch. So, up to the error of these estimates, the
+    time validating stays at most the time training, the validation after the last epoch aside. The
+    schedule depends on timing: which epochs are validated in full, hence which one becomes best.pt, can
+    differ between two runs of the same settings; the weights never do (validation draws from no training
+    random stream and leaves the model's buffers as it found them).
+    """
+
+    every: int | None
+    epochs: int
+    expected: float | None = None
+    credit: float = 0.0
+    measured: bool = False
+
+    def spent_training(self, seconds: float) -> None:
+        self.credit += seconds
+
+    def spent_validating(self, seconds: float, full: bool) -> None:
+        """Record a validation's duration; a full one's becomes the expected cost of the next."""
+        self.credit -= seconds
+        if full:
+            self.expected, self.measured = seconds, True
+
+    def estimate(self, seconds: float) -> None:
+        """An estimate of a full validation's cost, used until one has been measured."""
+        if not self.measured:
+            self.expected = seconds
+
+    def due(self, epoch: int) -> bool:
+        """Whether to validate in full after `epoch` (1-based)."""
+        if epoch >= self.epochs:
+            return True
+        if self.every is not None:
+            return epoch % self.every == 0
+        return self.expected is not None and self.credit >= self.expected
+
+
+def _now(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
