@@ -20,7 +20,7 @@ plan and, for contrast, by the same weights with the plan switched off (the chec
 without spacing, orientation and crop, which is how a checkpoint from before plans behaves: the scan is
 padded as stored). Dice and HD95 against the label written on the same grid, time and decoder queries.
 
-    .venv/bin/python benchmarks/real_mri.py            # both tasks, about an hour on 2 CPU cores
+    .venv/bin/python benchmarks/real_mri.py            # both tasks, about an hour on 2 CPU cores (training ~15 min a task)
     .venv/bin/python benchmarks/real_mri.py --quick    # a smoke run of the whole pipeline (~10 min)
 
 Everything lives in --work-dir (default /tmp/ossnet-real-mri): an interrupted run resumes (finished
@@ -122,7 +122,7 @@ class Budget:
                 f"{self.subject_spacing or 1:g} mm RAS)")
 
 
-BUDGETS = {"full": Budget(epochs=100, locations=4096, lr=3e-3, decoder_width=128),
+BUDGETS = {"full": Budget(epochs=200, locations=4096, lr=3e-3, decoder_width=128),
            # subjects at 3 mm: a poorly trained model decodes nearly densely, 7 M queries a 1 mm head
            "quick": Budget(epochs=3, locations=1024, lr=3e-3, decoder_width=32, subject_spacing=3.0)}
 
