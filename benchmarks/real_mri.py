@@ -48,7 +48,7 @@ import torch
 from common import RESULTS_DIR, Provenance, argument_parser, check_device, markdown_table, write_results
 from scipy import ndimage
 
-from ossnet.data import resample_nifti
+from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case, resample_nifti
 from ossnet.data.synthetic import Grid
 from ossnet.inference.predict import PredictOptions, predict
 from ossnet.metrics import evaluate_folders
@@ -270,6 +270,19 @@ def segment_copies(task: Task, checkpoint: Path, test_dir: Path, predictions: Pa
     return result
 
 
+def normalised_intensities(task: Task, plan: dict, test_dir: Path) -> dict[str, list[float]]:
+    """Per copy, [mean, sd] of the plan's normalised image inside the label on the working grid: what the
+    network sees of the anatomy (the same for every copy when the normalisation ignores the scanner)."""
+    dataset = open_dataset(test_dir)
+    target = get_target(dataset.layout, task.target, tuple(dataset.label_values))
+    seen = {}
+    for source in dataset.cases:
+        prepared = prepare_case(source.load(), PreprocessConfig(**plan), target)
+        inside = prepared.volume[0][prepared.label > 0]
+        seen[source.case_id] = [round(float(inside.mean()), 3), round(float(inside.std()), 3)]
+    return seen
+
+
 def run_task(task: Task, budget: Budget, root: Path, device: str) -> dict:
     train_dir, test_dir = build_datasets(task, root, budget.subject_spacing)
     trained = train_model(task, budget, train_dir, root, device)
@@ -282,7 +295,8 @@ def run_task(task: Task, budget: Budget, root: Path, device: str) -> dict:
                                       device)
     grids = {copy.name: grid_of(test_dir / "imagesTr" / f"{task.subject}-{copy.name}_0000.nii.gz")
              for copy in task.copies}
-    return {"training": trained, "grids": grids, "scores": scores}
+    return {"training": trained, "grids": grids, "scores": scores,
+            "normalised_inside_label": normalised_intensities(task, trained["plan"], test_dir)}
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -305,6 +319,13 @@ def task_table(task: Task, result: dict) -> str:
                          *[number(case["hd95"][c], 1) for c in classes],
                          f"{case['seconds']:.0f}", f"{case['queries']:,}", f"{100 * case['fraction_of_dense']:.1f}"])
     return markdown_table(header, rows)
+
+
+def intensity_table(task: Task, result: dict) -> str:
+    seen = result["normalised_inside_label"]
+    return markdown_table(["copy", "normalised intensity inside the label, mean ± sd"],
+                          [[copy.description, "{:.2f} ± {:.2f}".format(*seen[f"{task.subject}-{copy.name}"])]
+                           for copy in task.copies])
 
 
 def plan_line(plan: dict) -> str:
@@ -333,6 +354,9 @@ def copy_pictures(root: Path, quick: bool) -> list[tuple[str, str]]:
 
 
 def report(results: dict[str, dict], budget: Budget, minutes: float, root: Path, quick: bool) -> str:
+    training = sum(result["training"]["epoch_seconds"] for result in results.values()) / 60
+    segmenting = sum(case["seconds"] for result in results.values() for mode in result["scores"].values()
+                     for case in mode.values()) / 60
     sections = [f"Data: Colin27 from Debian's `mricron-data` (`apt-get install mricron-data`), MNI152 2009a from "
                 f"nilearn's wheel (`pip install nilearn`); nothing is downloaded at run time. Each task trains on "
                 f"one subject (validation: none; the training scan is also the first test copy), so the copies "
@@ -342,13 +366,15 @@ def report(results: dict[str, dict], budget: Budget, minutes: float, root: Path,
                 f"scored against its own label on its own grid). *no plan*: the same weights, the checkpoint's "
                 f"preprocess dict without {', '.join(PLAN_FIELDS)}, as a checkpoint from before plans (scans "
                 f"padded as stored). Guided decoding on the file's own grid; time per case includes "
-                f"preprocessing, not writing. Wall time of this run: {minutes:.0f} min (parts reused from "
-                f"{root} count 0 s).\n"]
+                f"preprocessing, not writing. Time: training {training:.0f} min, segmentation {segmenting:.0f} "
+                f"min (sums of the stored parts in {root}); this invocation {minutes:.0f} min.\n"]
     for name, result in results.items():
         task, trained = TASKS[name], result["training"]
         sections.append(f"## {task.title}\n\n{plan_line(trained['plan'])}; training {trained['epoch_seconds'] / 60:.1f} "
                         f"min (sum of the epochs), final training loss {trained['final_loss']:.3f}.\n\n"
-                        + task_table(task, result))
+                        + task_table(task, result) + "\nWhat the network sees of the anatomy: the copies "
+                        "after the plan's preprocessing (working grid), inside the label.\n\n"
+                        + intensity_table(task, result))
     if "brain" in results:
         lsa = {mode: results["brain"]["scores"][mode]["colin27-lsa-2x2x3"]["dice"]["brain"] for mode in MODES}
         sections.insert(1, f"**Brain extraction on the 2 x 2 x 3 mm LSA copy: Dice {lsa['plan']:.3f} with the "
@@ -356,7 +382,7 @@ def report(results: dict[str, dict], budget: Budget, minutes: float, root: Path,
     pictures = copy_pictures(root, quick)
     if pictures:
         sections.append("## Overlays\n\nPrediction (dashed red) and label (cyan) on the copy's own voxel grid "
-                        "(panels along the file's array axes).\n\n"
+                        "(panels in the file's closest RAS axes, each titled with its world coordinate).\n\n"
                         + "\n\n".join(f"*{caption}*\n\n![{caption}]({path})" for caption, path in pictures))
     return "\n".join(sections) + "\n"
 
