@@ -166,11 +166,13 @@ def result_stem(name: str, device: str, quick: bool) -> str:
     return f"{name}-{device}" + ("-quick" if quick else "")
 
 
-def write_results(name: str, device: str, quick: bool, provenance: Provenance, body: str, raw: dict) -> Path:
+def write_results(name: str, device: str, quick: bool, provenance: Provenance, body: str, raw: dict,
+                  stem: str | None = None) -> Path:
     """Write `<stem>.md` (provenance + body) and `<stem>.json` (provenance + raw figures); a full run also
-    replaces its block in the README. Returns the Markdown path."""
+    replaces its block in the README. `stem` defaults to `result_stem(name, device, quick)`. Returns the
+    Markdown path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(name, device, quick)
+    stem = stem or result_stem(name, device, quick)
     section = provenance.markdown() + "\n" + body
     markdown = RESULTS_DIR / f"{stem}.md"
     markdown.write_text(f"# {name} ({device}{', quick' if quick else ''})\n\n{section}")

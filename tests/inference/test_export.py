@@ -196,12 +196,38 @@ def test_overlay_png_shows_the_image_with_prediction_and_label_contours(tmp_path
     image = probabilities * 100 + np.random.rand(*SHAPE) * 20
     label = np.roll(probabilities > 0.5, 2, axis=0)
     path = save_overlays(image, tmp_path / "overlay.png", prediction=probabilities > 0.5, label=label,
-                         title="case 001", spacing=SPACING)
+                         title="case 001", affine=np.diag([*SPACING, 1.0]))
     png = matplotlib.image.imread(path)
     assert png.ndim == 3 and png.shape[0] > 200 and png.shape[1] > 600
     assert np.ptp(png[..., :3]) > 0.5
     # contours, not just the legend's two short lines (under 200 pixels each)
     assert colour_pixels(png, export.PREDICTION_COLOUR) > 500 and colour_pixels(png, export.LABEL_COLOUR) > 500
+
+
+def test_overlay_of_a_copy_in_another_axis_order_shows_the_same_panels(tmp_path):
+    affine = np.diag([*SPACING, 1.0])
+    probabilities, _ = ball_probabilities(affine, 6.0)
+    image = np.random.default_rng(0).random(SHAPE) + np.indices(SHAPE)[0] / 10  # no two axes alike
+    prediction = np.roll(probabilities > 0.5, (3, -2, 1), axis=(0, 1, 2))
+    ras_to_lsa = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                 nib.orientations.axcodes2ornt("LSA"))
+    lsa_affine = affine @ nib.orientations.inv_ornt_aff(ras_to_lsa, SHAPE)
+    assert nib.aff2axcodes(lsa_affine) == ("L", "S", "A")
+    ras = save_overlays(image, tmp_path / "ras.png", prediction=prediction, affine=affine)
+    lsa_image, lsa_prediction = (nib.orientations.apply_orientation(a, ras_to_lsa) for a in (image, prediction))
+    lsa = save_overlays(lsa_image, tmp_path / "lsa.png", prediction=lsa_prediction, affine=lsa_affine)
+    np.testing.assert_array_equal(matplotlib.image.imread(lsa), matplotlib.image.imread(ras))
+
+
+def test_overlay_outlines_every_class_of_a_class_map(tmp_path):
+    probabilities, _ = ball_probabilities(np.diag([*SPACING, 1.0]), 8.0)
+    image = probabilities * 100
+    shell_and_core = (probabilities > 0.5).astype(np.uint8) + (probabilities > 0.99)
+    assert set(np.unique(shell_and_core)) == {0, 1, 2}
+    classes = matplotlib.image.imread(save_overlays(image, tmp_path / "classes.png", prediction=shell_and_core))
+    union = matplotlib.image.imread(save_overlays(image, tmp_path / "union.png", prediction=shell_and_core > 0))
+    # the core's outline is drawn besides the outer one
+    assert colour_pixels(classes, export.PREDICTION_COLOUR) > 1.3 * colour_pixels(union, export.PREDICTION_COLOUR)
 
 
 def test_overlay_png_of_an_empty_prediction_shows_the_volume_centre(tmp_path):

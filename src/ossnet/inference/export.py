@@ -140,21 +140,29 @@ def save_overlays(
     prediction: np.ndarray | None = None,
     label: np.ndarray | None = None,
     title: str | None = None,
-    spacing: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
 ) -> Path:
     """One PNG with axial, coronal and sagittal slices of `image (X, Y, Z)` through the lesion's centre of mass.
 
-    The lesion is `prediction > 0` or `label > 0` (the volume's centre if both are empty). The image is grey,
-    windowed to its 1st-99th percentiles; prediction and label are drawn as contours in two colours.
-    `spacing (sx, sy, sz)` in mm sets each panel's pixel aspect ratio (square pixels if None).
+    `prediction` and `label` are (X, Y, Z) class maps (0 background); the lesion is where either is nonzero
+    (the volume's centre if both are empty). The image is grey, windowed to its 1st-99th percentiles; each
+    class of the prediction and of the label is outlined, one colour per map. `affine (4, 4)` (voxel ->
+    world mm) orients the panels: the arrays are first brought to their closest RAS axes (an exact
+    permutation / flip), so an axial panel is a plane of constant S with anterior up in any file's axis
+    order, and pixels keep the voxels' aspect ratio; None takes the array axes as RAS at 1 mm.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise ValueError(f"save_overlays expects an (X, Y, Z) image, got shape {image.shape}")
-    spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
-    masks = {name: np.asarray(mask) > 0 for name, mask in (("label", label), ("prediction", prediction))
-             if mask is not None}
-    centre = _lesion_centre(image.shape, list(masks.values()))
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    to_ras = nib.orientations.io_orientation(affine)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(to_ras, image.shape)
+    spacing = nib.affines.voxel_sizes(ras_affine)
+    image = nib.orientations.apply_orientation(image, to_ras)
+    maps = {name: nib.orientations.apply_orientation(np.asarray(classes), to_ras)
+            for name, classes in (("label", label), ("prediction", prediction)) if classes is not None}
+    centre = _lesion_centre(image.shape, [classes != 0 for classes in maps.values()])
+    world = ras_affine[:3, :3] @ centre + ras_affine[:3, 3]
     vmin, vmax = np.percentile(image, [1, 99])
     figure = Figure(figsize=(12, 4.6), layout="constrained")
     for axes, (name, axis) in zip(figure.subplots(1, 3), (("axial", 2), ("coronal", 1), ("sagittal", 0))):
@@ -166,13 +174,14 @@ def save_overlays(
 
         axes.imshow(section(image), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
                     aspect=spacing[vertical] / spacing[horizontal], interpolation="nearest")
-        for mask_name, mask in masks.items():
-            _draw_contour(axes, section(mask), *CONTOUR_STYLES[mask_name])
-        axes.set_title(f"{name} ({'xyz'[axis]} = {centre[axis]})")
+        for map_name, classes in maps.items():
+            for value in np.unique(classes[classes != 0]):
+                _draw_contour(axes, section(classes == value), *CONTOUR_STYLES[map_name])
+        axes.set_title(f"{name} ({'xyz'[axis]} = {world[axis]:.0f} mm)")
         axes.set_axis_off()
-    if masks:
+    if maps:
         handles = [Line2D([], [], color=colour, linestyle=style, label=name)
-                   for name, (colour, style) in CONTOUR_STYLES.items() if name in masks]
+                   for name, (colour, style) in CONTOUR_STYLES.items() if name in maps]
         figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     if title:
         figure.suptitle(title)

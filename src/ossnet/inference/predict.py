@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ossnet.data import LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, get_target, open_dataset, prepare_case
+from ossnet.data import (LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, Target, get_target, open_dataset,
+                         prepare_case)
 from ossnet.data.preprocess import place
 from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
@@ -180,7 +181,7 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
         check_output_memory(source.inspect().shape, options)
         case = source.load()
         prediction = predictor.predict_case(case, options)
-        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options))
+        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
         tqdm.write(f"{case.case_id}: {prediction.seconds:.1f} s, {prediction.mode}, "
                    f"{prediction.queries:,} queries ({100 * prediction.fraction_of_dense:.2f} % of dense), "
                    f"{int((prediction.labels > 0).sum()):,} foreground voxels")
@@ -198,8 +199,9 @@ def check_output_memory(shape: tuple[int, int, int], options: PredictOptions) ->
                  f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)")
 
 
-def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path]) -> None:
-    """Write the files of one case; each file is written atomically by the export functions."""
+def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path], target: Target) -> None:
+    """Write the files of one case; each file is written atomically by the export functions. The overlay
+    outlines the `target`'s classes of the prediction and of the case's label."""
     same_grid = prediction.labels.shape == case.image.shape[1:]
     header = case.header if same_grid else None
     save_nifti(prediction.labels, prediction.affine, paths["mask"], header=header, dtype=prediction.labels.dtype)
@@ -212,6 +214,6 @@ def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Pa
         image = case.image[0] if same_grid else None
         label = case.label if same_grid and case.label is not None else None
         if image is not None:
-            save_overlays(image, paths["overlay"], prediction=prediction.labels > 0,
-                          label=None if label is None else label > 0, title=case.case_id,
-                          spacing=case.spacing)
+            save_overlays(image, paths["overlay"], prediction=target.apply(prediction.labels),
+                          label=None if label is None else target.apply(label), title=case.case_id,
+                          affine=case.affine)
