@@ -1,4 +1,4 @@
-"""The paper's segmentation table (REFERENCE 6) reproduced on synthetic data.
+"""The paper's segmentation table (Reich et al., BMVC 2021) reproduced on synthetic data.
 
 All seven models are trained with ONE budget (cases, shape, epochs, locations, batch, learning rate; the
 decoder widths keep the paper's ratio O-Net : OSS-Net A-D = 256 : 512) on a synthetic BraTS-like dataset
@@ -30,10 +30,10 @@ from ossnet.inference.predict import PredictOptions, predict
 from ossnet.metrics import evaluate_folders
 from ossnet.training import TrainConfig, train
 
-# The paper's row order (REFERENCE 6).
+# The paper's row order (Reich et al., BMVC 2021).
 MODELS = ("unet3d", "unet2d", "onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
 OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
-# REFERENCE 6: (Dice, IoU) on BraTS 2020 whole tumour and LiTS liver.
+# The paper's published results: (Dice, IoU) on BraTS 2020 whole tumour and LiTS liver.
 PAPER_ACCURACY = {
     "brats": {"unet3d": (0.8827, 0.7995), "unet2d": (0.8589, 0.7658), "onet": (0.7016, 0.5615),
               "ossnet-a": (0.8592, 0.7644), "ossnet-b": (0.8541, 0.7572), "ossnet-c": (0.8842, 0.7991),

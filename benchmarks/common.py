@@ -32,8 +32,8 @@ RESULTS_DIR = REPO / "docs" / "benchmarks"
 README = RESULTS_DIR / "README.md"
 GB = 2**30  # "GB" in every table: GiB, as torch.cuda memory figures are usually quoted
 
-# REFERENCE 6, BraTS columns: GPU memory in GB for training with 2^14 locations per volume, inference with
-# 2^14 and 2^17 locations per decoder chunk (U-Nets: dense 3D prediction / one 2D slice in the 2^14 column).
+# The paper's memory table, BraTS columns: GPU memory in GB for training with 2^14 locations per volume,
+# inference with 2^14 and 2^17 locations per decoder chunk (U-Nets: dense 3D prediction / one 2D slice in the 2^14 column).
 PAPER_MEMORY_GB = {
     "unet3d": (14.41, 3.57, None),
     "unet2d": (1.16, 0.46, None),

@@ -183,7 +183,7 @@ def _prepare(spec: StepSpec, device: torch.device):
         global_volume = torch.randn(1, spec.in_channels, *config.global_shape, device=device)
         coords = (torch.rand(spec.locations, 3, device=device) * (torch.tensor(config.input_shape, device=device) - 1))
 
-        def infer() -> None:  # encode once, then one decoder chunk incl. patch extraction (REFERENCE 5)
+        def infer() -> None:  # encode once, then one decoder chunk incl. patch extraction (docs/method.md §5)
             with torch.no_grad():
                 occupancy_field(model, volume, model.encode(global_volume))(coords)
         return infer

@@ -1,4 +1,4 @@
-"""Segmentation by querying an occupancy field: dense, coarse-to-fine and encoder-guided decoding (REFERENCE 5).
+"""Segmentation by querying an occupancy field: dense, coarse-to-fine and encoder-guided decoding (docs/method.md §5).
 
 The algorithm never sees the network. It queries a *field*,
 ``field(voxel_coords (N, 3) float32) -> (N, K) probabilities``, over the voxel grid of the target volume

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ossnet.errors import OssnetError
 
-# Padé coefficients that make P/Q approximate Leaky ReLU (Molina et al., ICLR 2020), REFERENCE 3.5.
+# Padé coefficients that make P/Q approximate Leaky ReLU (Molina et al., ICLR 2020), docs/method.md §3.5.
 LEAKY_RELU_NUMERATOR = (0.0335583603, 0.505000375, 1.65343934, 2.01001052, 0.931901999, 0.152424124)
 LEAKY_RELU_DENOMINATOR = (3.30847488e-06, 3.98021568, 5.12471206e-07, 0.301830109)
 
@@ -333,7 +333,7 @@ def recomputed(function: Callable, module: nn.Module, *inputs):
 
 
 class ResidualEncoderBlock(nn.Module):
-    """3D residual block that halves every spatial axis (REFERENCE 3.1).
+    """3D residual block that halves every spatial axis (docs/method.md §3.1).
 
     main: conv3 -> BN -> act -> avgpool 2 -> conv3 -> BN; residual: conv1 (if channels change) -> avgpool 2;
     output act(main + residual). (B, c_in, X, Y, Z) -> (B, c_out, X/2, Y/2, Z/2).
@@ -365,7 +365,7 @@ def _normalize_then_activate(norm: ConditionalBatchNorm1d, activation: nn.Module
 
 
 class ResidualDecoderBlock(nn.Module):
-    """Residual MLP block with conditional batch norm, applied to every location (REFERENCE 3.2).
+    """Residual MLP block with conditional batch norm, applied to every location (docs/method.md §3.2).
 
     main: linear -> CBN(z) -> act -> linear -> CBN(z); residual: linear (if widths differ); output
     act(main + residual). x: (B, N, d_in), latent z: (B, L) -> (B, N, d).

@@ -1,4 +1,4 @@
-"""Occupancy networks for segmentation: O-Net and OSS-Net A-D (Reich et al., BMVC 2021; REFERENCE 3).
+"""Occupancy networks for segmentation: O-Net and OSS-Net A-D (Reich et al., BMVC 2021; docs/method.md §3).
 
 The network is a function f(p, x, z) -> occupancy logits of location p, given the downscaled global
 volume x and, for OSS-Net, patches z of the full-resolution volume around p.
@@ -38,7 +38,7 @@ RECOMPUTE = ("none", "norms", "blocks")
 
 @dataclass(frozen=True)
 class OccupancyConfig:
-    """Every size of an occupancy network. Defaults: OSS-Net C for BraTS (REFERENCE 3.1-3.4).
+    """Every size of an occupancy network. Defaults: OSS-Net C for BraTS (docs/method.md §3.1-3.4).
 
     input_shape: working (padded) shape of the full-resolution volume; the encoder sees it downscaled
     by global_downscale. num_classes: output channels (1 binary, K + 1 multi-class).

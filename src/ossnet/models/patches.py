@@ -1,4 +1,4 @@
-"""Patches of the full-resolution volume around query locations (REFERENCE 3.3) and coordinate conversions.
+"""Patches of the full-resolution volume around query locations (docs/method.md §3.3) and coordinate conversions.
 
 Local patch: size^3 voxels centred at the location (7^3: 3 before, 3 after). Mid-range patch: the
 (2 size)^3 window around it (14^3: 7 before, 6 after) average-pooled by 2 to size^3. Outside the volume

@@ -1,7 +1,7 @@
 """Named model presets, the model factory and checkpoint files.
 
 Presets are configuration values: each OSS-Net variant is the previous one with a few fields changed
-(REFERENCE 3.4). A checkpoint stores the preset name, the model kind, the configuration as a plain dict
+(docs/method.md §3.4). A checkpoint stores the preset name, the model kind, the configuration as a plain dict
 and the weights, plus whatever the caller adds (training state, preprocessing, target ...).
 """
 

@@ -1,4 +1,4 @@
-"""Dense residual U-Net baselines (REFERENCE 3.6): 3D on the full volume, 2D on axial slices, and the 3D
+"""Dense residual U-Net baselines (docs/method.md §3.6): 3D on the full volume, 2D on axial slices, and the 3D
 U-Net as nnU-Net and MONAI train it when volumes do not fit: on random patches, predicted with a sliding
 window (`patch_shape`; see the `unet3d-patch` preset in `registry`).
 

@@ -1,4 +1,4 @@
-"""`train(TrainConfig)`: the training loop shared by all seven models (REFERENCE 4).
+"""`train(TrainConfig)`: the training loop shared by all seven models (docs/method.md §4).
 
 One epoch visits every training case once, in batches of `batch_size` volumes. Occupancy networks learn
 from `locations` border-balanced voxels per volume (plus the auxiliary loss of C / D), the 3D U-Net from

@@ -1,5 +1,5 @@
 """The paper's optimiser: RAdam inside Lookahead (k = 5, alpha = 0.8), PAU coefficients at a higher
-learning rate, no weight decay, and a step schedule (REFERENCE 4)."""
+learning rate, no weight decay, and a step schedule (docs/method.md §4)."""
 
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Where training looks: border-balanced random locations (REFERENCE 2 and 4) and per-case random streams.
+"""Where training looks: border-balanced random locations (docs/method.md §2.3 and §4) and per-case random streams.
 
 Half of each volume's locations (`border_fraction`) come uniformly from the border band, the rest
 uniformly from the whole working grid, so the decoder sees the hard voxels near the boundary often
