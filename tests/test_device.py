@@ -1,5 +1,9 @@
 """`--device` names a device this machine has, once; torchrun processes each take their own GPU."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,3 +39,13 @@ def test_a_request_beyond_the_available_memory_is_refused_with_the_figure():
     check_memory(1, "one byte")
     with pytest.raises(OssnetError, match="GiB"):
         check_memory(2**60, "an exbibyte")
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_ossnet_lets_idle_openmp_threads_sleep_unless_the_user_chose(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import ossnet, os; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
