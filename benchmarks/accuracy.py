@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import PAPER_NAMES, Provenance, argument_parser, check_device, markdown_table, write_results
+from common import MODEL_NAMES, Provenance, argument_parser, check_device, markdown_table, write_results
 
 from ossnet.data import write_synthetic_dataset
 from ossnet.inference.predict import PredictOptions, predict
@@ -155,10 +155,10 @@ def ordering_checks(results: dict[str, ModelResult]) -> list[tuple[str, bool, st
     gaps = {model: dice[model] - dice["unet3d"] for model in ("ossnet-c", "ossnet-d")}
     return [
         ("O-Net last among the occupancy networks", dice["onet"] < others[worst_other],
-         f"O-Net {dice['onet']:.4f}, lowest of A-D {PAPER_NAMES[worst_other]} {others[worst_other]:.4f} "
-         f"(best {PAPER_NAMES[best_other]} {others[best_other]:.4f})"),
+         f"O-Net {dice['onet']:.4f}, lowest of A-D {MODEL_NAMES[worst_other]} {others[worst_other]:.4f} "
+         f"(best {MODEL_NAMES[best_other]} {others[best_other]:.4f})"),
         (f"OSS-Net C and D within {CLOSE_DICE} Dice of U-Net3D", all(abs(g) <= CLOSE_DICE for g in gaps.values()),
-         ", ".join(f"{PAPER_NAMES[m]} {g:+.4f}" for m, g in gaps.items())),
+         ", ".join(f"{MODEL_NAMES[m]} {g:+.4f}" for m, g in gaps.items())),
         ("U-Net2D below U-Net3D", dice["unet2d"] < dice["unet3d"],
          f"U-Net2D {dice['unet2d']:.4f}, U-Net3D {dice['unet3d']:.4f}"),
     ]
@@ -170,7 +170,7 @@ def table(layout: str, results: dict[str, ModelResult]) -> str:
     for model, result in results.items():
         paper = PAPER_ACCURACY[layout][model]
         fraction = "" if result.fraction_of_dense is None else f"{100 * result.fraction_of_dense:.1f}"
-        rows.append([PAPER_NAMES[model], f"{result.dice:.4f}", f"{result.iou:.4f}", f"{paper[0]:.4f}",
+        rows.append([MODEL_NAMES[model], f"{result.dice:.4f}", f"{result.iou:.4f}", f"{paper[0]:.4f}",
                      f"{paper[1]:.4f}", f"{result.train_seconds:.0f}", f"{result.predict_seconds:.0f}", fraction])
     checks = ordering_checks(results)
     lines = [f"- {'holds' if holds else 'does NOT hold'}: {claim} ({figures})" for claim, holds, figures in checks]
@@ -206,7 +206,7 @@ def main() -> None:
         raw["layouts"][layout] = {model: asdict(result) for model, result in results.items()}
         title = {"brats": "BraTS-like (whole tumour)", "lits": "LiTS-like (liver)"}[layout]
         body = table(layout, results) if len(results) == len(MODELS) else markdown_table(
-            ["model", "Dice", "IoU"], [[PAPER_NAMES[m], f"{r.dice:.4f}", f"{r.iou:.4f}"] for m, r in results.items()])
+            ["model", "Dice", "IoU"], [[MODEL_NAMES[m], f"{r.dice:.4f}", f"{r.iou:.4f}"] for m, r in results.items()])
         sections.append(f"Synthetic {title}, held-out mean over {budget.test_cases} cases:\n\n{body}")
         print(f"\n{sections[-1]}")
     minutes = (time.perf_counter() - started) / 60

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ossnet import models
 from ossnet.models.registry import decoder_macs_per_query, unet_macs_per_voxel
 
-from common import (GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, RESULTS_DIR, Provenance, argument_parser,
+from common import (GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, MODEL_NAMES, RESULTS_DIR, Provenance, argument_parser,
                     check_device, gb, markdown_table, result_stem, write_results)
 from memory import memory_cap, skip_above
 from steps import StepResult, StepSpec, run_isolated
@@ -107,7 +107,7 @@ def plot(rows: list[dict], path) -> None:
                              color=colour, markerfacecolor="none", label=f"{label}, estimated / killed")
     for name, colour in (("unet3d", "tab:orange"), ("ossnet-c", "tab:blue")):
         memory_axis.plot([BRATS_VOXELS / 1e6], [PAPER_MEMORY_GB[name][0]], "*", color=colour, markersize=15,
-                         markeredgecolor="black", label=f"{PAPER_NAMES[name]}, paper (GPU, BraTS)")
+                         markeredgecolor="black", label=f"{MODEL_NAMES[name]}, paper (GPU, BraTS)")
     memory_axis.axvline(BRATS_VOXELS / 1e6, color="grey", linestyle=":", linewidth=1)
     memory_axis.annotate("BraTS\n256x256x160", (BRATS_VOXELS / 1e6, 0), xytext=(3, 4), textcoords="offset points",
                          color="grey", fontsize=8, xycoords=("data", "axes fraction"))
