@@ -1,5 +1,5 @@
-"""The paper's memory table (Reich et al., BMVC 2021) for all seven models at the BraTS working shape
-4 x 256 x 256 x 160.
+"""The paper's memory table (Reich et al., BMVC 2021) for its seven models, and the patch-trained 3D U-Net, at
+the BraTS working shape 4 x 256 x 256 x 160.
 
     .venv/bin/python benchmarks/memory.py [--device cpu|cuda] [--quick] [--measure-batch8] [--ablations]
         [--recompute-rounds N] [--baseline REV]
