@@ -341,7 +341,7 @@ def plot_time(layouts: dict[str, tuple[dict[str, ModelResult], dict[str, TimeRes
         axis.axvline(seconds[layout], color="grey", linestyle=":", linewidth=1)
         axis.set(xlabel="seconds in training epochs", ylabel="held-out Dice",
                  title=f"Synthetic {TITLES[layout]}: Dice against training time")
-        axis.legend(fontsize=8, loc="lower right", title="open marker: equal steps", title_fontsize=8)
+        axis.legend(fontsize=8, loc="best", title="open marker: equal steps", title_fontsize=8)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
