@@ -43,8 +43,10 @@ PAPER_MEMORY_GB = {
     "ossnet-c": (2.59, 0.39, 2.73),
     "ossnet-d": (2.76, 0.48, 3.46),
 }
-PAPER_NAMES = {"unet3d": "3D res. U-Net", "unet2d": "2D res. U-Net", "onet": "O-Net", "ossnet-a": "OSS-Net A",
-               "ossnet-b": "OSS-Net B", "ossnet-c": "OSS-Net C", "ossnet-d": "OSS-Net D"}
+# Row labels of the tables: the paper's names, and the patch-trained U-Net, which the paper does not have.
+MODEL_NAMES = {"unet3d": "3D res. U-Net", "unet2d": "2D res. U-Net", "onet": "O-Net", "ossnet-a": "OSS-Net A",
+               "ossnet-b": "OSS-Net B", "ossnet-c": "OSS-Net C", "ossnet-d": "OSS-Net D",
+               "unet3d-patch": "3D res. U-Net, patches"}
 # The ablation U-Net: MONAI's default residual U-Net, whose first unit strides (no full-resolution level);
 # `models.create("unet3d", **MONAI_DEFAULT_UNET)`.
 MONAI_DEFAULT_UNET = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2)}

@@ -1,5 +1,5 @@
-"""The paper's memory table (Reich et al., BMVC 2021) for all seven models at the BraTS working shape
-4 x 256 x 256 x 160.
+"""The paper's memory table (Reich et al., BMVC 2021) for its seven models, and the patch-trained 3D U-Net, at
+the BraTS working shape 4 x 256 x 256 x 160.
 
     .venv/bin/python benchmarks/memory.py [--device cpu|cuda] [--quick] [--measure-batch8] [--ablations]
         [--recompute-rounds N] [--baseline REV]
@@ -8,6 +8,9 @@ Figures (each in a fresh process, see steps.py for the exact definition of "memo
 - occupancy networks: one training step with 2^14 locations per volume at batch 1 and batch 8; inference =
   encode once + one decoder chunk of 2^14 / 2^17 locations incl. patch extraction from the full volume;
 - 3D U-Net: one training step on the whole working volume (batch 1); dense prediction of the volume;
+- 3D U-Net on patches (`unet3d-patch`, the preset's 112^3): one training step on one random patch per
+  volume (batch 1: one patch, batch 8: eight, as `ossnet train` batches them); sliding-window prediction of
+  the whole working volume (one window per forward pass, so its memory hardly depends on the volume's size);
 - 2D U-Net: one training step on 8 axial slices per volume (batch 1: 8 slices, batch 8: 64 slices, as
   `ossnet train` batches them); prediction of one slice.
 Batch 8 (occupancy networks and the 3D U-Net) is measured on CUDA (or with --measure-batch8); on CPU it is
@@ -25,7 +28,7 @@ process each, step time in --recompute-rounds paired rounds within one process (
 --baseline REV measures OSS-Net C's training step and inference and OSS-Net D's 2^17 inference with the
 package as of git revision REV as well (its src/ exported to a temporary folder, imported by those
 children): before / after in the same run.
---quick: O-Net, OSS-Net C and the U-Nets, batch 1 and 2^14 locations only.
+--quick: O-Net, OSS-Net C and the three U-Nets, batch 1 and 2^14 locations only.
 """
 
 from __future__ import annotations
@@ -41,14 +44,14 @@ import torch
 from ossnet import models
 from ossnet.models.occupancy import RECOMPUTE
 
-from common import (BRATS_WORKING_SHAPE, GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, Provenance,
+from common import (BRATS_WORKING_SHAPE, GB, MONAI_DEFAULT_UNET, MODEL_NAMES, PAPER_MEMORY_GB, Provenance,
                     add_baseline_option, argument_parser, check_device, children_import, gb, markdown_table,
                     package_source, write_results)
 from steps import (StepResult, StepSpec, build_model, occupancy_batch, prepare_optimizer_state, run_isolated,
                    synchronize, training_step)
 
 OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
-UNETS = ("unet3d", "unet2d")
+UNETS = ("unet3d", "unet3d-patch", "unet2d")
 # Do not start a CPU measurement estimated above SKIP_ABOVE; kill a child whose resident set passes CAP.
 SKIP_ABOVE = 18 * GB
 CAP = 20 * GB
@@ -56,6 +59,7 @@ CAP = 20 * GB
 PROBE_SHAPE = tuple(n // 2 for n in BRATS_WORKING_SHAPE)
 # 2^17-location inference of A and B on CPU: estimated from the model with the same decoder.
 SAME_DECODER = {"ossnet-a": "ossnet-c", "ossnet-b": "ossnet-d"}
+PATCH = "x".join(map(str, models.PRESETS["unet3d-patch"].patch_shape))
 
 
 def memory_cap() -> float:
@@ -156,6 +160,7 @@ def run(device: str, quick: bool, measure_batch8: bool) -> tuple[dict, Figures]:
         table["ossnet-c"]["train2"] = figures.measure("ossnet-c", "train", batch=2, estimate=estimate)
         table["ossnet-c"]["train2_estimate"] = figures.estimated("ossnet-c", "train", 2, estimate, "check")
     table["unet3d"] = unet3d_row(figures, quick, measure_batch8)
+    table["unet3d-patch"] = patch_unet_row(figures, quick, measure_batch8)
     table["unet2d"] = {"train1": figures.measure("unet2d", "train"), "infer14": figures.measure("unet2d", "infer")}
     if not quick:
         table["unet2d"]["train8"] = figures.measure("unet2d", "train", batch=8)
@@ -234,7 +239,7 @@ def before_after(figures: Figures, revision: str, table: dict) -> list[tuple[str
     with package_source(revision) as source, children_import(source):
         for model, task, locations in BEFORE_AFTER:
             before = figures.measure(model, task, locations=locations, code=code)
-            label = f"{PAPER_NAMES[model]} {'training step, batch 1' if task == 'train' else 'inference'}, " \
+            label = f"{MODEL_NAMES[model]} {'training step, batch 1' if task == 'train' else 'inference'}, " \
                     f"{'2^14' if locations == 2**14 else '2^17'} locations"
             rows.append((label, before, after[model, task, locations]))
     return rows
@@ -256,6 +261,22 @@ def unet3d_row(figures: Figures, quick: bool, measure_batch8: bool) -> dict[str,
     return row
 
 
+def patch_unet_row(figures: Figures, quick: bool, measure_batch8: bool) -> dict[str, StepResult]:
+    """Training on one patch per volume at batch 1 (and 8 unless quick: eight patches, estimated from batch
+    1 like the others' on CPU); sliding-window prediction of the whole working volume."""
+    row = {"train1": figures.measure("unet3d-patch", "train"), "infer14": figures.measure("unet3d-patch", "infer")}
+    if not quick and row["train1"].status == "ok":
+        estimate = estimate_batch(row["train1"].peak_bytes, 8, "unet3d-patch")
+        row["train8"] = (figures.measure("unet3d-patch", "train", batch=8, estimate=estimate) if measure_batch8
+                         else figures.estimated("unet3d-patch", "train", 8, estimate,
+                                                "batch 1 scaled, see estimate_batch"))
+    return row
+
+
+def _paper_cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def report(table: dict, strided_unet: StepResult | None) -> str:
     """The table beside the paper's, the U-Net / OSS-Net C ratios and the check of the batch estimate;
     `strided_unet`: the ablation's training step of MONAI's default U-Net, if measured."""
@@ -263,14 +284,16 @@ def report(table: dict, strided_unet: StepResult | None) -> str:
               "paper inf 2^17", "train step b1 (s)"]
     rows = []
     for name, row in table.items():
-        paper = PAPER_MEMORY_GB[name]
+        paper = PAPER_MEMORY_GB.get(name, (None, None, None))  # the paper has no patch-trained U-Net
         seconds = row["train1"].seconds
-        rows.append([PAPER_NAMES[name], cell(row["train1"]), cell(row.get("train8")), f"{paper[0]:.2f}",
-                     cell(row["infer14"]), f"{paper[1]:.2f}", cell(row.get("infer17")),
-                     "" if paper[2] is None else f"{paper[2]:.2f}", "" if seconds is None else f"{seconds:.0f}"])
+        rows.append([MODEL_NAMES[name], cell(row["train1"]), cell(row.get("train8")), _paper_cell(paper[0]),
+                     cell(row["infer14"]), _paper_cell(paper[1]), cell(row.get("infer17")), _paper_cell(paper[2]),
+                     "" if seconds is None else f"{seconds:.0f}"])
     text = ("Memory in GB (2^30 bytes) at the BraTS working shape 4x256x256x160 (encoder input 4x128x128x80). "
-            "U-Nets: inference column = dense 3D prediction / one 2D slice; 2D training = 8 slices per volume "
-            "(b1: 8 slices, b8: 64). `(est.)` = estimated, not measured.\n\n" + markdown_table(header, rows))
+            f"U-Nets: inference column = dense 3D prediction / sliding-window prediction of the volume ({PATCH} "
+            f"windows, overlap 0.5) / one 2D slice; patch training = one {PATCH} patch per volume (b1: 1 patch, "
+            "b8: 8); 2D training = 8 slices per volume (b1: 8 slices, b8: 64). `(est.)` = estimated, not measured."
+            "\n\n" + markdown_table(header, rows))
     unet, onet_c = table["unet3d"], table["ossnet-c"]
     pairs = [("batch 1", unet["train1"], onet_c["train1"])]
     if "train8" in unet and "train8" in onet_c:
@@ -282,6 +305,11 @@ def report(table: dict, strided_unet: StepResult | None) -> str:
               for label, a, b in pairs if a.peak_bytes and b.peak_bytes]
     text += ("\nRatio 3D U-Net / OSS-Net C, training step with 2^14 locations, " + "; ".join(ratios)
              + ". Paper: 14.41 / 2.59 = 5.6x.\n")
+    patch = table["unet3d-patch"]["train1"]
+    if patch.peak_bytes and onet_c["train1"].peak_bytes:
+        text += (f"\nRatio 3D U-Net on {PATCH} patches / OSS-Net C, training step at batch 1: "
+                 f"**{patch.peak_bytes / onet_c['train1'].peak_bytes:.1f}x** ({cell(patch)} / "
+                 f"{cell(onet_c['train1'])}).\n")
     if "train2" in onet_c:
         text += (f"\nCheck of the batch extrapolation: OSS-Net C batch 2 measured {cell(onet_c['train2'])} GB, "
                  f"estimated from batch 1 {gb(onet_c['train2_estimate'].peak_bytes)} GB.\n")

@@ -1,4 +1,4 @@
-"""Memory of a training step as the volume grows: 3D U-Net against OSS-Net C (the paper's core claim).
+"""Memory of a training step as the volume grows: 3D U-Nets against OSS-Net C (the paper's core claim).
 
     .venv/bin/python benchmarks/scaling.py [--device cpu|cuda] [--quick]
 
@@ -6,17 +6,22 @@ Cubic 4-channel volumes of side 64 ... 224 (224^3 = 11.2 M voxels, a little more
 Each point is one training step at batch 1 in a fresh process (steps.py defines the memory figure): the
 3D U-Nets on the whole volume, OSS-Net C on 2^14 sampled locations. Two U-Nets: ossnet's `unet3d` (first
 level at full resolution, as a classic U-Net and as the paper's 14.41 GB suggests) and MONAI's default,
-whose first unit already downsamples (channels 16-256, strides 2, 2, 2, 2; see memory.py --ablations).
+whose first unit already downsamples (channels 16-256, strides 2, 2, 2, 2; see memory.py --ablations);
+and `unet3d-patch`, the full-resolution U-Net trained on one random 112^3 patch per volume (a volume
+smaller than the patch is zero-padded to it, as `PatchSamples` pads), so its step is the same at every side.
 A point whose estimate (the model's previous point scaled by the voxel count) exceeds
 `memory.skip_above` is not run and is plotted as an estimate.
-The second panel counts forward multiply-accumulates (no run needed): per U-Net volume, per OSS-Net
-query, per OSS-Net training sample and for querying every voxel.
+The second panel counts forward multiply-accumulates (no run needed): per U-Net volume, per patch U-Net
+training sample (one patch) and sliding-window prediction of a volume (112^3 windows overlapping by half,
+as `inference.volume.sliding_window_logits`: most voxels are seen by several windows), per OSS-Net query,
+per OSS-Net training sample and for querying every voxel.
 --quick: sides 64, 96, 128.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import asdict
 
 import matplotlib
@@ -29,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ossnet import models
 from ossnet.models.registry import decoder_macs_per_query, unet_macs_per_voxel
 
-from common import (GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, PAPER_NAMES, RESULTS_DIR, Provenance, argument_parser,
+from common import (GB, MONAI_DEFAULT_UNET, PAPER_MEMORY_GB, MODEL_NAMES, RESULTS_DIR, Provenance, argument_parser,
                     check_device, gb, markdown_table, result_stem, write_results)
 from memory import memory_cap, skip_above
 from steps import StepResult, StepSpec, run_isolated
@@ -42,6 +47,7 @@ MODELS = {
     "unet3d": ("unet3d", {}, "3D res. U-Net (ossnet unet3d, full-resolution first level)", "tab:orange"),
     "unet3d-strided": ("unet3d", MONAI_DEFAULT_UNET, "3D res. U-Net, MONAI's default (first unit strides)",
                        "tab:red"),
+    "unet3d-patch": ("unet3d-patch", {}, "3D res. U-Net on 112³ patches (ossnet unet3d-patch)", "tab:green"),
     "ossnet-c": ("ossnet-c", {}, "OSS-Net C (2^14 locations)", "tab:blue"),
 }
 BRATS_VOXELS = 256 * 256 * 160
@@ -55,8 +61,16 @@ def encoder_macs(model: models.OccupancyNetwork) -> int:
     return counter.get_total_flops() // 2
 
 
+def sliding_windows(shape: tuple[int, ...], window: tuple[int, ...]) -> int:
+    """Windows MONAI's sliding window places on `shape` with overlap 0.5 (`sliding_window_logits`): per axis
+    one window if the axis is no longer than the window (it is padded), else enough at a stride of half
+    the window to reach the end."""
+    return math.prod(1 + max(0, math.ceil((n - w) / (w // 2))) for n, w in zip(shape, window))
+
+
 def forward_costs(side: int) -> dict[str, int]:
-    """Forward MACs at a cubic side: each U-Net per volume; OSS-Net C per query, per training sample
+    """Forward MACs at a cubic side: each whole-volume U-Net per volume; the patch U-Net per training sample
+    (one patch) and per sliding-window prediction of the volume; OSS-Net C per query, per training sample
     (encoder + LOCATIONS queries) and per volume queried densely."""
     shape = (side,) * 3
     costs = {}
@@ -65,7 +79,12 @@ def forward_costs(side: int) -> dict[str, int]:
             if preset == "unet3d":
                 costs[f"{name}_per_volume"] = unet_macs_per_voxel(models.create(preset, input_shape=shape,
                                                                                 **overrides)) * side**3
+        patch_unet = models.create("unet3d-patch", input_shape=shape)
         occupancy = models.create("ossnet-c", input_shape=shape)
+    window = patch_unet.config.patch_shape
+    per_window = unet_macs_per_voxel(patch_unet) * math.prod(window)
+    costs["unet3d-patch_per_training_sample"] = per_window
+    costs["unet3d-patch_sliding_window"] = per_window * sliding_windows(shape, window)
     per_query, encoder = decoder_macs_per_query(occupancy), encoder_macs(occupancy)
     return {**costs, "ossnet_per_query": per_query, "ossnet_per_training_sample": encoder + LOCATIONS * per_query,
             "ossnet_dense": encoder + side**3 * per_query}
@@ -77,9 +96,9 @@ def measure_points(sides: tuple[int, ...], device: str) -> list[dict]:
         costs = forward_costs(side)
         for name, (preset, overrides, _, _) in MODELS.items():
             estimate = None
-            if name in previous:
+            if name in previous:  # the patch U-Net's step does not grow with the volume
                 last_side, last = previous[name]
-                estimate = last.peak_bytes * side**3 / last_side**3
+                estimate = last.peak_bytes * (1 if preset == "unet3d-patch" else side**3 / last_side**3)
             if estimate is not None and estimate > skip_above(device):
                 result = StepResult("estimated", int(estimate), note="previous point x voxel ratio; not run")
             else:
@@ -107,12 +126,12 @@ def plot(rows: list[dict], path) -> None:
                              color=colour, markerfacecolor="none", label=f"{label}, estimated / killed")
     for name, colour in (("unet3d", "tab:orange"), ("ossnet-c", "tab:blue")):
         memory_axis.plot([BRATS_VOXELS / 1e6], [PAPER_MEMORY_GB[name][0]], "*", color=colour, markersize=15,
-                         markeredgecolor="black", label=f"{PAPER_NAMES[name]}, paper (GPU, BraTS)")
+                         markeredgecolor="black", label=f"{MODEL_NAMES[name]}, paper (GPU, BraTS)")
     memory_axis.axvline(BRATS_VOXELS / 1e6, color="grey", linestyle=":", linewidth=1)
     memory_axis.annotate("BraTS\n256x256x160", (BRATS_VOXELS / 1e6, 0), xytext=(3, 4), textcoords="offset points",
                          color="grey", fontsize=8, xycoords=("data", "axes fraction"))
     memory_axis.set(xlabel="voxels per volume (millions)", ylabel="peak memory of one training step (GB)",
-                    title="Training memory: grows with the volume for the U-Nets only")
+                    title="Training memory: grows with the volume for the whole-volume U-Nets only")
     memory_axis.legend(fontsize=8, loc="upper left")
     memory_axis.grid(alpha=0.3)
 
@@ -122,6 +141,10 @@ def plot(rows: list[dict], path) -> None:
     for key, label, colour, style in (
             ("unet3d_per_volume", "3D U-Net (ossnet unet3d): one volume", "tab:orange", "o-"),
             ("unet3d-strided_per_volume", "3D U-Net, MONAI's default: one volume", "tab:red", "o-"),
+            ("unet3d-patch_sliding_window", "3D U-Net on 112³ patches: sliding-window prediction of one volume",
+             "tab:olive", "s--"),
+            ("unet3d-patch_per_training_sample", "3D U-Net on 112³ patches: one training sample (one patch)",
+             "tab:green", "o-"),
             ("ossnet_dense", "OSS-Net C: every voxel queried (dense inference)", "tab:purple", "s--"),
             ("ossnet_per_training_sample", "OSS-Net C: one training sample (encoder + 2^14 queries)", "tab:blue",
              "o-"),
@@ -157,14 +180,17 @@ def report(rows: list[dict], png_name: str, csv_name: str) -> str:
         table.append([f"{side}³", f"{side**3 / 1e6:.2f}", *(_cell(points[name]) for name in MODELS), ratio,
                       f"{occupancy['unet3d_per_volume'] / 1e9:.1f}",
                       f"{occupancy['unet3d-strided_per_volume'] / 1e9:.1f}",
+                      f"{occupancy['unet3d-patch_per_training_sample'] / 1e9:.1f}",
+                      f"{occupancy['unet3d-patch_sliding_window'] / 1e9:.1f}",
                       f"{occupancy['ossnet_per_training_sample'] / 1e9:.1f}",
                       f"{occupancy['ossnet_per_query'] / 1e6:.2f}"])
-    header = ["volume", "voxels (M)", "U-Net3D (GB)", "U-Net3D strided (GB)", "OSS-Net C (GB)",
-              "U-Net3D / C", "U-Net3D GMAC / volume", "strided GMAC / volume", "OSS-Net C GMAC / sample",
+    header = ["volume", "voxels (M)", "U-Net3D (GB)", "U-Net3D strided (GB)", "U-Net3D patches (GB)",
+              "OSS-Net C (GB)", "U-Net3D / C", "U-Net3D GMAC / volume", "strided GMAC / volume",
+              "patches GMAC / sample", "patches GMAC / sliding-window volume", "OSS-Net C GMAC / sample",
               "OSS-Net C MMAC / query"]
-    return ("Peak memory of one training step at batch 1 (4 channels; OSS-Net C: 2^14 locations) and forward "
-            "multiply-accumulates. U-Net3D strided: MONAI's default, whose first unit strides. `(est.)`: the "
-            "model's previous point scaled by the voxel count, not run.\n\n"
+    return ("Peak memory of one training step at batch 1 (4 channels; OSS-Net C: 2^14 locations; U-Net3D "
+            "patches: one 112³ patch) and forward multiply-accumulates. U-Net3D strided: MONAI's default, whose "
+            "first unit strides. `(est.)`: the model's previous point scaled by the voxel count, not run.\n\n"
             + markdown_table(header, table) + f"\n![scaling]({png_name})\n\nRaw figures: [{csv_name}]({csv_name})\n")
 
 

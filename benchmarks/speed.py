@@ -28,6 +28,10 @@ machine's matrix-multiply peak.
    --time-network (default on cuda), measured with the network evaluated on every queried location.
    Dense is always estimated from the throughput (10.5 M queries: hours on a laptop CPU). The demo shape
    falls back to an oracle (network timed on every query) when there is no trained checkpoint.
+6. The 3D U-Net trained on patches (`unet3d-patch`, random weights: its cost does not depend on them) segments
+   a random volume by sliding window (`segment_volume`, end to end): at the demo shape with the patch the
+   accuracy table trains there (64x64x48, benchmarks/accuracy.py), at the BraTS working shape with the
+   preset's 112^3 patch (32 windows). Its "decoder queries" are the voxels of every window.
 --quick: throughput in float32 only, the demo shape without the BraTS part.
 """
 
@@ -51,12 +55,13 @@ from ossnet import models
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case, write_synthetic_dataset
 from ossnet.data.synthetic import BrainTissue, brain_phantom
 from ossnet.demo import DEMO_OVERRIDES, DemoOptions
-from ossnet.inference.engine import segment
+from ossnet.inference.engine import DecodeOptions, cell_prior, segment
 from ossnet.inference.predict import Predictor
 from ossnet.inference.volume import occupancy_field, segment_volume
 from ossnet.metrics import dice
 from ossnet.training.losses import downscale_label
 
+from accuracy import BUDGETS
 from common import (BRATS_SHAPE, BRATS_WORKING_SHAPE, REPO, Provenance, add_baseline_option, argument_parser,
                     check_device, children_import, markdown_table, package_source, write_results)
 from steps import synchronize
@@ -194,8 +199,9 @@ def compare_modes_trained(checkpoint: Path, device: torch.device, folder: Path) 
     case = held_out_case(folder, tuple(model.config.input_shape), predictor.preprocess, predictor.target)
     results = {}
     for mode in ("dense", "coarse-to-fine", "guided"):
-        results[mode] = timed(lambda: segment_volume(model, case.volume, case.global_volume, mode=mode,
-                                                     chunk=SEGMENT_CHUNK, device=device), device)
+        options = DecodeOptions(mode=mode, chunk=SEGMENT_CHUNK)
+        results[mode] = timed(lambda: segment_volume(model, case.volume, case.global_volume, options, device),
+                              device)
         print(f"trained model {mode}: {results[mode][0].queries} queries, {results[mode][1]:.1f} s", flush=True)
     dense, label = results["dense"][0].labels > 0, case.label > 0
     grid = "x".join(map(str, model.config.input_shape))
@@ -219,8 +225,8 @@ def brats_trained(checkpoint: Path, device: torch.device, folder: Path) -> list[
     name = f"trained ossnet-c (decoder width {model.config.decoder_width}), {checkpoint.name}"
     rows, reference = [], None
     for mode, precision in (("guided", "fp32"), ("guided", "bf16"), ("coarse-to-fine", "fp32")):
-        result, seconds = timed(lambda: segment_volume(model, case.volume, case.global_volume, mode=mode,
-                                                       chunk=SEGMENT_CHUNK, device=device, precision=precision),
+        options = DecodeOptions(mode=mode, chunk=SEGMENT_CHUNK, precision=precision)
+        result, seconds = timed(lambda: segment_volume(model, case.volume, case.global_volume, options, device),
                                 device)
         labels = result.labels > 0
         reference = labels if reference is None else reference
@@ -267,7 +273,7 @@ def compare_modes_oracle(label: np.ndarray, structure: str, overrides: dict, dev
                                                                           *config.global_shape, device=device)))
         sample = torch.rand(THROUGHPUT_CHUNK, 3, device=device) * (torch.tensor(working_shape, device=device) - 1)
         rate = THROUGHPUT_CHUNK / [timed(lambda: network(sample), device)[1] for _ in range(2)][-1]
-    prior = downscale_label(torch.from_numpy(label.astype(np.uint8)), 1, config.latent_grid)
+    prior = cell_prior(downscale_label(torch.from_numpy(label.astype(np.uint8)), 1, config.latent_grid), working_shape)
     dense = smooth > 0.5
     grid = "x".join(map(str, working_shape)) + (" (BraTS)" if working_shape == BRATS_WORKING_SHAPE else "")
     name = (f"oracle {structure} ({int(label.sum()):,} voxels), costed as ossnet-c (decoder width "
@@ -276,8 +282,8 @@ def compare_modes_oracle(label: np.ndarray, structure: str, overrides: dict, dev
                     {1: dense.size})]
     for mode in ("coarse-to-fine", "guided"):
         field = oracle_field(torch.from_numpy(smooth).to(device), network if time_network else None)
-        result, seconds = timed(lambda: segment(field, dense.shape, mode=mode, chunk=SEGMENT_CHUNK, prior=prior,
-                                                device=device), device)
+        result, seconds = timed(lambda: segment(field, dense.shape, DecodeOptions(mode=mode, chunk=SEGMENT_CHUNK),
+                                                prior=prior, device=device), device)
         if not time_network:
             seconds += result.queries / rate
         labels = result.labels > 0
@@ -287,6 +293,20 @@ def compare_modes_oracle(label: np.ndarray, structure: str, overrides: dict, dev
         print(f"oracle {structure} {grid} {mode}: {result.queries} queries {result.stage_queries}, "
               f"{seconds:.1f} s", flush=True)
     return rows
+
+
+def sliding_window_row(working_shape: tuple[int, int, int], patch_shape: tuple[int, int, int],
+                       device: torch.device) -> ModeRow:
+    """Seconds of `segment_volume` for a randomly initialised unet3d-patch on a random 4-channel volume of
+    `working_shape` (the sliding window's forward passes, blending and the class map)."""
+    model = models.create("unet3d-patch", input_shape=working_shape, patch_shape=patch_shape).to(device).eval()
+    volume = torch.randn(model.config.in_channels, *working_shape)
+    result, seconds = timed(lambda: segment_volume(model, volume, None, DecodeOptions(), device), device)
+    grid = "x".join(map(str, working_shape)) + (" (BraTS)" if working_shape == BRATS_WORKING_SHAPE else "")
+    name = f"unet3d-patch, {'x'.join(map(str, patch_shape))} windows (random weights)"
+    print(f"{name} {grid}: {result.queries} window voxels, {seconds:.1f} s", flush=True)
+    return ModeRow(grid, name, result.mode, result.queries, result.fraction_of_dense, seconds, False, None, None,
+                   None, result.stage_queries)
 
 
 def _figure(value: float | None, digits: int, scale: float = 1.0) -> str:
@@ -358,6 +378,7 @@ def main() -> None:
             case = held_out_case(Path(folder), DEMO_SHAPE, PreprocessConfig(working_shape=DEMO_SHAPE),
                                  get_target("brats"))
             modes = compare_modes_oracle(case.label > 0, "tumour", DEMO_OVERRIDES, device, True)
+        modes.append(sliding_window_row(DEMO_SHAPE, BUDGETS["cpu"].patch_shape, device))
         if args.brats_checkpoint:
             modes += brats_trained(args.brats_checkpoint, device, Path(folder))
         if not args.quick:
@@ -366,6 +387,7 @@ def main() -> None:
             modes += compare_modes_oracle(case.label > 0, "tumour", {}, device, time_network)
             modes += compare_modes_oracle(brain_mask(BRATS_SHAPE, BRATS_WORKING_SHAPE), "intracranial volume", {},
                                           device, time_network)
+            modes.append(sliding_window_row(BRATS_WORKING_SHAPE, models.PRESETS["unet3d-patch"].patch_shape, device))
     body = report(peaks, throughput, modes, args.checkpoint, args.repeats)
     print("\n" + body)
     write_results("speed", args.device, args.quick, provenance, body,

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ossnet import models
-from ossnet.inference.volume import occupancy_field, probabilities_from_logits
+from ossnet.inference.volume import occupancy_field, probabilities_from_logits, sliding_window_logits
 from ossnet.training.datasets import SLICES_PER_VOLUME
 from ossnet.training.loop import step_losses
 from ossnet.training.losses import AUX_WEIGHT
@@ -49,9 +49,11 @@ class StepSpec:
 
     model: preset name; input_shape: working shape (X, Y, Z) of the full-resolution volume.
     task: "train" (forward + backward + optimiser step) or "infer".
-    batch: volumes per training step (2D U-Net: each volume gives SLICES_PER_VOLUME axial slices).
+    batch: volumes per training step (2D U-Net: each volume gives SLICES_PER_VOLUME axial slices; 3D U-Net
+    with a patch shape: one random patch per volume, as `PatchSamples`).
     locations: occupancy training: sampled locations per volume; occupancy inference: the decoder chunk.
-    For U-Net inference the 3D U-Net predicts the whole volume, the 2D U-Net `batch` slices.
+    For U-Net inference the 3D U-Net predicts the whole volume (with a patch shape: by sliding window, one
+    window per forward pass), the 2D U-Net `batch` slices.
     precision: "fp32" or "bf16" (autocast, as `ossnet train --precision bf16`).
     overrides: model configuration fields to change (e.g. {"activation": "leaky_relu"}).
     """
@@ -131,9 +133,9 @@ def occupancy_batch(config: models.OccupancyConfig, batch: int, locations: int,
 
 
 def unet_batch(config: models.UNetConfig, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random inputs shaped like `VolumeSamples` (3D: batch volumes) or `SliceSamples` (2D: batch *
-    SLICES_PER_VOLUME axial slices) items collated into a batch."""
-    spatial = tuple(config.input_shape)
+    """Random inputs shaped like `VolumeSamples` (3D: batch volumes), `PatchSamples` (3D with a patch shape:
+    batch patches) or `SliceSamples` (2D: batch * SLICES_PER_VOLUME axial slices) items collated into a batch."""
+    spatial = tuple(config.patch_shape or config.input_shape)
     if config.dims == 2:
         batch, spatial = batch * SLICES_PER_VOLUME, spatial[:2]
     return {"volume": torch.randn(batch, config.in_channels, *spatial, device=device),
@@ -187,6 +189,13 @@ def _prepare(spec: StepSpec, device: torch.device):
             with torch.no_grad():
                 occupancy_field(model, volume, model.encode(global_volume))(coords)
         return infer
+    if config.patch_shape is not None:
+        whole = torch.randn(spec.in_channels, *config.input_shape, device=device)
+
+        def predict_by_windows() -> None:  # the volume and the blended logits, plus one window's activations
+            with torch.no_grad():
+                probabilities_from_logits(sliding_window_logits(model, whole)[0], dim=0)
+        return predict_by_windows
     volume = (torch.randn(1, spec.in_channels, *config.input_shape, device=device) if config.dims == 3
               else torch.randn(spec.batch, spec.in_channels, *config.input_shape[:2], device=device))
 
