@@ -37,19 +37,16 @@ machine's matrix-multiply peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.flop_counter import FlopCounterMode
 
 from ossnet import models
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case, write_synthetic_dataset
@@ -64,31 +61,14 @@ from ossnet.training.losses import downscale_label
 from accuracy import BUDGETS
 from common import (BRATS_SHAPE, BRATS_WORKING_SHAPE, REPO, Provenance, add_baseline_option, argument_parser,
                     check_device, children_import, markdown_table, package_source, write_results)
-from steps import synchronize
+import decoder_throughput_child
+from decoder_throughput_child import THROUGHPUT_CALLS, THROUGHPUT_CHUNK, matmul_peak, timed
 
 DEMO_CHECKPOINT = REPO / "runs" / "demo" / "run" / "best.pt"
-THROUGHPUT_CHUNK = 2**14
-THROUGHPUT_CALLS = 3
 # Decoder chunk of the mode comparison: `ossnet predict`'s default.
 SEGMENT_CHUNK = 2**17
 HELD_OUT_SEED = 1  # the demo trains on seed 0
 DEMO_SHAPE = DemoOptions().shape
-
-
-def timed(run, device: torch.device) -> tuple[object, float]:
-    synchronize(device)
-    started = time.perf_counter()
-    value = run()
-    synchronize(device)
-    return value, time.perf_counter() - started
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """GFLOP/s of the best of a few n x n products (n = 2048 on CPU, 8192 on CUDA)."""
-    n, repeats = (8192, 10) if device.type == "cuda" else (2048, 4)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = min(timed(lambda: torch.matmul(a, b), device)[1] for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
 
 
 @dataclass
@@ -100,36 +80,6 @@ class Throughput:
     macs_per_query: int  # multiply-accumulates the path performs per query (folding removes some)
     percent_of_peak: float  # median over the repeats of GFLOP/s / the peak measured by the same child
     runs: list[float]  # queries/s of each repeat
-
-
-def measure_throughput(spec: dict) -> dict:
-    """Run in a child process (`--throughput-child`): OSS-Net C at the BraTS working shape with random
-    weights, `occupancy_field` on THROUGHPUT_CHUNK random locations (patch extraction included), the median
-    of THROUGHPUT_CALLS calls after a warm-up call; the matrix-multiply peak of the precision, measured
-    right before; MACs per query counted on the same path (3 locations minus 2)."""
-    device = torch.device(spec["device"])
-    torch.set_num_threads(spec["threads"])
-    dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
-    peak = matmul_peak(device, dtype or torch.float32)
-    model = models.create("ossnet-c", input_shape=BRATS_WORKING_SHAPE,
-                          **({"compile": True} if spec["compiled"] else {})).to(device).eval()
-    config = model.config
-    volume = torch.randn(config.in_channels, *config.input_shape, device=device)
-    coords = torch.rand(THROUGHPUT_CHUNK, 3, device=device) * (torch.tensor(config.input_shape, device=device) - 1)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        latents = model.encode(torch.randn(1, config.in_channels, *config.global_shape, device=device))
-        field = occupancy_field(model, volume, latents)
-        field(coords)
-        seconds = float(np.median([timed(lambda: field(coords), device)[1] for _ in range(THROUGHPUT_CALLS)]))
-        macs = [count_macs(lambda: field(coords[:n])) for n in (3, 2)]
-    rate = THROUGHPUT_CHUNK / seconds
-    return {"queries_per_second": rate, "macs_per_query": macs[0] - macs[1], "peak_gflops": peak}
-
-
-def count_macs(run) -> int:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops() // 2
 
 
 def decoder_throughput(device: torch.device, precisions: list[str], baseline: str | None,
@@ -161,8 +111,9 @@ def decoder_throughput(device: torch.device, precisions: list[str], baseline: st
 
 
 def throughput_child(spec: dict) -> dict:
-    """`measure_throughput(spec)` in a fresh process (importing ossnet from PYTHONPATH as set now)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--throughput-child", json.dumps(spec)]
+    """`decoder_throughput_child.measure_throughput(spec)` in a fresh process (importing ossnet from PYTHONPATH
+    as set now)."""
+    command = [sys.executable, str(Path(decoder_throughput_child.__file__).resolve()), json.dumps(spec)]
     child = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     if child.returncode != 0 or not lines:
@@ -356,11 +307,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per throughput variant")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the cores)")
     add_baseline_option(parser)
-    parser.add_argument("--throughput-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.throughput_child:
-        print("RESULT " + json.dumps(measure_throughput(json.loads(args.throughput_child))), flush=True)
-        return
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ossnet import models
-from ossnet.inference.volume import occupancy_field, probabilities_from_logits, sliding_window_logits
+from ossnet.inference.volume import occupancy_field, probabilities_from_logits
 from ossnet.training.datasets import SLICES_PER_VOLUME
 from ossnet.training.loop import step_losses
 from ossnet.training.losses import AUX_WEIGHT
@@ -190,6 +190,8 @@ def _prepare(spec: StepSpec, device: torch.device):
                 occupancy_field(model, volume, model.encode(global_volume))(coords)
         return infer
     if config.patch_shape is not None:
+        # imported here: a --baseline child imports this module with a package from before the patch U-Net
+        from ossnet.inference.volume import sliding_window_logits
         whole = torch.randn(spec.in_channels, *config.input_shape, device=device)
 
         def predict_by_windows() -> None:  # the volume and the blended logits, plus one window's activations
