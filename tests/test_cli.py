@@ -106,3 +106,10 @@ def test_models_train_predict_evaluate_with_the_patch_trained_unet(tiny_brats, t
     assert len(masks) == 4 and all(nib.load(mask).shape == (32, 32, 32) for mask in masks)
     assert main(["evaluate", "-p", str(tmp_path / "pred"), "-g", str(tiny_brats), "-o", str(tmp_path / "m.csv")]) == 0
     assert len((tmp_path / "m.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("False", False), ("TRUE", True)])
+def test_boolean_overrides_are_written_as_true_or_false(value, expected):
+    args = build_parser().parse_args(["train", "--data", "d", "-o", "r", "--override", f"compile={value}",
+                                      "--override", "decoder_width=128"])
+    assert dict(args.model_overrides) == {"compile": expected, "decoder_width": 128}

@@ -101,14 +101,17 @@ def _help(text: str, default) -> str:
 
 
 def _parse_override(item: str) -> tuple[str, object]:
-    """`key=value` with value parsed as a Python literal when possible (`decoder_width=128`)."""
+    """`key=value` with value parsed as a Python literal when possible (`decoder_width=128`,
+    `patch_shape=(64, 64, 48)`); true / false in any case are booleans (`compile=true`)."""
     if "=" not in item:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    key, value = item.split("=", 1)
+    key, value = (part.strip() for part in item.split("=", 1))
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
     try:
-        return key.strip(), ast.literal_eval(value)
+        return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return key.strip(), value
+        return key, value
 
 
 # --------------------------------------------------------------------------- verbs
