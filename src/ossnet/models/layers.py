@@ -178,9 +178,7 @@ def _try_compiled(function: Callable, *args):
 
 
 def _as_rows(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x as (R, F): (..., F) rows when a per-feature bias applies, else one element per row. The compiled
-    kernels see only these two-dimensional views: one graph per dtype and bias / no bias, where the tensors'
-    own ranks (encoder maps, decoder rows) made torch.compile exceed its recompile limit and fall back."""
+    """x as (R, F): (..., F) rows when a per-feature bias applies, else one element per row."""
     return x.view(-1, x.shape[-1]) if bias is not None else x.reshape(-1, 1)
 
 
@@ -195,10 +193,9 @@ def pade(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bi
     """
     if out is None:
         out = torch.empty_like(x)
-    rows = _as_rows(x, bias)
-    if compiled and (values := _try_compiled(_pade_expression, rows, numerator, denominator, bias)) is not None:
-        return out.copy_(values.view(x.shape))
-    _pade_eager(rows, numerator, denominator, bias, _as_rows(out, bias))
+    if compiled and (values := _try_compiled(_pade_expression, x, numerator, denominator, bias)) is not None:
+        return out.copy_(values)
+    _pade_eager(_as_rows(x, bias), numerator, denominator, bias, _as_rows(out, bias))
     return out
 
 
@@ -207,10 +204,10 @@ def pade_gradients(x: torch.Tensor, grad: torch.Tensor, numerator: torch.Tensor,
                    compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum(grad * pade(x)) for x, the numerator (m + 1,) and the denominator (n,); see
     `PadeFunction`. grad_x has x's shape and dtype; coefficient gradients are summed in float64."""
-    rows, grad_rows = x.reshape(-1, 1), grad.reshape(-1, 1)
-    compiled_grads = compiled and _try_compiled(_pade_gradients_expression, rows, grad_rows, numerator, denominator)
-    grad_x, grad_numerator, grad_denominator = compiled_grads or _pade_gradients_eager(
-        rows, grad_rows, numerator, denominator)
+    if compiled and (grads := _try_compiled(_pade_gradients_expression, x, grad, numerator, denominator)) is not None:
+        return grads
+    grad_x, grad_numerator, grad_denominator = _pade_gradients_eager(
+        x.reshape(-1, 1), grad.reshape(-1, 1), numerator, denominator)
     return grad_x.view(x.shape), grad_numerator, grad_denominator
 
 
