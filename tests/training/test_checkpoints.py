@@ -81,9 +81,8 @@ def _tensors(value):
 
 PER_RANK_SCRIPT = """
 import sys, torch
-import torch.distributed as dist
 from ossnet.training.checkpoints import capture_rng_state, restore_training_state, save_checkpoint
-from ossnet.training.distributed import barrier, gather_objects, init_distributed
+from ossnet.training.distributed import barrier, gather_objects, init_distributed, shutdown
 from ossnet.training.optim import build_optimizer, build_scheduler
 from ossnet.models import load
 
@@ -104,7 +103,8 @@ again = torch.rand(4)
 draws = gather_objects(again.tolist(), context)
 assert torch.equal(again, expected), (context.rank, again, expected)
 assert draws[0] != draws[1], draws
-dist.destroy_process_group()
+barrier(context)
+shutdown(context)
 """
 
 

@@ -48,6 +48,10 @@ def init_distributed(device: torch.device) -> DistributedContext:
 
 
 def shutdown(context: DistributedContext) -> None:
+    """Leave the process group. After a normal end call `barrier` first: a rank that closed its gloo
+    connections while another still finished the last collective over them killed that one (SIGABRT,
+    "terminate called without an active exception", seen under torchrun in tests/training). After an
+    error no barrier: the other ranks may never reach it."""
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -95,7 +95,9 @@ def train(config: TrainConfig) -> TrainResult:
     resume_from = check_run_dir(config.run_dir, config.resume)
     context = init_distributed(device)
     try:
-        return _Run(config, device, context, resume_from).fit()
+        result = _Run(config, device, context, resume_from).fit()
+        barrier(context)  # every rank is done before any leaves (see `shutdown`)
+        return result
     finally:
         shutdown(context)
 
