@@ -35,19 +35,19 @@ from common import (REPO, Provenance, add_baseline_option, argument_parser, mark
 
 # Runs in the child; argv[1] is a JSON object: data, run_dir, epochs, settings (TrainConfig keywords), profile.
 CHILD = r"""
-import json, sys, time
+import json, sys
+from dataclasses import replace
 from pathlib import Path
-import torch
 from ossnet.training import TrainConfig, train
 spec = json.loads(sys.argv[1])
 config = TrainConfig(data=Path(spec["data"]), run_dir=Path(spec["run_dir"]), model="ossnet-c",
                      epochs=spec["epochs"], val_fraction=0.2, max_val_cases=0, **spec["settings"])
 if spec["profile"]:
     # epoch 1 unprofiled (compilation, warm-up), then one epoch under the profiler, resumed from last.pt
-    train(TrainConfig(**{**config.__dict__, "epochs": 1}))
+    train(replace(config, epochs=1))
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train(TrainConfig(**{**config.__dict__, "epochs": 2, "resume": True}))
+        train(replace(config, epochs=2, resume=True))
     print("PROFILE", json.dumps(prof.key_averages().table(sort_by="self_cpu_time_total",
                                                           row_limit=spec["profile"], max_name_column_width=44)))
 else:

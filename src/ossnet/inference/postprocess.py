@@ -105,6 +105,11 @@ class Postprocessing:
                    float(values["dice_gain"]), int(values["cases"]))
 
 
+def voxel_volume(affine: np.ndarray) -> float:
+    """mm³ of one voxel of a grid with this (4, 4) affine."""
+    return abs(float(np.linalg.det(affine[:3, :3])))
+
+
 def kept_components(mask: np.ndarray, rule: ComponentRule, voxel_volume: float) -> np.ndarray:
     """The voxels of the boolean mask (X, Y, Z) that `rule` keeps (voxels of `voxel_volume` mm³)."""
     if rule.kind == "none" or not mask.any():

@@ -26,7 +26,7 @@ from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
-from ossnet.inference.postprocess import Postprocessing
+from ossnet.inference.postprocess import Postprocessing, voxel_volume
 from ossnet.inference.volume import QueryGrid, fine_grid_affine, fine_grid_shape, segment_volume
 from ossnet.models import load as load_model
 from ossnet.options import check_fields, finite, option, positive
@@ -127,7 +127,7 @@ class Predictor:
                                     QueryGrid(output_shape, to_working))
             labels, probabilities = result.labels, result.probabilities
         if options.postprocess == "auto" and self.postprocessing is not None:
-            labels = self.postprocessing.apply(labels, abs(float(np.linalg.det(output_affine[:3, :3]))))
+            labels = self.postprocessing.apply(labels, voxel_volume(output_affine))
         if probabilities is not None and probabilities.shape[0] == 1:
             probabilities = probabilities[0]
         return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, output_affine,

@@ -55,7 +55,7 @@ from ossnet.device import check_memory, configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.engine import DecodeOptions
-from ossnet.inference.postprocess import ComponentTable, Postprocessing, decide_postprocessing
+from ossnet.inference.postprocess import ComponentTable, Postprocessing, decide_postprocessing, voxel_volume
 from ossnet.inference.volume import segment_volume
 from ossnet.metrics import dice, iou
 from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
@@ -389,8 +389,8 @@ class _Run:
                                     device=self.device)
             totals += (np.mean([dice(result.labels == k, case.label == k) for k in classes]),
                        np.mean([iou(result.labels == k, case.label == k) for k in classes]), 1)
-            voxel_volume = abs(float(np.linalg.det(case.geometry.working_affine()[:3, :3])))
-            tables.append([ComponentTable.of(result.labels == k, case.label == k, voxel_volume) for k in classes])
+            volume = voxel_volume(case.geometry.working_affine())
+            tables.append([ComponentTable.of(result.labels == k, case.label == k, volume) for k in classes])
         dice_sum, iou_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
         tables = [case_tables for share in gather_objects(tables, self.context) for case_tables in share]
         self.postprocessing = decide_postprocessing(tables)
