@@ -32,7 +32,7 @@ continued from last.pt.
 
     .venv/bin/python benchmarks/accuracy.py --quick        # 8 + 4 cases of 64x64x48, ~13 min on 2 CPU cores
     .venv/bin/python benchmarks/accuracy.py --lits         # the CPU table (96x96x64): ~35 min per dataset
-    .venv/bin/python benchmarks/accuracy.py --lits --budget both   # and at equal time: ~2.5 h per dataset
+    .venv/bin/python benchmarks/accuracy.py --budget both   # and at equal time (6 models): ~1.5 h per dataset
     .venv/bin/python benchmarks/accuracy.py --gpu --lits   # a larger configuration for a GPU
     .venv/bin/python benchmarks/accuracy.py --smoke --budget both --models unet3d unet3d-patch ossnet-c
 """
@@ -68,6 +68,9 @@ from ossnet.training.checkpoints import LAST, save_checkpoint
 PAPER_MODELS = ("unet3d", "unet2d", "onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
 MODELS = (*PAPER_MODELS, "unet3d-patch")
 OCCUPANCY = ("onet", "ossnet-a", "ossnet-b", "ossnet-c", "ossnet-d")
+# Trained for equal time by default: the baselines a user would pick, O-Net, and OSS-Net A and C (B and D, with
+# their slower decoders, only with --time-models).
+TIME_MODELS = ("unet3d", "unet3d-patch", "unet2d", "onet", "ossnet-a", "ossnet-c")
 # The paper's published results: (Dice, IoU) on BraTS 2020 whole tumour and LiTS liver.
 PAPER_ACCURACY = {
     "brats": {"unet3d": (0.8827, 0.7995), "unet2d": (0.8589, 0.7658), "onet": (0.7016, 0.5615),
@@ -364,6 +367,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float,
                         help="the equal-time budget in seconds of training epochs (default: the 3D U-Net's in "
                              "its equal-steps run, per dataset)")
+    parser.add_argument("--time-models", nargs="+", choices=MODELS, default=list(TIME_MODELS),
+                        help="equal time: the models trained for the budget's seconds (those also in --models)")
     parser.add_argument("--curve-points", type=int, default=4,
                         help="equal time: held-out Dice after about every 1/N of each model's epochs")
     args = parser.parse_args()
@@ -397,7 +402,7 @@ def main() -> None:
             steps_seconds = {model: sum(epoch_seconds(root / "runs" / model)) for model in models}
             seconds = time_budgets[layout] = args.seconds or steps_seconds["unet3d"]
             timed = {model: run_model_for_time(model, budget, seconds, root, train_data, test_data, device,
-                                               args.curve_points) for model in models}
+                                               args.curve_points) for model in models if model in args.time_models}
             time_plot[layout] = results, timed, steps_seconds
             time_raw[layout] = {"seconds": seconds, "steps_train_seconds": steps_seconds,
                                 "models": {model: asdict(result) for model, result in timed.items()}}
