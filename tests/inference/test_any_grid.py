@@ -59,19 +59,20 @@ def mean_dice(checkpoint, data, out):
 
 
 def test_the_same_subjects_from_another_scanner_score_close_to_the_training_grid(scanners, tmp_path):
-    """Measured: 1 mm 0.98, oblique 0.97, 2 x 2 x 3 mm LSA 0.93; the 3 mm slices hold less of the boundary,
-    and a 1 mm prediction resampled onto that grid would score 0.98 there."""
+    """Measured: 1 mm 0.978, oblique 0.967, 2 x 2 x 3 mm LSA 0.958 (0.929 with the network decoded at the exact
+    off-centre positions instead of interpolated from the voxel centres it was trained on; the 1 mm prediction
+    resampled onto that grid would score 0.977 there)."""
     checkpoint, inputs, _ = scanners
     scores = {name: mean_dice(checkpoint, data, tmp_path / name) for name, data in inputs.items()}
     assert scores["1mm-ras"] > 0.9, scores
     assert scores["oblique"] >= scores["1mm-ras"] - 0.03, scores
-    assert scores["lsa-2x2x3"] >= scores["1mm-ras"] - 0.07, scores
+    assert scores["lsa-2x2x3"] >= scores["1mm-ras"] - 0.03, scores
 
 
 def test_without_the_plan_another_scanners_grid_is_segmented_worse(scanners, tmp_path):
     """The same weights with the preprocessing of a checkpoint from before plans (as stored, `native`): such
     checkpoints still load and work on the training grid, and are worse on 2 x 2 x 3 mm LSA (measured 0.81
-    against 0.93 with the plan; the symmetric blobs hide most of the axis swap, real anatomy does not)."""
+    against 0.96 with the plan; the symmetric blobs hide most of the axis swap, real anatomy does not)."""
     checkpoint, inputs, _ = scanners
     stored = torch.load(checkpoint, weights_only=True)
     for key in ("spacing", "orientation", "crop_nonzero"):

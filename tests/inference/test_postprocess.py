@@ -42,12 +42,24 @@ def test_a_false_positive_island_is_removed_by_size_where_keeping_the_largest_wo
     assert all(np.array_equal(c > 0, l) for c, l in zip(cleaned, labels))
 
 
-def test_keep_the_largest_wins_where_an_island_is_larger_than_another_case_s_lesion():
+def test_a_size_rule_never_empties_a_case_whose_structures_are_all_under_the_threshold():
+    # Validation: large lesions with small islands. Held out: one small lesion, smaller than the threshold.
+    labels = [ball((12, 12, 12), 8) | ball((28, 28, 28), 7), ball((20, 20, 20), 8) | ball((6, 30, 30), 7)]
+    predictions = [labels[0] | ball((32, 6, 6), 1), labels[1] | ball((34, 34, 6), 1)]
+    (rule,) = decide_postprocessing(tables(predictions, labels)).rules
+    small = ball((20, 20, 20), 4)
+    assert rule.kind == "min-volume" and small.sum() < rule.min_volume
+    kept = kept_components(small | ball((4, 34, 34), 1), rule, 1.0)
+    assert np.array_equal(kept, small)
+
+
+def test_an_island_larger_than_another_case_s_lesion_is_removed():
     labels = [ball((12, 12, 12), 8), ball((26, 24, 24), 5)]
     predictions = [labels[0] | ball((31, 31, 31), 6), labels[1] | ball((4, 4, 4), 1)]
     decision = decide_postprocessing(tables(predictions, labels))
-    assert decision.rules == (ComponentRule("largest"),)
-    assert decision.dice + decision.dice_gain == pytest.approx(1.0)
+    assert decision.changes_anything and decision.dice + decision.dice_gain == pytest.approx(1.0)
+    cleaned = [decision.apply(p.astype(np.uint8), 1.0) for p in predictions]
+    assert all(np.array_equal(c > 0, l) for c, l in zip(cleaned, labels))
 
 
 def test_without_islands_nothing_is_post_processed():

@@ -1,12 +1,14 @@
 """`segment_volume` / `EncodedVolume` on a tiny trained OSS-Net C: the folded field and bfloat16 inference."""
 
+import numpy as np
 import pytest
 import torch
 
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case
 from ossnet.errors import OssnetError
 from ossnet.inference.engine import DecodeOptions
-from ossnet.inference.volume import EncodedVolume, segment_volume, volume_statistics
+from ossnet.inference.volume import (CELL_CORNERS, EncodedVolume, _trilinear_from_voxels, segment_volume,
+                                    volume_statistics)
 from ossnet.models import load
 
 
@@ -27,6 +29,40 @@ def test_folded_field_equals_the_unfolded_field_with_the_volumes_statistics(mode
         with volume_statistics(encoded):
             folded, unfolded = encoded.field()(coords), encoded.field(folded=False)(coords)
     torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5)
+
+
+def test_another_grids_location_is_the_trilinear_mix_of_the_network_at_the_working_voxels_around_it(model_and_case):
+    """Training samples voxel centres only, so the network is decoded there and interpolated in between (at
+    the exact off-centre positions the 2 x 2 x 3 mm test grid scored 0.93 instead of 0.96)."""
+    model, case = model_and_case
+    volume = torch.as_tensor(case.volume)
+    offset = torch.tensor([0.25, 0.5, 0.75])
+    shifted, translated = np.eye(4), np.eye(4)
+    shifted[:3, 3], translated[:3, 3] = offset.numpy(), (1, 2, 3)
+    coords = torch.tensor([[3.0, 4.0, 5.0], [10.0, 2.0, 7.0], [6.0, 9.0, 1.0]])
+    with torch.no_grad():
+        encoded = EncodedVolume(model, volume, model.encode(torch.as_tensor(case.global_volume)[None]))
+        with volume_statistics(encoded):
+            exact = encoded.field()
+            weights = torch.where(CELL_CORNERS.bool(), offset, 1 - offset).prod(-1)  # (8,)
+            expected = sum(w * exact(coords + corner) for w, corner in zip(weights, CELL_CORNERS))
+            torch.testing.assert_close(encoded.field(shifted, chunk=5)(coords), expected)
+            # a grid whose voxels are working voxels decodes the network at them, nothing mixed in
+            torch.testing.assert_close(encoded.field(translated)(coords), exact(coords + torch.tensor([1, 2, 3])))
+
+
+def test_interpolation_decodes_each_working_voxel_once_and_at_most_a_chunk_per_call():
+    calls = []
+
+    def linear(voxels):  # a field linear in position: interpolated exactly away from the edges
+        calls.append(voxels)
+        return voxels.sum(1, keepdim=True)
+
+    points = 1 + 8 * torch.rand(500, 3)
+    interpolated = _trilinear_from_voxels(linear, points, torch.tensor([12, 12, 12]), chunk=100)
+    torch.testing.assert_close(interpolated[:, 0], points.sum(1))
+    decoded = torch.cat(calls)
+    assert max(map(len, calls)) <= 100 and len(torch.unique(decoded, dim=0)) == len(decoded)
 
 
 def test_bfloat16_segmentation_agrees_with_float32(model_and_case):

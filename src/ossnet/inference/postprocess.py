@@ -2,7 +2,8 @@
 
 Per foreground class, one rule on its connected components (26-connected: voxels touching by a face, an
 edge or a corner belong to one component): `none`, `largest` (keep the largest component) or
-`min-volume` (remove components smaller than `min_volume` mm³). Removed voxels become background.
+`min-volume` (remove components smaller than `min_volume` mm³, except the largest: like nnU-Net's rules, no
+rule empties a class a case predicts). Removed voxels become background.
 Volumes are in mm³, not voxels, so that a rule decided on the working grid (where training validates)
 means the same on the input's grid (where `ossnet predict` writes its masks).
 
@@ -35,7 +36,12 @@ CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected components
 @dataclass(frozen=True)
 class ComponentRule:
     """What is kept of one class's connected components: `kind`, and for `min-volume` the smallest volume
-    (mm³) a component must have to be kept."""
+    (mm³) a component other than the largest must have to be kept.
+
+    The largest always stays: a threshold fitted to a few validation cases' islands would otherwise delete
+    held-out cases' whole (smaller) structures. It did: OSS-Net A in the accuracy benchmark kept "remove
+    components under 1.0e4 mm³" for +0.0001 validation Dice, which emptied 2 of 4 held-out masks (Dice 0.73
+    -> 0.42)."""
 
     kind: RuleKind = "none"
     min_volume: float = 0.0
@@ -45,17 +51,16 @@ class ComponentRule:
         finite(self.min_volume, "post-processing rule: min_volume", 0.0)
 
     def keeps(self, volumes: np.ndarray) -> np.ndarray:
-        """(M,) bool: which of the components of `volumes` (M,) mm³ the rule keeps (largest: the first of
-        the largest)."""
-        if self.kind == "largest":
-            return np.arange(len(volumes)) == (volumes.argmax() if len(volumes) else -1)
-        if self.kind == "min-volume":
-            return volumes >= self.min_volume
-        return np.ones(len(volumes), dtype=bool)
+        """(M,) bool: which of the components of `volumes` (M,) mm³ the rule keeps (the largest: the first
+        of the largest)."""
+        if self.kind == "none":
+            return np.ones(len(volumes), dtype=bool)
+        largest = np.arange(len(volumes)) == (volumes.argmax() if len(volumes) else -1)
+        return largest | (volumes >= self.min_volume) if self.kind == "min-volume" else largest
 
     def describe(self) -> str:
         return {"none": "none", "largest": "keep the largest component",
-                "min-volume": f"remove components under {self.min_volume:.4g} mm³"}[self.kind]
+                "min-volume": f"remove components under {self.min_volume:.4g} mm³ but the largest"}[self.kind]
 
 
 @dataclass(frozen=True)
