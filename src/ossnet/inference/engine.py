@@ -86,7 +86,8 @@ class DecodeOptions:
     mode: Mode = option("guided", "decoding: guided by the encoder's low-resolution prediction (C, D), "
                                   "coarse-to-fine, or dense (every voxel)")
     chunk: int = option(DEFAULT_CHUNK, "locations per decoder call (memory grows with it)")
-    scale: float = option(1.0, "sample the continuous function on a grid S times finer (affine adjusted)")
+    scale: float = option(1.0, "segment a grid S times finer (affine adjusted), the network interpolated "
+                               "between voxel centres")
     precision: Literal["fp32", "bf16"] = option("fp32", "decoder arithmetic: fp32, or bf16 autocast (faster "
                                                         "where the processor has bfloat16 instructions)")
     probabilities: bool = option(False, "also return (and write) the probabilities")
