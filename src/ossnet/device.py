@@ -1,14 +1,33 @@
-"""What this machine has: the torch device a `--device` option names, and memory for large outputs."""
+"""What this machine has: the torch device a `--device` option names, the arithmetic a `--precision` option
+names, and memory for large outputs."""
 
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import torch
 
 from ossnet.errors import OssnetError
 
 DEVICE_HELP = "auto (CUDA if available, else CPU) | cpu | cuda | cuda:N"
+
+# One precision vocabulary for training and decoding: fp32, or autocast to bfloat16 (CPU or CUDA) / float16
+# (CUDA only; training adds a gradient scaler).
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: Precision, device: torch.device) -> None:
+    """OssnetError when `device` cannot compute in `precision` (fp16 needs CUDA)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise OssnetError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+
+
+def autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    """The mixed-precision context of `precision` on `device` (disabled for fp32)."""
+    dtype = PRECISION_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:

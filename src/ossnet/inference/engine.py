@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ossnet.device import Precision
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields, finite, option, positive
 
@@ -88,8 +89,8 @@ class DecodeOptions:
     chunk: int = option(DEFAULT_CHUNK, "locations per decoder call (memory grows with it)")
     scale: float = option(1.0, "segment a grid S times finer (affine adjusted), the network interpolated "
                                "between voxel centres")
-    precision: Literal["fp32", "bf16"] = option("fp32", "decoder arithmetic: fp32, or bf16 autocast (faster "
-                                                        "where the processor has bfloat16 instructions)")
+    precision: Precision = option("fp32", "decoder arithmetic: fp32, or autocast to bf16 (faster where the "
+                                          "processor has bfloat16 instructions) / fp16 (CUDA)")
     probabilities: bool = option(False, "also return (and write) the probabilities")
     threshold: float = option(0.5, "foreground cut of a binary occupancy", hidden=True)
     strides: tuple[int, ...] = option((4, 2, 1), "lattice strides, coarse to fine", hidden=True)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from ossnet.device import autocast, check_precision
 from ossnet.inference.engine import (DEFAULT_CHUNK, DecodeOptions, Field, SegmentationResult, apply_affine,
                                     cell_prior, decode_chunked, labels_of, sample_trilinear, segment)
 from ossnet.models import Latents, OccupancyNetwork, PatchSampler, ResidualUNet, voxel_to_normalized
@@ -259,7 +260,8 @@ def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
     volume = torch.as_tensor(np.array(volume), dtype=torch.float32, device=device)
     working_shape = tuple(volume.shape[1:])
     grid = grid or QueryGrid.working(working_shape, options.scale)
-    with torch.autocast(volume.device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16"):
+    check_precision(options.precision, volume.device)
+    with autocast(volume.device, options.precision):
         if isinstance(model, ResidualUNet):
             return _segment_dense_unet(model, volume, grid, options)
         global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)

@@ -10,15 +10,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from ossnet import models
 from ossnet.data import LAYOUT_HELP, LayoutChoice
+from ossnet.device import DEVICE_HELP, Precision
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields, finite, option, positive
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
 RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "tf32", "deterministic", "workers",
                     "resume", "cache_dir", "val_every", "full_val_every")
@@ -42,7 +39,7 @@ class TrainConfig:
     val_fraction: float = option(0.2, "seeded share of the cases held out for validation (ignored with "
                                       "--split-file)")
     split_file: Path | None = option(None, 'JSON {"train": [ids], "val": [ids]}')
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    device: str = option("auto", DEVICE_HELP)
     precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA)")
     tf32: bool = option(False, "CUDA: let float32 matrix products and convolutions use TF32 tensor cores "
                                "(faster on Ampere and newer, ~1e-3 relative error)")

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from ossnet import models
 from ossnet.data import (AUGMENT_PRESETS, PreparedCache, PreprocessConfig, dataset_preprocess_config, describe_plan,
                          fingerprint_dataset, get_target, open_dataset, plan_preprocessing)
-from ossnet.device import check_memory, configure_cuda, resolve_device
+from ossnet.device import PRECISION_DTYPES, autocast, check_memory, check_precision, configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.inference.export import plot_curves
 from ossnet.inference.engine import DecodeOptions
@@ -61,7 +61,7 @@ from ossnet.metrics import dice, iou
 from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
                                          restore_training_state, save_checkpoint)
 from ossnet.training.datasets import LocationSamples, PatchSamples, PreparedCases, SliceSamples, VolumeSamples
-from ossnet.training.config import PRECISIONS, TrainConfig, resumed_config
+from ossnet.training.config import TrainConfig, resumed_config
 from ossnet.training.distributed import (DistributedContext, all_reduce_sum, barrier, gather_objects,
                                          init_distributed, shutdown)
 from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
@@ -89,9 +89,8 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Train `config.model` on `config.data` into `config.run_dir` (see the module docstring)."""
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if config.precision == "fp16" and device.type != "cuda":
-        raise OssnetError("--precision fp16 needs a CUDA device; use bf16 on CPU")
-    configure_cuda(device, PRECISIONS[config.precision], config.tf32, config.deterministic)
+    check_precision(config.precision, device)
+    configure_cuda(device, PRECISION_DTYPES[config.precision], config.tf32, config.deterministic)
     resume_from = check_run_dir(config.run_dir, config.resume)
     context = init_distributed(device)
     try:
@@ -297,11 +296,6 @@ class _Run:
                               f"or {larger}")
         return True
 
-    def _autocast(self) -> torch.autocast:
-        """The mixed-precision context of `precision` (disabled for fp32)."""
-        dtype = PRECISIONS[self.config.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
     def _train_epoch(self, loader: DataLoader, epoch: int) -> tuple[float, float | None]:
         """One pass over the training cases -> mean loss and mean auxiliary loss (None without a head).
 
@@ -314,7 +308,7 @@ class _Run:
                    disable=not self.context.is_main, dynamic_ncols=True)
         for batch in bar:
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-            with self._autocast():
+            with autocast(self.device, self.config.precision):
                 main, aux, count = step_losses(self.step_model, batch)
             loss = main if aux is None else main + AUX_WEIGHT * aux
             self.optimizer.zero_grad(set_to_none=True)
@@ -344,7 +338,7 @@ class _Run:
         sampled, scores = None, (None, None)
         if not len(self.val_cases):
             return sampled, scores
-        with self._autocast():
+        with autocast(self.device, self.config.precision):
             if isinstance(self.model, models.OccupancyNetwork) and (
                     self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs):
                 sampled = self._validate_sampled()
