@@ -27,6 +27,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    from ossnet.inference.field import occupancy_field, probabilities_from_logits
+except ImportError:  # a --baseline package from before inference/ had one module per job
+    from ossnet.inference.volume import occupancy_field, probabilities_from_logits
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "docs" / "benchmarks"
 README = RESULTS_DIR / "README.md"

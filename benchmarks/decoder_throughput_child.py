@@ -18,9 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ossnet import models
-from ossnet.inference.volume import occupancy_field
 
-from common import BRATS_WORKING_SHAPE
+from common import BRATS_WORKING_SHAPE, occupancy_field
 
 THROUGHPUT_CHUNK = 2**14
 THROUGHPUT_CALLS = 3

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ossnet import models
+from ossnet.inference.engine import DEFAULT_CHUNK
 from ossnet.models.occupancy import RECOMPUTE
 
 from common import (BRATS_WORKING_SHAPE, GB, MONAI_DEFAULT_UNET, MODEL_NAMES, PAPER_MEMORY_GB, Provenance,
@@ -148,7 +149,7 @@ def run(device: str, quick: bool, measure_batch8: bool) -> tuple[dict, Figures]:
         row = table[name] = {"train1": figures.measure(name, "train"), "infer14": figures.measure(name, "infer")}
         if quick:
             continue
-        row["infer17"] = (figures.measure(name, "infer", locations=2**17)
+        row["infer17"] = (figures.measure(name, "infer", locations=DEFAULT_CHUNK)
                           if device == "cuda" or name not in SAME_DECODER else infer17_estimate(figures, table, name))
         if row["train1"].status == "ok":
             estimate = estimate_batch(row["train1"].peak_bytes, 8, name)
@@ -224,16 +225,16 @@ def paired_step_times(device: str, rounds: int) -> dict[str, list[float]]:
 
 
 # (model, task, locations) measured with the package before and after, in the same run
-BEFORE_AFTER = (("ossnet-c", "train", 2**14), ("ossnet-c", "infer", 2**14), ("ossnet-c", "infer", 2**17),
-                ("ossnet-d", "infer", 2**17))
+BEFORE_AFTER = (("ossnet-c", "train", 2**14), ("ossnet-c", "infer", 2**14),
+                ("ossnet-c", "infer", DEFAULT_CHUNK), ("ossnet-d", "infer", DEFAULT_CHUNK))
 
 
 def before_after(figures: Figures, revision: str, table: dict) -> list[tuple[str, StepResult, StepResult]]:
     """BEFORE_AFTER figures of the package as of `revision` beside this run's own."""
     after = {("ossnet-c", "train", 2**14): table["ossnet-c"]["train1"],
              ("ossnet-c", "infer", 2**14): table["ossnet-c"]["infer14"],
-             ("ossnet-c", "infer", 2**17): table["ossnet-c"].get("infer17"),
-             ("ossnet-d", "infer", 2**17): table.get("ossnet-d", {}).get("infer17")}
+             ("ossnet-c", "infer", DEFAULT_CHUNK): table["ossnet-c"].get("infer17"),
+             ("ossnet-d", "infer", DEFAULT_CHUNK): table.get("ossnet-d", {}).get("infer17")}
     rows = []
     code = f"before ({revision})"
     with package_source(revision) as source, children_import(source):

@@ -13,7 +13,7 @@ A point whose estimate (the model's previous point scaled by the voxel count) ex
 `memory.skip_above` is not run and is plotted as an estimate.
 The second panel counts forward multiply-accumulates (no run needed): per U-Net volume, per patch U-Net
 training sample (one patch) and sliding-window prediction of a volume (112^3 windows overlapping by half,
-as `inference.volume.sliding_window_logits`: most voxels are seen by several windows), per OSS-Net query,
+as `inference.unet.sliding_window_logits`: most voxels are seen by several windows), per OSS-Net query,
 per OSS-Net training sample and for querying every voxel.
 --quick: sides 64, 96, 128.
 """

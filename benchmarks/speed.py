@@ -6,7 +6,7 @@ machine's matrix-multiply peak.
 
 1. Peak: the best of a few large torch.matmul calls, float32 and bfloat16.
 2. Decoder throughput of OSS-Net C at the BraTS working shape (random weights: the cost of a query does not
-   depend on them): queries/s of `inference.volume.occupancy_field` (patch extraction, patch mapping and
+   depend on them): queries/s of `inference.field.occupancy_field` (patch extraction, patch mapping and
    decoder; folded per volume since this change) on 2^14 random locations, float32 and bfloat16 autocast,
    with the eager and the torch.compile'd Padé kernels; each variant `--repeats` times in a fresh process,
    variants interleaved. `--baseline REV` adds the package as of git revision REV (its src/ exported to a
@@ -52,9 +52,10 @@ from ossnet import models
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case, write_synthetic_dataset
 from ossnet.data.synthetic import BrainTissue, brain_phantom
 from ossnet.demo import DEMO_OVERRIDES, DemoOptions
-from ossnet.inference.engine import DecodeOptions, cell_prior, segment
+from ossnet.inference import DecodeOptions, cell_prior, segment
+from ossnet.inference.engine import DEFAULT_CHUNK
 from ossnet.inference.predict import Predictor
-from ossnet.inference.volume import occupancy_field, segment_volume
+from ossnet.inference.volume import segment_volume
 from ossnet.metrics import dice
 from ossnet.training.losses import downscale_label
 
@@ -65,8 +66,6 @@ import decoder_throughput_child
 from decoder_throughput_child import THROUGHPUT_CALLS, THROUGHPUT_CHUNK, matmul_peak, timed
 
 DEMO_CHECKPOINT = REPO / "runs" / "demo" / "run" / "best.pt"
-# Decoder chunk of the mode comparison: `ossnet predict`'s default.
-SEGMENT_CHUNK = 2**17
 HELD_OUT_SEED = 1  # the demo trains on seed 0
 DEMO_SHAPE = DemoOptions().shape
 
@@ -150,7 +149,7 @@ def compare_modes_trained(checkpoint: Path, device: torch.device, folder: Path) 
     case = held_out_case(folder, tuple(model.config.input_shape), predictor.preprocess, predictor.target)
     results = {}
     for mode in ("dense", "coarse-to-fine", "guided"):
-        options = DecodeOptions(mode=mode, chunk=SEGMENT_CHUNK)
+        options = DecodeOptions(mode=mode, chunk=DEFAULT_CHUNK)
         results[mode] = timed(lambda: segment_volume(model, case.volume, case.global_volume, options, device),
                               device)
         print(f"trained model {mode}: {results[mode][0].queries} queries, {results[mode][1]:.1f} s", flush=True)
@@ -176,7 +175,7 @@ def brats_trained(checkpoint: Path, device: torch.device, folder: Path) -> list[
     name = f"trained ossnet-c (decoder width {model.config.decoder_width}), {checkpoint.name}"
     rows, reference = [], None
     for mode, precision in (("guided", "fp32"), ("guided", "bf16"), ("coarse-to-fine", "fp32")):
-        options = DecodeOptions(mode=mode, chunk=SEGMENT_CHUNK, precision=precision)
+        options = DecodeOptions(mode=mode, chunk=DEFAULT_CHUNK, precision=precision)
         result, seconds = timed(lambda: segment_volume(model, case.volume, case.global_volume, options, device),
                                 device)
         labels = result.labels > 0
@@ -233,7 +232,7 @@ def compare_modes_oracle(label: np.ndarray, structure: str, overrides: dict, dev
                     {1: dense.size})]
     for mode in ("coarse-to-fine", "guided"):
         field = oracle_field(torch.from_numpy(smooth).to(device), network if time_network else None)
-        result, seconds = timed(lambda: segment(field, dense.shape, DecodeOptions(mode=mode, chunk=SEGMENT_CHUNK),
+        result, seconds = timed(lambda: segment(field, dense.shape, DecodeOptions(mode=mode, chunk=DEFAULT_CHUNK),
                                                 prior=prior, device=device), device)
         if not time_network:
             seconds += result.queries / rate
@@ -287,7 +286,7 @@ def report(peaks: dict[str, float], throughput: list[Throughput], modes: list[Mo
         rows.append([row.shape, row.model, row.mode, f"{row.queries:,}", stages, f"{100 * row.fraction_of_dense:.1f}",
                      seconds, _figure(row.differing_from_dense, 3, 100), _figure(row.dice_vs_dense, 4),
                      _figure(row.dice_vs_label, 4)])
-    text += ("\nDecoding modes, one volume (chunk " + f"{SEGMENT_CHUNK} locations; trained BraTS-shape rows: "
+    text += ("\nDecoding modes, one volume (chunk " + f"{DEFAULT_CHUNK} locations; trained BraTS-shape rows: "
              "agreement with the float32 guided result instead of dense):\n\n"
              + markdown_table(["grid", "field", "mode", "decoder queries", "queries per stride", "% of dense",
                                "wall time (s)", "% voxels differing from dense", "Dice vs dense", "Dice vs label"],

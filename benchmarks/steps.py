@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from ossnet import models
-from ossnet.inference.volume import occupancy_field, probabilities_from_logits
 from ossnet.training.datasets import SLICES_PER_VOLUME
 from ossnet.training.loop import step_losses
 from ossnet.training.losses import AUX_WEIGHT
 from ossnet.training.optim import build_optimizer
+
+from common import occupancy_field, probabilities_from_logits
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Large blocks (>= 128 kB) come from mmap and go back to the system when freed.
@@ -191,7 +192,10 @@ def _prepare(spec: StepSpec, device: torch.device):
         return infer
     if config.patch_shape is not None:
         # imported here: a --baseline child imports this module with a package from before the patch U-Net
-        from ossnet.inference.volume import sliding_window_logits
+        try:
+            from ossnet.inference.unet import sliding_window_logits
+        except ImportError:  # from before inference/unet.py
+            from ossnet.inference.volume import sliding_window_logits
         whole = torch.randn(spec.in_channels, *config.input_shape, device=device)
 
         def predict_by_windows() -> None:  # the volume and the blended logits, plus one window's activations

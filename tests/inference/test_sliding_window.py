@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ossnet.inference.engine import DecodeOptions
-from ossnet.inference.volume import segment_volume, sliding_window_logits
+from ossnet.inference.unet import sliding_window_logits
+from ossnet.inference.volume import segment_volume
 from ossnet.models import create
 
 TINY = dict(in_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)

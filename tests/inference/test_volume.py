@@ -7,8 +7,9 @@ import torch
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case
 from ossnet.errors import OssnetError
 from ossnet.inference.engine import DecodeOptions
-from ossnet.inference.volume import (CELL_CORNERS, EncodedVolume, _trilinear_from_voxels, segment_volume,
-                                    volume_statistics)
+from ossnet.inference.calibration import calibrated_volume
+from ossnet.inference.grid import CELL_CORNERS, trilinear_from_voxels
+from ossnet.inference.volume import segment_volume
 from ossnet.models import load
 
 
@@ -22,12 +23,10 @@ def model_and_case(trained_checkpoint, tiny_brats):
 
 def test_folded_field_equals_the_unfolded_field_with_the_volumes_statistics(model_and_case):
     model, case = model_and_case
-    volume = torch.as_tensor(case.volume)
-    with torch.no_grad():
-        encoded = EncodedVolume(model, volume, model.encode(torch.as_tensor(case.global_volume)[None]))
-        coords = torch.rand(2000, 3) * (torch.tensor(volume.shape[1:]) - 1)
-        with volume_statistics(encoded):
-            folded, unfolded = encoded.field()(coords), encoded.field(folded=False)(coords)
+    with torch.no_grad(), calibrated_volume(model, case.volume, case.global_volume, DecodeOptions(),
+                                            "cpu") as encoded:
+        coords = torch.rand(2000, 3) * (torch.tensor(case.volume.shape[1:]) - 1)
+        folded, unfolded = encoded.field()(coords), encoded.field(folded=False)(coords)
     torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-5)
 
 
@@ -35,20 +34,18 @@ def test_another_grids_location_is_the_trilinear_mix_of_the_network_at_the_worki
     """Training samples voxel centres only, so the network is decoded there and interpolated in between (at
     the exact off-centre positions the 2 x 2 x 3 mm test grid scored 0.93 instead of 0.96)."""
     model, case = model_and_case
-    volume = torch.as_tensor(case.volume)
     offset = torch.tensor([0.25, 0.5, 0.75])
     shifted, translated = np.eye(4), np.eye(4)
     shifted[:3, 3], translated[:3, 3] = offset.numpy(), (1, 2, 3)
     coords = torch.tensor([[3.0, 4.0, 5.0], [10.0, 2.0, 7.0], [6.0, 9.0, 1.0]])
-    with torch.no_grad():
-        encoded = EncodedVolume(model, volume, model.encode(torch.as_tensor(case.global_volume)[None]))
-        with volume_statistics(encoded):
-            exact = encoded.field()
-            weights = torch.where(CELL_CORNERS.bool(), offset, 1 - offset).prod(-1)  # (8,)
-            expected = sum(w * exact(coords + corner) for w, corner in zip(weights, CELL_CORNERS))
-            torch.testing.assert_close(encoded.field(shifted, chunk=5)(coords), expected)
-            # a grid whose voxels are working voxels decodes the network at them, nothing mixed in
-            torch.testing.assert_close(encoded.field(translated)(coords), exact(coords + torch.tensor([1, 2, 3])))
+    with torch.no_grad(), calibrated_volume(model, case.volume, case.global_volume, DecodeOptions(),
+                                            "cpu") as encoded:
+        exact = encoded.field()
+        weights = torch.where(CELL_CORNERS.bool(), offset, 1 - offset).prod(-1)  # (8,)
+        expected = sum(w * exact(coords + corner) for w, corner in zip(weights, CELL_CORNERS))
+        torch.testing.assert_close(encoded.field(shifted, chunk=5)(coords), expected)
+        # a grid whose voxels are working voxels decodes the network at them, nothing mixed in
+        torch.testing.assert_close(encoded.field(translated)(coords), exact(coords + torch.tensor([1, 2, 3])))
 
 
 def test_interpolation_decodes_each_working_voxel_once_and_at_most_a_chunk_per_call():
@@ -59,7 +56,7 @@ def test_interpolation_decodes_each_working_voxel_once_and_at_most_a_chunk_per_c
         return voxels.sum(1, keepdim=True)
 
     points = 1 + 8 * torch.rand(500, 3)
-    interpolated = _trilinear_from_voxels(linear, points, torch.tensor([12, 12, 12]), chunk=100)
+    interpolated = trilinear_from_voxels(linear, points, torch.tensor([12, 12, 12]), chunk=100)
     torch.testing.assert_close(interpolated[:, 0], points.sum(1))
     decoded = torch.cat(calls)
     assert max(map(len, calls)) <= 100 and len(torch.unique(decoded, dim=0)) == len(decoded)
@@ -77,3 +74,23 @@ def test_segment_volume_rejects_an_unknown_precision(model_and_case):
     model, case = model_and_case
     with pytest.raises(OssnetError, match="precision"):
         segment_volume(model, case.volume, case.global_volume, DecodeOptions(precision="fp8"))
+
+
+def test_the_calibration_segments_its_coarse_lattice_with_the_callers_options(model_and_case, monkeypatch):
+    """The statistics a volume is decoded with come from a coarse prediction made with the user's settings
+    (threshold, certainty, chunk ...), not a set of the calibration's own."""
+    from ossnet.inference import calibration
+
+    model, case = model_and_case
+    seen, segment = [], calibration.segment
+
+    def recording_segment(field, shape, options, **kwargs):
+        seen.append(options)
+        return segment(field, shape, options, **kwargs)
+
+    monkeypatch.setattr(calibration, "segment", recording_segment)
+    options = DecodeOptions(chunk=777, threshold=0.4, certainty=0.8, band_margin=2, probabilities=True)
+    with torch.no_grad(), calibrated_volume(model, case.volume, case.global_volume, options, "cpu"):
+        pass
+    assert seen and all(o.mode == "coarse-to-fine" and not o.probabilities for o in seen)
+    assert all((o.chunk, o.threshold, o.certainty, o.band_margin) == (777, 0.4, 0.8, 2) for o in seen)

@@ -3,7 +3,7 @@
 The algorithm never sees the network. It queries a *field*,
 ``field(voxel_coords (N, 3) float32) -> (N, K) probabilities``, over the voxel grid of the target volume
 (K = 1: foreground probability, thresholded; K >= 2: class probabilities including background, argmax).
-`ossnet.inference.volume` builds the field from a model's ``encode``/``decode``; the tests use analytic fields.
+`ossnet.inference.field` builds the field from a model's ``encode``/``decode``; the tests use analytic fields.
 
 Coarse-to-fine decoding works on nested lattices: the stride-s lattice takes every s-th voxel index on each
 axis plus the last one, so it spans the whole volume whatever its shape, and each lattice contains the
@@ -20,7 +20,6 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ossnet.device import Precision
 from ossnet.errors import OssnetError
@@ -54,8 +53,7 @@ class SegmentationResult:
     stage_queries: dict[int, int]
 
 
-def decode_chunked(field: Field, coords: torch.Tensor, chunk: int, progress: bool = False,
-                   desc: str = "decoding") -> torch.Tensor:
+def decode_chunked(field: Field, coords: torch.Tensor, chunk: int) -> torch.Tensor:
     """Evaluate `field` at coords (M, 3) float32, at most `chunk` locations per call -> (M, K) float32.
 
     The one decoder loop of ossnet: the field never holds activations for more than `chunk` locations,
@@ -65,7 +63,7 @@ def decode_chunked(field: Field, coords: torch.Tensor, chunk: int, progress: boo
         raise OssnetError(f"chunk must be a positive number of locations, got {chunk}")
     decoded = None
     with torch.no_grad():
-        for start in tqdm(range(0, len(coords), chunk), desc=desc, unit="chunk", disable=not progress):
+        for start in range(0, len(coords), chunk):
             batch = coords[start:start + chunk]
             probabilities = field(batch)
             if probabilities.dim() != 2 or len(probabilities) != len(batch):
@@ -110,14 +108,13 @@ class DecodeOptions:
 
 
 def segment(field: Field, grid_shape: Sequence[int], options: DecodeOptions = DecodeOptions(),
-            prior: Field | None = None, device: torch.device | str = "cpu", progress: bool = False
-            ) -> SegmentationResult:
+            prior: Field | None = None, device: torch.device | str = "cpu") -> SegmentationResult:
     """Segment the grid of `grid_shape` (X, Y, Z) by querying `field` (see the module docstring).
 
     mode "dense" queries every voxel: the reference. "coarse-to-fine" queries the whole stride-`strides[0]`
     lattice, then at each finer stride only the *band* where the coarser result may change. "guided" takes
     the stride-`strides[0]` values from `prior`, a cheap field of the same grid (the encoder's
-    low-resolution probabilities, see `cell_prior`), and queries only the prior's band at that stride;
+    low-resolution probabilities, see `grid.cell_prior`), and queries only the prior's band at that stride;
     without a prior it falls back to coarse-to-fine. In other modes the prior is ignored.
 
     Going from a stride to the next finer one, fixing the paper's two weaknesses (docs/method.md §5.2):
@@ -144,7 +141,7 @@ def segment(field: Field, grid_shape: Sequence[int], options: DecodeOptions = De
     device = torch.device(device)
     grid_shape = tuple(int(n) for n in grid_shape)
     mode, threshold = options.mode, options.threshold
-    refiner = _Refiner(field, options.chunk, threshold, options.certainty, options.band_margin, progress)
+    refiner = _Refiner(field, options.chunk, threshold, options.certainty, options.band_margin)
     strides = (1,) if mode == "dense" else tuple(options.strides)
     mode_used = "coarse-to-fine" if mode == "guided" and prior is None else mode
     first_axes = _lattice_axes(grid_shape, strides[0], device)
@@ -164,44 +161,6 @@ def segment(field: Field, grid_shape: Sequence[int], options: DecodeOptions = De
         queries=queries, fraction_of_dense=queries / math.prod(grid_shape), mode=mode_used,
         stage_queries=stage_queries,
     )
-
-
-def cell_prior(prior: torch.Tensor | np.ndarray, grid_shape: Sequence[int],
-               query_to_grid: torch.Tensor | np.ndarray | None = None) -> Field:
-    """Low-resolution probabilities (K, gx, gy, gz) whose cells are centred over a grid of `grid_shape`, as a
-    field: trilinear interpolation, clamped to the outermost cell centres (align_corners=False: voxel a of n
-    sits at prior index (a + 0.5) g / n - 0.5). query_to_grid: (4, 4) map from the queried coordinates to
-    that grid's voxel coordinates (default: the queries are that grid's voxels)."""
-    values = torch.as_tensor(prior, dtype=torch.float32)
-    if values.dim() != 4:
-        raise OssnetError(f"a low-resolution prior must be (K, gx, gy, gz) probabilities, got shape "
-                          f"{tuple(values.shape)}")
-    cells = torch.tensor(values.shape[1:], dtype=torch.float32)
-    sizes = torch.tensor(tuple(grid_shape), dtype=torch.float32)
-    matrix = None if query_to_grid is None else torch.as_tensor(query_to_grid, dtype=torch.float32)
-
-    def field(coords: torch.Tensor) -> torch.Tensor:
-        on_grid = coords.float() if matrix is None else apply_affine(matrix.to(coords.device), coords.float())
-        position = ((on_grid + 0.5) * cells.to(coords.device) / sizes.to(coords.device) - 0.5)
-        position = torch.minimum(position.clamp(min=0), cells.to(coords.device) - 1)
-        return sample_trilinear(values.to(coords.device), position)
-
-    return field
-
-
-def apply_affine(matrix: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """(N, 3) coordinates through the (4, 4) affine map `matrix`."""
-    return coords @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def sample_trilinear(values: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Trilinear interpolation of values (K, a, b, c) at float indices position (N, 3), clamped to the
-    grid -> (N, K)."""
-    extent = (torch.tensor(values.shape[1:], device=position.device) - 1).clamp(min=1)
-    normalized = (2 * position / extent - 1).flip(-1)  # grid_sample's last axis indexes the first dimension
-    sampled = F.grid_sample(values[None], normalized.view(1, -1, 1, 1, 3), mode="bilinear",
-                            padding_mode="border", align_corners=True)
-    return sampled.view(values.shape[0], -1).T
 
 
 def _check_grid(grid_shape: Sequence[int]) -> None:
@@ -228,14 +187,13 @@ class _Refiner:
     threshold: float
     certainty: float
     band_margin: int
-    progress: bool
 
     def decode_lattice(self, axes: Axes, stride: int) -> _Stage:
         """Query every point of the lattice `axes`."""
         shape = tuple(len(axis) for axis in axes)
         grid = torch.meshgrid(*(axis.float() for axis in axes), indexing="ij")
         coords = torch.stack(grid, dim=-1).reshape(-1, 3)
-        probabilities = decode_chunked(self.field, coords, self.chunk, self.progress, f"stride {stride}")
+        probabilities = decode_chunked(self.field, coords, self.chunk)
         values = probabilities.T.reshape(-1, *shape).to(axes[0].device).contiguous()
         return _Stage(axes, values, torch.ones(shape, dtype=torch.bool, device=values.device))
 
@@ -252,7 +210,7 @@ class _Refiner:
         if query.any():
             index = torch.nonzero(query)
             coords = torch.stack([axis[index[:, d]] for d, axis in enumerate(fine_axes)], dim=1).float()
-            probabilities = decode_chunked(self.field, coords, self.chunk, self.progress, f"stride {stride}")
+            probabilities = decode_chunked(self.field, coords, self.chunk)
             if probabilities.shape[1] != len(values):
                 raise OssnetError(f"the prior has {len(values)} channels but the field returns "
                                   f"{probabilities.shape[1]} probabilities per location")

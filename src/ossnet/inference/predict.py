@@ -27,7 +27,8 @@ from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
-from ossnet.inference.volume import QueryGrid, fine_grid_affine, fine_grid_shape, segment_volume
+from ossnet.inference.grid import QueryGrid, fine_grid_affine, fine_grid_shape
+from ossnet.inference.volume import segment_volume
 from ossnet.models import load as load_model
 from ossnet.options import check_fields, finite, option, positive
 

@@ -362,7 +362,7 @@ class _Run:
             sample = ValidationSample.draw(case.label, case.border, self.config.locations,
                                            np.random.default_rng([self.config.seed, index]))
             probabilities, fixed, decoding = probe(self.model, case.volume, case.global_volume, sample.voxels,
-                                                   VALIDATION_DECODING.chunk, self.device)
+                                                   VALIDATION_DECODING, self.device)
             totals += (sample.dice(probabilities, VALIDATION_DECODING.threshold), 1)
             estimate += dense_seconds(fixed, decoding, len(sample.voxels), case.label.size)
         dice_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)

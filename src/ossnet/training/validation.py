@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ossnet.inference.engine import decode_chunked, labels_of
-from ossnet.inference.volume import EncodedVolume, volume_statistics
+from ossnet.inference.calibration import calibrated_volume
+from ossnet.inference.engine import DecodeOptions, decode_chunked, labels_of
 from ossnet.models import OccupancyNetwork
 from ossnet.training.sampling import sample_locations
 
@@ -70,20 +70,16 @@ class ValidationSample:
 
 @torch.no_grad()
 def probe(model: OccupancyNetwork, volume: np.ndarray, global_volume: np.ndarray, voxels: np.ndarray,
-          chunk: int, device: torch.device) -> tuple[torch.Tensor, float, float]:
+          options: DecodeOptions, device: torch.device) -> tuple[torch.Tensor, float, float]:
     """The network's probabilities (n, K) at voxels (n, 3) of a preprocessed volume (C, X', Y', Z'), decoded as
-    `inference.volume.segment_volume` decodes (same per-volume statistics, same field), and the seconds spent
-    encoding and setting the statistics, then decoding the n locations (the parts of a full validation's
-    cost that are fixed per case and that grow with its queries)."""
+    `inference.volume.segment_volume` decodes with `options` (the same `calibrated_volume`, the same field),
+    and the seconds spent encoding and setting the statistics, then decoding the n locations (the parts of a
+    full validation's cost that are fixed per case and that grow with its queries)."""
     started = _now(device)
-    model.eval()
-    # np.array copies: the cache hands out read-only memory maps, which torch will not wrap.
-    volume_tensor = torch.as_tensor(np.array(volume), dtype=torch.float32, device=device)
-    global_tensor = torch.as_tensor(np.array(global_volume), dtype=torch.float32, device=device)
-    encoded = EncodedVolume(model, volume_tensor, model.encode(global_tensor[None]))
-    with volume_statistics(encoded):
+    with calibrated_volume(model, volume, global_volume, options, device) as encoded:
         calibrated = _now(device)
-        probabilities = decode_chunked(encoded.field(), torch.as_tensor(voxels, device=device).float(), chunk)
+        probabilities = decode_chunked(encoded.field(), torch.as_tensor(voxels, device=device).float(),
+                                       options.chunk)
         decoded = _now(device)
     return probabilities, calibrated - started, decoded - calibrated
 
