@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ossnet.training.datasets import FOREGROUND_PATCH_FRACTION, PatchSamples
+from ossnet.data.tiles import FOREGROUND_FRACTION
+from ossnet.training.datasets import PatchSamples
 
 
 def cases(*arrays):
@@ -52,8 +53,8 @@ def test_a_third_of_the_patches_are_centred_on_a_foreground_voxel():
     label = np.zeros((40, 40, 40), np.uint8)
     label[20, 20, 20] = 1
     centred = [patch[4, 4, 4].item() == 1 for patch in label_patches(label, 300)]
-    assert np.mean(centred) == pytest.approx(FOREGROUND_PATCH_FRACTION, abs=0.08)
-    assert FOREGROUND_PATCH_FRACTION == pytest.approx(1 / 3)
+    assert np.mean(centred) == pytest.approx(FOREGROUND_FRACTION, abs=0.08)
+    assert FOREGROUND_FRACTION == pytest.approx(1 / 3)
 
 
 def test_a_forced_patch_near_the_edge_stays_inside_the_volume():
@@ -61,7 +62,7 @@ def test_a_forced_patch_near_the_edge_stays_inside_the_volume():
     label[0, 19, 0] = 1
     patches = label_patches(label, 60)
     assert all(patch.shape == (8, 8, 8) for patch in patches)
-    assert np.mean([patch[0, 7, 0].item() == 1 for patch in patches]) == pytest.approx(FOREGROUND_PATCH_FRACTION,
+    assert np.mean([patch[0, 7, 0].item() == 1 for patch in patches]) == pytest.approx(FOREGROUND_FRACTION,
                                                                                        abs=0.15)
 
 
@@ -73,3 +74,51 @@ def test_patches_depend_only_on_seed_epoch_and_case():
     assert np.array_equal(first[1]["volume"], again[1]["volume"])
     again.epoch = 1
     assert not np.array_equal(first[1]["volume"], again[1]["volume"])
+
+
+class TiledCases(list):
+    """Stand-ins for `PreparedCases` with a border band, knowing their preprocessing's global downscale."""
+
+    preprocess = SimpleNamespace(global_downscale=2)
+
+
+def tiled(samples_type, arrays, tile, **kwargs):
+    """Samples of the (volume, label) `arrays` for a model whose input shape is `tile`."""
+    stand_ins = TiledCases(cases(*arrays))
+    for case in stand_ins:
+        case.border = np.zeros(case.label.shape, bool)
+    return samples_type(stand_ins, seed=0, tile=tile, **kwargs)
+
+
+def test_training_on_cases_larger_than_the_tile_samples_every_part_of_them_over_the_epochs():
+    from ossnet.training.datasets import VolumeSamples
+
+    shape, tile = (40, 24, 20), (16, 16, 20)
+    volume = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape)
+    label = np.zeros(shape, np.uint8)
+    samples = tiled(VolumeSamples, [(volume, label)], tile)
+    seen = np.zeros(shape, bool)
+    for epoch in range(120):
+        samples.epoch = epoch
+        item = samples[0]["volume"]
+        assert item.shape == (1, *tile)
+        x, y, z = np.unravel_index(int(item[0, 0, 0, 0]), shape)  # the tile's corner holds its own index
+        assert np.array_equal(item.numpy(), volume[:, x:x + 16, y:y + 16, z:z + 20])
+        seen[x:x + 16, y:y + 16, z:z + 20] = True
+    assert seen.all()
+
+
+def test_a_training_tile_comes_with_its_own_global_volume():
+    from ossnet.data.preprocess import downscale_volume
+    from ossnet.training.datasets import LocationSamples
+
+    shape, tile = (32, 16, 16), (16, 16, 16)
+    rng = np.random.default_rng(0)
+    volume = rng.standard_normal((1, *shape)).astype(np.float32)
+    label = (rng.random(shape) > 0.5).astype(np.uint8)
+    config = SimpleNamespace(patch_channels=0, aux_head=False)
+    samples = tiled(LocationSamples, [(volume, label)], tile, config=config, locations=64, border_fraction=0.0)
+    item = samples[0]
+    windows = [volume[:, x:x + 16] for x in range(17)]
+    assert any(np.array_equal(item["global_volume"].numpy(), downscale_volume(w, 2)) for w in windows)
+    assert item["coords"].abs().max() <= 1.0

@@ -16,14 +16,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ossnet.data import AugmentConfig, augment_volume
-from ossnet.data.preprocess import PreparedCache, PreparedCase, PreprocessConfig, downscale_volume
+from ossnet.data.preprocess import PreparedCache, PreparedCase, PreprocessConfig, Shape3, downscale_volume
+from ossnet.data.tiles import FOREGROUND_FRACTION, random_tile_origin, tile_slices
 from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
 from ossnet.training.losses import downscale_label
 from ossnet.training.sampling import case_rng, sample_locations
 
-# Share of patches centred on a foreground voxel, nnU-Net's `oversample_foreground_percent` (the rest lie
-# uniformly in the volume, so small structures are seen often without forgetting the background).
-FOREGROUND_PATCH_FRACTION = 1 / 3
 # Axial slices each volume of a batch gives the 2D U-Net per step (half of them from slices that cross
 # the border band, like the occupancy networks' locations).
 SLICES_PER_VOLUME = 8
@@ -68,10 +66,15 @@ class EpochSamples(Dataset):
 
     augment: the transforms applied to each item before anything is sampled from it (None: none, and no
     random draw is spent on them, so an unaugmented run samples exactly as before augmentation existed).
+    tile: the model's input shape; a case whose working grid is larger gives each item one random tile of it
+    (`data.tiles.random_tile_origin`), cut before augmentation, with its own global volume; a case of the
+    tile's shape spends no random draw on it.
     """
 
-    def __init__(self, cases: PreparedCases, seed: int, augment: AugmentConfig | None = None) -> None:
+    def __init__(self, cases: PreparedCases, seed: int, augment: AugmentConfig | None = None,
+                 tile: Shape3 | None = None) -> None:
         self.cases, self.seed, self.augment, self.epoch = cases, seed, augment, 0
+        self.tile = None if tile is None else tuple(tile)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -80,14 +83,23 @@ class EpochSamples(Dataset):
         return case_rng(self.seed, self.epoch, index)
 
     def draw(self, index: int) -> tuple[np.random.Generator, TrainingArrays]:
-        """The item's generator, and its case's arrays after augmentation (the cached arrays without)."""
+        """The item's generator, and its case's arrays (one tile of them) after augmentation (the cached
+        arrays without either)."""
         case, rng = self.cases[index], self.rng(index)
         arrays = TrainingArrays(case.volume, case.global_volume, case.label, case.border)
+        if self.tile is not None and tuple(case.label.shape) != self.tile:
+            origin = random_tile_origin(case.label.shape, self.tile, case.label, rng.random() < FOREGROUND_FRACTION,
+                                        rng)
+            window = tile_slices(origin, self.tile)
+            volume = np.asarray(case.volume[(slice(None), *window)])
+            arrays = TrainingArrays(volume, downscale_volume(volume, self.cases.preprocess.global_downscale),
+                                    case.label[window], case.border[window])
         if self.augment is None:
             return rng, arrays
         spacing = tuple(nib.affines.voxel_sizes(case.geometry.working_affine()))
-        volume, label, border = augment_volume(case.volume, case.label, case.border, self.augment, rng, spacing)
-        global_volume = (case.global_volume if volume is case.volume
+        volume, label, border = augment_volume(arrays.volume, arrays.label, arrays.border, self.augment, rng,
+                                               spacing)
+        global_volume = (arrays.global_volume if volume is arrays.volume
                          else downscale_volume(volume, self.cases.preprocess.global_downscale))
         return rng, TrainingArrays(volume, global_volume, label, border)
 
@@ -101,8 +113,8 @@ class LocationSamples(EpochSamples):
     """
 
     def __init__(self, cases: PreparedCases, seed: int, config: OccupancyConfig, locations: int,
-                 border_fraction: float, augment: AugmentConfig | None = None) -> None:
-        super().__init__(cases, seed, augment)
+                 border_fraction: float, augment: AugmentConfig | None = None, tile: Shape3 | None = None) -> None:
+        super().__init__(cases, seed, augment, tile)
         self.config, self.locations, self.border_fraction = config, locations, border_fraction
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -132,21 +144,21 @@ class PatchSamples(EpochSamples):
     """3D U-Net with a patch shape: one random patch per case, volume (C, px, py, pz) and label (px, py, pz)
     int64.
 
-    With probability FOREGROUND_PATCH_FRACTION the patch is centred on a random foreground voxel (as
-    close as the volume's edges allow), otherwise placed uniformly. A volume smaller than the patch along
+    With probability FOREGROUND_FRACTION the patch is centred on a random foreground voxel, otherwise on any
+    voxel (`data.tiles.random_tile_origin`; moved inside the volume). A volume smaller than the patch along
     an axis is first zero-padded to it, centred: zero is the normalised mean intensity and background,
     what the working grid's own padding and the sliding window's padding hold too.
     """
 
     def __init__(self, cases: PreparedCases, seed: int, patch_shape: tuple[int, int, int],
-                 augment: AugmentConfig | None = None) -> None:
-        super().__init__(cases, seed, augment)
+                 augment: AugmentConfig | None = None, tile: Shape3 | None = None) -> None:
+        super().__init__(cases, seed, augment, tile)
         self.patch_shape = tuple(patch_shape)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng, case = self.draw(index)
         volume, label = pad_to_patch(case.volume, case.label, self.patch_shape)
-        start = patch_start(label, self.patch_shape, rng.random() < FOREGROUND_PATCH_FRACTION, rng)
+        start = random_tile_origin(label.shape, self.patch_shape, label, rng.random() < FOREGROUND_FRACTION, rng)
         window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_shape))
         return {"volume": _tensor(volume[(slice(None), *window)]), "label": _tensor(label[window]).long()}
 
@@ -162,24 +174,13 @@ def pad_to_patch(volume: np.ndarray, label: np.ndarray, patch_shape: tuple[int, 
     return np.pad(volume, [(0, 0), *widths]), np.pad(label, widths)
 
 
-def patch_start(label: np.ndarray, patch_shape: tuple[int, int, int], foreground: bool,
-                rng: np.random.Generator) -> np.ndarray:
-    """(3,) int64 corner of a patch inside the grid of label (X, Y, Z), each axis at least the patch:
-    centred on a random foreground voxel when `foreground` (and the label has one), else uniform."""
-    shape, patch = np.array(label.shape), np.array(patch_shape)
-    if foreground and (voxels := np.flatnonzero(label)).size:
-        centre = np.array(np.unravel_index(voxels[rng.integers(voxels.size)], label.shape))
-        return np.clip(centre - patch // 2, 0, shape - patch)
-    return rng.integers(0, shape - patch + 1)
-
-
 class SliceSamples(EpochSamples):
     """2D U-Net: SLICES_PER_VOLUME axial (Z) slices, volume (S, C, X, Y) and label (S, X, Y) int64;
     `border_fraction` of them drawn from the slices that cross the border band."""
 
     def __init__(self, cases: PreparedCases, seed: int, border_fraction: float,
-                 augment: AugmentConfig | None = None) -> None:
-        super().__init__(cases, seed, augment)
+                 augment: AugmentConfig | None = None, tile: Shape3 | None = None) -> None:
+        super().__init__(cases, seed, augment, tile)
         self.border_fraction = border_fraction
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

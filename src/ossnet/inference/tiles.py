@@ -1,0 +1,88 @@
+"""A working grid larger than an occupancy network's input shape, segmented tile by tile (docs/method.md §5.6).
+
+The grid is covered by `data.tiles.TileLayout`; each tile is a volume of the model's input shape, encoded from
+its own downscaled copy as in training and decoded (guided, by default) only at the query grid's voxels that
+the tile's weight reaches; the probabilities are blended with the layout's weights, which sum to 1 everywhere,
+and the class is taken from the blend. The query grid's voxel axes must be parallel to the working grid's (any
+flip, permutation, spacing or shift: every grid `ossnet predict` and validation build is so).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ossnet.data.preprocess import downscale_volume
+from ossnet.data.tiles import TileLayout, tile_slices
+from ossnet.inference.engine import DecodeOptions, SegmentationResult, labels_of
+from ossnet.inference.grid import QueryGrid
+from ossnet.inference.occupancy import segment_occupancy
+from ossnet.models import OccupancyNetwork
+
+
+def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor, options: DecodeOptions,
+                  device: torch.device, grid: QueryGrid) -> SegmentationResult:
+    """Segment the working grid of `volume` (C, X', Y', Z'), larger than the model's input shape on some axis,
+    on `grid`: one `segment_occupancy` per tile that reaches a voxel of `grid`, blended."""
+    config = model.config
+    layout = TileLayout.covering(tuple(volume.shape[1:]), tuple(config.input_shape))
+    axes = _parallel_axes(grid)
+    blended = torch.zeros((config.num_classes, *grid.shape), dtype=torch.float32)
+    stage_queries: Counter[int] = Counter()
+    mode = options.mode
+    tile_options = replace(options, probabilities=True)
+    for origin in tqdm(layout.tiles(), desc="tiles", unit="tile", leave=False):
+        box, weight = _reach(layout, origin, grid, axes)
+        if box is None:
+            continue
+        start = np.eye(4)
+        start[:3, 3] = [s.start for s in box]
+        to_tile = np.eye(4)
+        to_tile[:3, 3] = -np.asarray(origin, dtype=np.float64)
+        tile = np.asarray(volume[(slice(None), *tile_slices(origin, layout.tile))], dtype=np.float32)
+        result = segment_occupancy(model, tile, downscale_volume(tile, config.global_downscale), tile_options,
+                                   device, QueryGrid(tuple(s.stop - s.start for s in box),
+                                                     to_tile @ grid.to_working @ start))
+        blended[(slice(None), *box)] += torch.from_numpy(result.probabilities) * weight
+        stage_queries.update(result.stage_queries)
+        mode = result.mode
+    queries = sum(stage_queries.values())
+    return SegmentationResult(
+        labels=labels_of(blended, options.threshold).numpy(),
+        probabilities=blended.numpy() if options.probabilities else None,
+        queries=queries, fraction_of_dense=queries / float(np.prod(grid.shape)), mode=mode,
+        stage_queries=dict(stage_queries))
+
+
+def _parallel_axes(grid: QueryGrid) -> list[tuple[int, float, float]]:
+    """Per working axis a: (grid axis g, slope, offset) with working coordinate a = slope * index g + offset;
+    ValueError for a grid whose axes are not parallel to the working grid's."""
+    matrix = np.asarray(grid.to_working, dtype=np.float64)
+    axes = []
+    for a in range(3):
+        nonzero = np.flatnonzero(np.abs(matrix[a, :3]) > 1e-9)
+        if len(nonzero) != 1:
+            raise ValueError(f"tiled segmentation needs a query grid parallel to the working grid, got {matrix}")
+        axes.append((int(nonzero[0]), float(matrix[a, nonzero[0]]), float(matrix[a, 3])))
+    return axes
+
+
+def _reach(layout: TileLayout, origin: tuple[int, int, int], grid: QueryGrid,
+           axes: list[tuple[int, float, float]]) -> tuple[tuple[slice, ...] | None, torch.Tensor | None]:
+    """The box of `grid` voxels the tile at `origin` has weight at (slices per grid axis), and its weights
+    there (*box shape); (None, None) when it reaches none."""
+    box: list[slice | None] = [None, None, None]
+    factors: list[np.ndarray | None] = [None, None, None]
+    for a, ((low, high), (g, slope, offset)) in enumerate(zip(layout.support(origin), axes)):
+        working = slope * np.arange(grid.shape[g]) + offset
+        inside = np.flatnonzero((working > low) & (working < high))
+        if not inside.size:
+            return None, None
+        box[g] = slice(int(inside[0]), int(inside[-1]) + 1)
+        factors[g] = layout.weights(origin, a, working[box[g]])
+    weight = np.einsum("i,j,k->ijk", *factors).astype(np.float32)
+    return tuple(box), torch.from_numpy(weight)
