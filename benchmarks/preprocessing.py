@@ -1,4 +1,4 @@
-"""Time of the data side of a plan: bringing a case to the working grid and back, the fingerprint, and the
+"""Time of the data side of a plan: bringing a case to the working grid, the fingerprint, and the
 augmentation of one training item (what a DataLoader worker adds per item).
 
 Cases are BraTS-sized (4 x 240 x 240 x 155 float32, 1 mm LPS), and the same field of view as another
@@ -60,11 +60,9 @@ def time_grids(repeats: int) -> list[dict]:
         image = rng.normal(size=(4, *shape)).astype(np.float32)
         labels = rng.integers(0, 4, size=shape).astype(np.uint8)
         geometry = Geometry.fitted(shape, affine, PLAN)
-        probabilities = rng.random((1, *geometry.working_shape), dtype=np.float32)
         rows.append({"grid": name, "shape": shape,
                      "to_working_image_s": seconds(lambda: geometry.to_working(image, order=1), repeats),
-                     "labels_to_working_s": seconds(lambda: geometry.labels_to_working(labels), repeats),
-                     "to_original_probabilities_s": seconds(lambda: geometry.to_original(probabilities, 1), repeats)})
+                     "labels_to_working_s": seconds(lambda: geometry.labels_to_working(labels), repeats)})
         print(rows[-1])
     return rows
 
@@ -101,10 +99,9 @@ def main() -> None:
     fingerprint_s = time_fingerprint(repeats)
     augmentation = time_augmentation([(96, 96, 64), BRATS_SHAPE], items)
     grid_table = markdown_table(
-        ["stored grid", "shape", "to_working, 4 channels (s)", "labels_to_working, 4 classes (s)",
-         "to_original, 1 channel (s)"],
+        ["stored grid", "shape", "to_working, 4 channels (s)", "labels_to_working, 4 classes (s)"],
         [[r["grid"], "x".join(map(str, r["shape"])), f"{r['to_working_image_s']:.2f}",
-          f"{r['labels_to_working_s']:.2f}", f"{r['to_original_probabilities_s']:.2f}"] for r in grids])
+          f"{r['labels_to_working_s']:.2f}"] for r in grids])
     augment_table = markdown_table(
         ["volume (4 channels)", "preset", "items", "ms per item"],
         [["x".join(map(str, r["shape"])), r["preset"], str(r["items"]), f"{r['ms_per_item']:.0f}"]

@@ -87,3 +87,23 @@ def blob_dataset():
 @pytest.fixture(scope="session")
 def tiny_occupancy():
     return dict(TINY_OCCUPANCY)
+
+
+def nearest_on_original(geometry, working):
+    """(..., X, Y, Z): at every original voxel, the value of the working voxel nearest to the position
+    `geometry.working_to_original` gives it, 0 where that lies outside the working grid. Exact index arithmetic
+    wherever the chain copies voxels (no resampling): an oracle for `Geometry.to_working` and for masks brought
+    back onto the original grid."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.original_shape], indexing="ij")).reshape(3, -1)
+    to_working = np.linalg.inv(geometry.working_to_original)
+    position = np.rint(to_working[:3, :3] @ index + to_working[:3, 3:]).astype(np.int64)
+    inside = np.all((position >= 0) & (position < np.array(geometry.working_shape)[:, None]), axis=0)
+    pulled = np.zeros((*working.shape[:-3], index.shape[1]), dtype=working.dtype)
+    pulled[..., inside] = working[(..., *position[:, inside])]
+    return pulled.reshape(*working.shape[:-3], *geometry.original_shape)
+
+
+@pytest.fixture(scope="session")
+def pull_to_original():
+    """`nearest_on_original` for tests that bring working-grid arrays back onto the original grid."""
+    return nearest_on_original

@@ -191,6 +191,38 @@ def test_nnunet_channel_files_are_grouped_into_cases_in_channel_order(tmp_path):
     np.testing.assert_array_equal(image, np.stack([channels["liver_010"][c] for c in (0, 1, 2)]))
 
 
+@pytest.mark.parametrize("description, images", [
+    ({"channel_names": {"1": "ADC", "0": "T2"}}, "imagesTs"),  # nnU-Net v2: -i Dataset001/imagesTs
+    ({"modality": {"0": "T2", "1": "ADC"}}, "."),  # MSD / nnU-Net v1 description beside the files
+])
+def test_nnunet_channel_files_take_their_names_from_the_dataset_json_beside_or_above_them(tmp_path, description,
+                                                                                         images):
+    rng = np.random.default_rng(17)
+    (tmp_path / "dataset.json").write_text(json.dumps({**description, "labels": {"background": 0, "PZ": 1}}))
+    for case in ("prostate_07", "prostate_08"):
+        for c in (0, 1):
+            write(tmp_path / images / f"{case}_{c:04d}.nii.gz", random_image(rng))
+    dataset = open_dataset(tmp_path / images, layout="nifti")
+    assert dataset.channel_names == ("T2", "ADC")
+    assert [s.channel_names for s in dataset.test_cases] == [("T2", "ADC")] * 2
+    assert f"grouped into 2 cases of 2 channels named by {tmp_path / 'dataset.json'}" in dataset.layout_reason
+
+
+@pytest.mark.parametrize("description", [
+    '{"channel_names": {"0": "T2", "1": "ADC", "2": "DWI"}}',  # describes files of another channel count
+    '{"labels": {"background": 0}}',  # names no channel
+    '{"channel_names": ',  # unreadable
+])
+def test_a_dataset_json_that_does_not_name_the_channels_leaves_them_unnamed(tmp_path, description):
+    rng = np.random.default_rng(18)
+    (tmp_path / "dataset.json").write_text(description)
+    for c in (0, 1):
+        write(tmp_path / "imagesTs" / f"prostate_07_{c:04d}.nii.gz", random_image(rng))
+    dataset = open_dataset(tmp_path / "imagesTs")
+    assert dataset.layout == "nifti" and dataset.channel_names == ("channel-0", "channel-1")
+    assert "named by" not in dataset.layout_reason
+
+
 def test_nnunet_case_lacking_a_channel_file_names_it_when_loaded(tmp_path):
     from ossnet.errors import CaseError
 

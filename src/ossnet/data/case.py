@@ -26,6 +26,12 @@ AFFINE_TOLERANCE_MM = 1e-3
 NIFTI_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 
 
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (sx, sy, sz) in mm of a grid with `affine` (4, 4) voxel -> world mm (any array-like): the
+    lengths of its columns, as nibabel's `voxel_sizes`, oblique grids included."""
+    return tuple(float(s) for s in nib.affines.voxel_sizes(np.asarray(affine, dtype=np.float64)))
+
+
 @dataclass
 class Case:
     """One loaded subject.
@@ -46,7 +52,7 @@ class Case:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (sx, sy, sz) in mm, from the affine."""
-        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))
+        return spacing_of(self.affine)
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,8 @@ class CaseHeader:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))
+        """Voxel size (sx, sy, sz) in mm, from the affine."""
+        return spacing_of(self.affine)
 
     @property
     def orientation(self) -> str:

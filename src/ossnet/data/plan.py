@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
+from ossnet.data.case import spacing_of
 from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3, file_stamp, nonzero_box
 from ossnet.errors import OssnetError
 
@@ -75,7 +76,7 @@ class CaseFingerprint:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) per axis, from the affine."""
-        return tuple(float(s) for s in nib.affines.voxel_sizes(np.asarray(self.affine)))
+        return spacing_of(self.affine)
 
     @property
     def orientation(self) -> str:

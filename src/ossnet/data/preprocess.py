@@ -4,7 +4,8 @@ A `Case` (original voxel grid) becomes a `PreparedCase` on the model's *working 
 normalised per channel, the grid brought to the plan of `PreprocessConfig` (reorientation, crop to the
 nonzero box, resampling to a target spacing, centred zero padding / cropping to the working shape, or a
 resize as the LiTS code does), a downscaled global volume for the encoder, the target class map and its
-border band. `Geometry` remembers the map so outputs go back onto the original grid and its affine.
+border band. `Geometry` remembers the map (`working_to_original`), by which outputs are decided on the
+original grid and its affine.
 `PreparedCache` stores prepared cases as `.npy` files that are memory-mapped on load, so DataLoader
 workers share pages instead of copies. Choosing a plan for a dataset is `ossnet.data.plan`'s job.
 """
@@ -234,12 +235,6 @@ class Geometry:
         """(4, 4) affine of the working grid: working voxel index -> world mm."""
         return self.affine @ self.working_to_original
 
-    def original_to_working(self, voxels: np.ndarray) -> np.ndarray:
-        """(N, 3) float positions on the original grid (voxel indices) -> (N, 3) float working coordinates."""
-        voxels = np.asarray(voxels, dtype=np.float64)
-        inverse = np.linalg.inv(self.working_to_original)
-        return voxels @ inverse[:3, :3].T + inverse[:3, 3]
-
     # ------------------------------------------------------------------ arrays
 
     def to_working(self, array: np.ndarray, order: int) -> np.ndarray:
@@ -266,18 +261,6 @@ class Geometry:
             better = likelihood > best
             best_class[better], best[better] = k, likelihood[better]
         return best_class
-
-    def to_original(self, array: np.ndarray, order: int) -> np.ndarray:
-        """(..., X', Y', Z') on the working grid -> (..., X, Y, Z); the exact inverse of padding / cropping and
-        reorientation, linear (order 1, e.g. probabilities) or nearest (order 0) for resampling. Original
-        voxels outside the box or the working grid get 0."""
-        self._check(array, self.working_shape, order)
-        moved = place(array, self.resampled_shape, tuple(-o for o in self.offsets))
-        if self.resamples:
-            moved = _resize(moved, self.reoriented_shape, order)
-        moved = _reorient(moved, _inverse_orientation(self.reorientation))
-        starts = tuple(start for start, _ in self.box)
-        return _fresh(place(moved, self.original_shape, starts), array)
 
     # ------------------------------------------------------------------ storage
 
@@ -528,14 +511,6 @@ def _permuted(values, reorientation: Orientation) -> tuple:
     for value, (axis, _) in zip(values, reorientation):
         out[axis] = value.item() if isinstance(value, np.generic) else value
     return tuple(out)
-
-
-def _inverse_orientation(reorientation: Orientation) -> Orientation:
-    """The orientation array that undoes `reorientation`: working axis -> (original axis, same flip)."""
-    inverse = [None, None, None]
-    for axis, (target, flip) in enumerate(reorientation):
-        inverse[target] = (axis, flip)
-    return tuple(inverse)
 
 
 def _reorient(array: np.ndarray, reorientation: Orientation) -> np.ndarray:

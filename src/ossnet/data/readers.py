@@ -12,8 +12,10 @@ layout is chosen only when all the NIfTI files below the folder fit it, never fr
   anywhere below the folder (LiTS ships batches); `test-volume-N` files are test cases.
 - nifti (what no other layout fits): a single 3D or 4D (channels last) NIfTI file, or the NIfTI files directly
   in a folder, as unlabelled test cases. nnU-Net's channel files `CASE_0000.nii.gz`, `CASE_0001.nii.gz` ...
-  form one case `CASE` (channels in suffix order) when every file is named so and every case has `_0000`;
-  otherwise each file is one case, named by the file without its NIfTI suffix.
+  form one case `CASE` (channels in suffix order) when every file is named so and every case has `_0000`,
+  its channels named by the `dataset.json` in the folder or its parent (`-i Dataset001/imagesTs`) when that
+  names as many; otherwise each file is one case, named by the file without its NIfTI suffix. Channels
+  nothing names are `image` (3D file) or `channel-0`, `channel-1` ...
 `open_dataset(path, layout)` with a layout named reads the folder as that layout without checking the fit,
 so that a BraTS or LiTS dataset with an incomplete case opens and the case fails alone when it is loaded.
 A file a case needs but lacks is still listed (at the path it would have), so that `CaseSource.load`
@@ -46,6 +48,9 @@ LAYOUT_HELP = ("dataset layout: auto takes a layout only when every file fits it
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 BRATS_CHANNELS = ("FLAIR", "T1", "T1ce", "T2")
 LITS_CHANNELS = ("CT",)
+# What the nifti layout calls channels nothing names: `image` (a 3D file), `channel-0`, `channel-1` ... (a 4D
+# file's channels, CASE_XXXX files without a dataset.json); `channel_names_known` tells them from real names.
+_UNNAMED_CHANNEL = re.compile(r"^(image|channel-\d+)$", re.IGNORECASE)
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _BRATS_IMAGE = re.compile(r"^(?P<prefix>.+)_(?P<modality>flair|t1|t1ce|t2)\.nii(\.gz)?$", re.IGNORECASE)
@@ -108,7 +113,8 @@ def open_dataset(path: str | Path, layout: str = "auto") -> Dataset:
 
 def read_nifti(path: Path, reason: str) -> Dataset:
     """One NIfTI file, or the NIfTI files directly in the folder `path`, as unlabelled cases: nnU-Net's
-    `CASE_XXXX` channel files grouped by case when they all are named so, else one case per file."""
+    `CASE_XXXX` channel files grouped by case when they all are named so (channel names from a `dataset.json`
+    beside or above them), else one case per file."""
     if path.is_file():
         sources = [_file_case(path)]
     else:
@@ -121,9 +127,12 @@ def read_nifti(path: Path, reason: str) -> Dataset:
             sources = [_file_case(file) for file in files]
             reason = f"{len(files)} NIfTI files directly in the folder, one case each ({reason})"
         else:
-            sources = _channel_cases(path, groups)
+            count = max(max(channels) + 1 for channels in groups.values())
+            described = _described_channel_names(path, count)
+            sources = _channel_cases(path, groups, described[0] if described else _unnamed_channels(count))
+            named = f" named by {described[1]}" if described else ""
             reason = (f"{len(files)} NIfTI files named CASE_XXXX, grouped into {len(sources)} cases of "
-                      f"{len(sources[0].channel_names)} channels ({reason})")
+                      f"{count} channels{named} ({reason})")
     _check_unique(sources, path)
     channel_names = Counter(source.channel_names for source in sources).most_common(1)[0][0]
     return Dataset(path, "nifti", channel_names, (), [], sources, DEFAULT_TARGETS["nifti"], reason)
@@ -136,8 +145,33 @@ def _file_case(path: Path) -> CaseSource:
         shape = nib.load(path).shape
     except NIFTI_READ_ERRORS:
         shape = ()
-    channel_names = tuple(f"channel-{i}" for i in range(shape[3])) if len(shape) == 4 else ("image",)
+    channel_names = _unnamed_channels(shape[3]) if len(shape) == 4 else ("image",)
     return CaseSource(_NIFTI.sub("", path.name), (path,), None, channel_names)
+
+
+def _unnamed_channels(count: int) -> tuple[str, ...]:
+    return tuple(f"channel-{i}" for i in range(count))
+
+
+def channel_names_known(channel_names: tuple[str, ...]) -> bool:
+    """Whether the names tell every channel apart by what it is (FLAIR, CT ...): none is one the nifti layout
+    gives channels nothing names (`image`, `channel-N`), none repeats (case-insensitively)."""
+    distinct = len({name.lower() for name in channel_names}) == len(channel_names)
+    return distinct and not any(_UNNAMED_CHANNEL.match(name) for name in channel_names)
+
+
+def _described_channel_names(folder: Path, count: int) -> tuple[tuple[str, ...], Path] | None:
+    """The channel names, and the file, of the `dataset.json` in `folder` or else in its parent (nnU-Net's
+    `imagesTs/` beside it) when it names `count` channels; None without one, or when it names another number
+    or none: then it describes other files."""
+    for path in (folder / "dataset.json", folder.parent / "dataset.json"):
+        if path.is_file():
+            try:
+                names = _msd_channel_names(_read_json(path), path)
+            except DatasetError:
+                return None
+            return (names, path) if len(names) == count else None
+    return None
 
 
 def _channel_groups(files: list[Path]) -> dict[str, dict[int, Path]] | None:
@@ -151,15 +185,14 @@ def _channel_groups(files: list[Path]) -> dict[str, dict[int, Path]] | None:
     return dict(groups) if all(0 in channels for channels in groups.values()) else None
 
 
-def _channel_cases(folder: Path, groups: dict[str, dict[int, Path]]) -> list[CaseSource]:
-    """One case per group with the channel count of the largest; a channel file a case lacks is listed at
-    its would-be path, so that loading names it."""
-    num_channels = max(max(channels) + 1 for channels in groups.values())
-    channel_names = tuple(f"channel-{i}" for i in range(num_channels))
+def _channel_cases(folder: Path, groups: dict[str, dict[int, Path]],
+                   channel_names: tuple[str, ...]) -> list[CaseSource]:
+    """One case per group with the channels `channel_names` (as many as the largest group has); a channel file
+    a case lacks is listed at its would-be path, so that loading names it."""
     sources = []
     for case_id, channels in sorted(groups.items()):
         ending = _CHANNEL_FILE.match(channels[0].name)["ending"]
-        paths = tuple(channels.get(i, folder / f"{case_id}_{i:04d}{ending}") for i in range(num_channels))
+        paths = tuple(channels.get(i, folder / f"{case_id}_{i:04d}{ending}") for i in range(len(channel_names)))
         sources.append(CaseSource(case_id, paths, None, channel_names))
     return sources
 

@@ -10,8 +10,9 @@ component volumes in mm³ (docs/method.md §5.5).
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ossnet.data import (LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, Target, get_target, open_dataset,
-                         prepare_case)
+from ossnet.data import (LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, Target, channel_names_known, get_target,
+                         open_dataset, prepare_case)
 from ossnet.data.preprocess import place
 from ossnet.device import DEVICE_HELP, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
@@ -33,6 +34,7 @@ from ossnet.models import load as load_model
 from ossnet.options import check_fields, finite, option, positive
 
 MeshFormat = Literal["obj", "ply", "stl"]
+ChannelMatching = Literal["names", "position"]
 
 
 # Bytes per voxel of the output grid that prediction holds at once (labels, probabilities and the engine's
@@ -45,6 +47,11 @@ class PredictOptions:
     """How `ossnet predict` reads, decodes and writes; one field per command-line option (`decode`'s too)."""
 
     layout: LayoutChoice = option("auto", LAYOUT_HELP)
+    channels: ChannelMatching = option(
+        "names", "names: where the model and the case both name their channels (BraTS modalities, dataset.json "
+                 "channel names), match them by name, case-insensitively: the same names in another order are "
+                 "reordered to the model's, other names refused; position: take the case's channels in its order, "
+                 "checking only their number")
     device: str = option("auto", DEVICE_HELP)
     decode: DecodeOptions = option(default_factory=DecodeOptions, help="how each case is decoded", hidden=True)
     postprocess: Literal["auto", "none"] = option(
@@ -95,17 +102,37 @@ class Predictor:
             raise CheckpointError(f"{checkpoint}: not a training checkpoint of ossnet (missing {error}); "
                                   "use RUN_DIR/best.pt or last.pt written by `ossnet train`") from error
 
-    def check_case(self, case: Case) -> None:
-        """The case must have the model's channels (same count; names compared when both are known)."""
-        if case.image.shape[0] != len(self.channel_names):
-            raise CaseError(f"{case.case_id}: the model expects {len(self.channel_names)} channels "
-                            f"{list(self.channel_names)}, the case has {case.image.shape[0]} "
-                            f"{list(case.channel_names)}")
+    def check_case(self, case: Case, channels: ChannelMatching = "names") -> Case:
+        """`case` with the model's channels in the model's order, or CaseError.
+
+        The case must have as many channels as the model. With `channels="names"`, when both sides name every
+        channel, each once (BraTS modalities, dataset.json `channel_names` / `modality`; not the `channel-N` /
+        `image` of plain NIfTI files, which only count), the names must be the model's, compared
+        case-insensitively; a case listing them in another order is reordered, and says so on stderr.
+        `channels="position"` takes the channels in the case's order.
+        """
+        expected, given = self.channel_names, case.channel_names
+        if len(given) != len(expected):
+            raise CaseError(f"{case.case_id}: the model expects {len(expected)} channels {list(expected)}, the "
+                            f"case has {len(given)} {list(given)}")
+        if channels == "position" or not (channel_names_known(expected) and channel_names_known(given)):
+            return case
+        index = {name.lower(): i for i, name in enumerate(given)}
+        if sorted(index) != sorted(name.lower() for name in expected):
+            raise CaseError(f"{case.case_id}: the model's channels are {list(expected)}, the case's {list(given)}; "
+                            "name the case's channels as in training (dataset.json channel_names), or pass "
+                            "--channels position to take them in the case's order")
+        order = [index[name.lower()] for name in expected]
+        if order != sorted(order):
+            tqdm.write(f"{case.case_id}: channels {list(given)} reordered to the model's {list(expected)}",
+                       file=sys.stderr)
+            case = replace(case, image=case.image[order], channel_names=tuple(given[i] for i in order))
+        return case
 
     def predict_case(self, case: Case, options: PredictOptions) -> CasePrediction:
         """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4, and
         post-process the class map there (`options.postprocess`; probabilities stay the network's)."""
-        self.check_case(case)
+        case = self.check_case(case, options.channels)
         started = time.perf_counter()
         prepared = prepare_case(case, self.preprocess, self.target)
         geometry, decode = prepared.geometry, options.decode
