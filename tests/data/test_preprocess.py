@@ -32,34 +32,28 @@ def geometry(original, working, fit="pad", affine=OBLIQUE):
     return Geometry.fitted(original, affine, PreprocessConfig(working_shape=working, fit=fit))
 
 
-def kept_region(geom):
-    """Mask (X, Y, Z) of original voxels that survive the centred crop."""
-    mask = np.zeros(geom.original_shape, dtype=bool)
-    mask[tuple(slice(max(0, -o), max(0, -o) + w) for o, w in zip(geom.offsets, geom.working_shape))] = True
-    return mask
-
-
 # ---------------------------------------------------------------- fitting to the working grid
 
 
 @pytest.mark.parametrize("original, working", [
     ((7, 8, 5), (8, 8, 8)),      # pad: odd and even differences, one axis unchanged
-    ((12, 9, 11), (6, 4, 10)),   # crop on every axis
-    ((9, 6, 11), (4, 8, 6)),     # crop and pad mixed
+    ((12, 9, 11), (6, 4, 10)),   # longer than the tile on every axis
+    ((9, 6, 11), (4, 8, 6)),     # longer and shorter mixed
 ])
-def test_pad_crop_copies_every_kept_voxel_to_where_working_to_original_puts_it(original, working,
-                                                                              pull_to_original):
+def test_padding_copies_every_voxel_to_where_working_to_original_puts_it_and_crops_none(original, working,
+                                                                                       pull_to_original):
     geom = geometry(original, working)
-    image = np.random.default_rng(0).normal(size=(2, *original)).astype(np.float32) * kept_region(geom)
+    image = np.random.default_rng(0).normal(size=(2, *original)).astype(np.float32)
     on_working = geom.to_working(image, order=1)
-    assert on_working.shape == (2, *working) and on_working.dtype == image.dtype
+    assert on_working.shape == (2, *np.maximum(original, working)) and on_working.dtype == image.dtype
     assert np.array_equal(pull_to_original(geom, on_working), image)
-    assert np.count_nonzero(on_working) == np.count_nonzero(image)  # nothing but the case's voxels
+    assert np.count_nonzero(on_working) == np.count_nonzero(image)  # every voxel of the case, nothing else
 
 
 def test_offsets_split_ceil_before_floor_after():
     assert geometry((240, 240, 155), (256, 256, 160)).offsets == (8, 8, 3)  # 155 -> 160: 3 before, 2 after
-    assert geometry((11, 10, 6), (6, 6, 6)).offsets == (-2, -2, 0)           # crop 11 -> 6: 2 before, 3 after
+    longer = geometry((11, 10, 6), (6, 6, 6))  # longer than the tile: the working grid is the case (tiles)
+    assert longer.offsets == (0, 0, 0) and longer.working_shape == (11, 10, 6)
 
 
 def test_to_working_places_content_centred_as_the_paper_pads_brats():

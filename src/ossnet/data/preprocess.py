@@ -114,12 +114,15 @@ class PreprocessConfig:
             raise OssnetError(f"preprocessing: orientation {self.orientation!r} must be 3 axis codes, one of "
                               f"L/R, A/P and S/I each (e.g. RAS, LPS, LSA)")
 
-    def working_shape_for(self, original_shape: Shape3) -> Shape3:
-        """The working shape for a case whose (reoriented, cropped, resampled) shape is `original_shape`."""
-        if self.working_shape is not None:
-            return tuple(int(n) for n in self.working_shape)
-        m = self.shape_multiple
-        return tuple(-(-int(n) // m) * m for n in original_shape)
+    def working_shape_for(self, resampled_shape: Shape3) -> Shape3:
+        """The working grid of a case whose (reoriented, cropped, resampled) shape is `resampled_shape`: without
+        a working shape, each axis rounded up to a multiple of `shape_multiple`; with one (the model's input,
+        the *tile*), the tile on every axis the case fits in, and the case itself on an axis where it is
+        longer, so that nothing is cropped and several tiles cover it (`data.tiles`, docs/method.md §5.6)."""
+        if self.working_shape is None:
+            m = self.shape_multiple
+            return tuple(-(-int(n) // m) * m for n in resampled_shape)
+        return tuple(max(int(n), int(t)) for n, t in zip(resampled_shape, self.working_shape))
 
 
 def is_axis_codes(codes: object) -> bool:
@@ -185,7 +188,8 @@ class Geometry:
         cropped = tuple(stop - start for start, stop in box) if box is not None else original
         reoriented = _permuted(cropped, reorientation)
         if config.fit == "resize":
-            resampled = config.working_shape_for(reoriented)
+            resampled = (tuple(config.working_shape) if config.working_shape is not None
+                         else config.working_shape_for(reoriented))
         elif config.spacing is not None:
             spacing = _permuted(nib.affines.voxel_sizes(affine), reorientation)
             resampled = tuple(max(1, round(n * s / t)) for n, s, t in zip(reoriented, spacing, config.spacing))

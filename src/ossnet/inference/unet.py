@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from ossnet.inference.engine import DecodeOptions, SegmentationResult, labels_of
@@ -29,12 +30,8 @@ def segment_unet(model: ResidualUNet, volume: torch.Tensor, grid: QueryGrid,
     if model.config.patch_shape is not None:
         logits, windows = sliding_window_logits(model, volume)
         queries, mode = windows * math.prod(model.config.patch_shape), "sliding-window"
-    elif model.config.dims == 3:
-        logits = model(volume[None])[0]
-    else:  # axial slices (B = Z, C, X, Y) one slice batch at a time keeps memory at slice size
-        slices = volume.permute(3, 0, 1, 2)
-        logits = torch.cat([model(slices[z:z + 8]) for z in range(0, slices.shape[0], 8)])
-        logits = logits.permute(1, 2, 3, 0)
+    else:
+        logits = _whole_volume_logits(model, volume)
     probabilities = probabilities_from_logits(logits.float(), dim=0)
     if not grid.is_working_grid(probabilities.shape[1:]):
         probabilities = _resample_probabilities(probabilities, grid)
@@ -44,6 +41,24 @@ def segment_unet(model: ResidualUNet, volume: torch.Tensor, grid: QueryGrid,
         probabilities=probabilities.cpu().numpy() if options.probabilities else None,
         queries=queries, fraction_of_dense=queries / math.prod(grid.shape), mode=mode, stage_queries={1: queries},
     )
+
+
+def _whole_volume_logits(model: ResidualUNet, volume: torch.Tensor) -> torch.Tensor:
+    """Logits (num_classes, X, Y, Z) of a U-Net that sees whole volumes (3D) or whole axial slices (2D). A grid
+    its strides do not divide (a case longer than the working shape, docs/method.md §5.6) is zero-padded at
+    the far end of those axes first and the logits cropped back."""
+    spatial = volume.shape[1:]
+    factor = math.prod(model.config.strides)
+    seen = 3 if model.config.dims == 3 else 2
+    extra = [(-n) % factor if axis < seen else 0 for axis, n in enumerate(spatial)]
+    padded = F.pad(volume, [width for e in reversed(extra) for width in (0, e)]) if any(extra) else volume
+    if model.config.dims == 3:
+        logits = model(padded[None])[0]
+    else:  # axial slices (B = Z, C, X, Y) one slice batch at a time keeps memory at slice size
+        slices = padded.permute(3, 0, 1, 2)
+        logits = torch.cat([model(slices[z:z + 8]) for z in range(0, slices.shape[0], 8)])
+        logits = logits.permute(1, 2, 3, 0)
+    return logits[(slice(None), *(slice(0, n) for n in spatial))]
 
 
 def _resample_probabilities(probabilities: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
