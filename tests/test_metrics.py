@@ -226,16 +226,12 @@ def test_write_csv_writes_one_row_per_case_and_class_and_no_temporary_files(tmp_
         },
     )
     path = result.write_csv(tmp_path / "out" / "metrics.csv")
-    result.write_summary_csv(tmp_path / "out" / "summary.csv")
     rows = list(csv.DictReader(path.open()))
     assert [(row["case_id"], row["class"]) for row in rows] == [
         ("a", "liver"), ("a", "tumour"), ("b", "liver"), ("b", "tumour")
     ]
     assert float(rows[2]["hd95"]) == 2.5 and math.isnan(float(rows[1]["asd"]))
-    summary = {(row["class"], row["metric"]): row for row in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
-    assert float(summary["liver", "dice"]["mean"]) == pytest.approx(0.8)
-    assert int(summary["tumour", "hd95"]["count"]) == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.csv", "summary.csv"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.csv"]
 
 
 def write_brats_case(root, case_id, seg):

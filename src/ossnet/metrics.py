@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -167,11 +167,6 @@ class EvaluationResult:
         rows = [(case_id, *astuple(row)) for case_id, case in self.cases.items() for row in case]
         return _write_csv(Path(path), ("case_id", "class", *METRIC_NAMES), rows)
 
-    def write_summary_csv(self, path: str | Path) -> Path:
-        """Write the summary (`class, metric, mean, median, std, count`), atomically."""
-        header = tuple("class" if f.name == "class_name" else f.name for f in fields(MetricSummary))
-        return _write_csv(Path(path), header, [astuple(row) for row in self.summary()])
-
 
 def evaluate_folders(
     pred_dir: str | Path,
@@ -213,7 +208,7 @@ def evaluate_folders(
             pred_labels, gt_labels = gt_target.apply(pred.labels), gt_target.apply(gt.labels)
         if binarize:
             pred_labels, gt_labels = (pred_labels > 0).astype(np.uint8), (gt_labels > 0).astype(np.uint8)
-        spacing = np.linalg.norm(gt.affine[:3, :3], axis=0)
+        spacing = nib.affines.voxel_sizes(gt.affine)
         result.cases[case_id] = evaluate_case(pred_labels, gt_labels, spacing, result.class_names)
     return result
 
