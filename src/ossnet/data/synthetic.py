@@ -38,6 +38,7 @@ from scipy.spatial.transform import Rotation
 
 from ossnet.atomic import atomic_path
 from ossnet.data.preprocess import is_axis_codes, reorientation_to
+from ossnet.data.readers import BRATS_MODALITIES
 from ossnet.device import check_memory
 from ossnet.errors import DatasetError, OssnetError
 from ossnet.options import check_fields, option
@@ -51,7 +52,6 @@ DEFAULT_SHAPE = (96, 96, 64)
 # Memory the generators hold per voxel of a case (coordinates, channels, noise; measured peak ~90 bytes).
 BYTES_PER_VOXEL = 96
 
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")  # file suffixes, in OSS-Net's channel order
 MSD_CHANNEL_NAMES = {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"}
 MSD_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
 # BraTS raw label -> MSD Task01 label (1 necrotic/non-enhancing -> 2, 2 oedema -> 1, 4 enhancing -> 3).
