@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ossnet.atomic import atomic_path
 from ossnet.errors import CheckpointError, OssnetError
-from ossnet.models.occupancy import Latents, OccupancyConfig, OccupancyNetwork
+from ossnet.models.occupancy import BRATS_WORKING_SHAPE, Latents, OccupancyConfig, OccupancyNetwork
 from ossnet.models.unet import ResidualUNet, UNetConfig
 
 ModelConfig = OccupancyConfig | UNetConfig
@@ -235,7 +235,7 @@ def _changes(name: str) -> str:
     return f"{DERIVED_FROM[name]} + " + ", ".join(changed)
 
 
-def describe_presets(in_channels: int = 4, input_shape: tuple[int, int, int] = (256, 256, 160)) -> list[dict]:
+def describe_presets(in_channels: int = 4, input_shape: tuple[int, int, int] = BRATS_WORKING_SHAPE) -> list[dict]:
     """One row per preset for volumes of `in_channels` x `input_shape`: name, kind, parameters,
     encoder_input (C, *spatial), macs_per_query (occupancy: decoder MACs per location; U-Nets: dense
     forward MACs per output voxel) and adds (what it changes over the preset it is derived from)."""
