@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 def add_options(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
     """One argument per field of the dataclass `config_type` (see `ossnet.options.option`), except `skip`
-    and fields marked hidden: flag, type, choices, nargs and default all come from the field."""
+    and fields marked hidden: flag (or a positional argument), type, choices, nargs and default all come from
+    the field."""
     hints = typing.get_type_hints(config_type)
     for field in dataclasses.fields(config_type):
         meta = field.metadata
@@ -63,6 +64,10 @@ def add_options(parser: argparse.ArgumentParser, config_type: type, skip: tuple[
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("positional"):  # argparse names a positional argument by its dest, and requires it
+            del kwargs["dest"]
+            parser.add_argument(field.name, **kwargs)
+            continue
         if required:
             kwargs["required"] = True
         parser.add_argument(*meta.get("flags", (f"--{field.name.replace('_', '-')}",)), **kwargs)
