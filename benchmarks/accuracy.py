@@ -59,7 +59,7 @@ from common import (MODEL_NAMES, RESULTS_DIR, Provenance, argument_parser, check
 from ossnet.data import write_synthetic_dataset
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.predict import PredictOptions, predict
-from ossnet.metrics import evaluate_folders
+from ossnet.metrics import EvaluateOptions, evaluate_folders
 from ossnet.training import TrainConfig, train
 from ossnet.training import loop as training_loop
 from ossnet.training.checkpoints import LAST, save_checkpoint
@@ -193,7 +193,7 @@ def score(model: str, checkpoint: Path, test_data: Path, predictions: Path, devi
     options = PredictOptions(device=device, decode=DecodeOptions(mode="guided"), overwrite=True)
     cases = predict(checkpoint, test_data, predictions, options)
     predict_seconds = time.perf_counter() - started
-    evaluation = evaluate_folders(predictions, test_data)
+    evaluation = evaluate_folders(EvaluateOptions(predictions, test_data))
     means = {row.metric: row.mean for row in evaluation.summary() if row.class_name == evaluation.class_names[0]}
     fractions = [case.fraction_of_dense for case in cases] if model in OCCUPANCY else []
     return ModelResult(model, means["dice"], means["iou"], round(train_seconds, 1), round(predict_seconds, 1),

@@ -140,10 +140,9 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_models(args: argparse.Namespace) -> None:
-    from ossnet.models import describe_presets, format_presets
+    from ossnet.models import ModelsOptions, describe_presets, format_presets
 
-    rows = describe_presets(in_channels=args.in_channels, input_shape=tuple(args.input_shape))
-    print(format_presets(rows))
+    print(format_presets(describe_presets(options_from(args, ModelsOptions))))
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -161,13 +160,12 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from ossnet.metrics import evaluate_folders
+    from ossnet.metrics import EvaluateOptions, evaluate_folders
 
-    result = evaluate_folders(args.pred, args.gt, target=args.target, layout=args.layout)
-    print(result.format_summary())
-    if args.output:
-        result.write_csv(args.output)
-        print(f"per-case metrics written to {args.output}")
+    options = options_from(args, EvaluateOptions)
+    print(evaluate_folders(options).format_summary())
+    if options.output:
+        print(f"per-case metrics written to {options.output}")
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -185,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ossnet.demo import DemoOptions
     from ossnet.inference.engine import DecodeOptions
     from ossnet.inference.predict import PredictOptions
+    from ossnet.metrics import EvaluateOptions
+    from ossnet.models import ModelsOptions
     from ossnet.training import TrainConfig
 
     parser = _Parser(
@@ -218,11 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: headers only")
     p.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
 
-    p = verb("models", run_models, "list the model presets",
-             "Print each preset: parameters, encoder input, decoder MACs per query.")
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--input-shape", type=int, nargs=3, default=[256, 256, 160], metavar=("X", "Y", "Z"),
-                   help="working (padded full-resolution) shape (default BraTS 256 256 160)")
+    verb("models", run_models, "list the model presets",
+         "Print each preset: parameters, encoder input, decoder MACs per query.", ModelsOptions)
 
     verb("train", run_train, "train a model on a dataset",
          "Train onet, ossnet-a..d, unet3d, unet2d or unet3d-patch with the paper's defaults. Writes "
@@ -238,15 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "BraTS/LiTS case folder, or dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
 
-    p = verb("evaluate", run_evaluate, "Dice, IoU, HD95, ASD of predictions against labels",
-             "Match PRED/CASE.nii.gz to the ground truth by case id and report Dice, IoU, 95%% Hausdorff and "
-             "average surface distance (mm).")
-    p.add_argument("-p", "--pred", type=Path, required=True, help="folder of predicted masks")
-    p.add_argument("-g", "--gt", type=Path, required=True, help="folder of label NIfTIs or a dataset folder")
-    p.add_argument("-o", "--output", type=Path, default=None, help="write per-case metrics CSV here")
-    p.add_argument("--target", default=None,
-                   help="when -g is a dataset: the target its labels are turned into (default: the paper's)")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help=f"of -g: {LAYOUT_HELP}")
+    verb("evaluate", run_evaluate, "Dice, IoU, HD95, ASD of predictions against labels",
+         "Match PRED/CASE.nii.gz to the ground truth by case id and report Dice, IoU, 95 % Hausdorff and "
+         "average surface distance (mm).", EvaluateOptions)
 
     verb("demo", run_demo, "synthesise data, train ossnet-c, segment, evaluate",
          "The main job on built-in data: writes runs/demo/ with masks, meshes, overlays, metrics and a report.",
