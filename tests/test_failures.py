@@ -68,6 +68,7 @@ def read_only(folder):
     (["train", "--data", "x", "-o", "y", "--max-train-cases", "-1"], "max_train_cases must be at least 1"),
     (["train", "--data", "x", "-o", "y", "--border-fraction", "2"], "border fraction must be"),
     (["models", "--in-channels", "0"], "in_channels must be at least 1"),
+    (["info", "x", "--max-cases", "-1"], "max_cases must be at least 0"),
     (["train", "--data", "x", "-o", "y", "--epochs", "many"], "invalid int value"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, message):

@@ -134,9 +134,11 @@ def run_synth(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from ossnet.data import open_dataset, summarize_dataset
+    from ossnet.data import InfoOptions, summarize_dataset
 
-    print(summarize_dataset(open_dataset(args.path, args.layout), max_cases=args.max_cases, check=args.check))
+    summary = summarize_dataset(options_from(args, InfoOptions))
+    print(summary.report, flush=True)  # the whole report first, then the one error line, if any
+    summary.raise_for_failures()
 
 
 def run_models(args: argparse.Namespace) -> None:
@@ -178,7 +180,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ossnet.data import LAYOUT_HELP, LAYOUTS
+    from ossnet.data import InfoOptions
     from ossnet.data.synthetic import Grid, SynthOptions
     from ossnet.demo import DemoOptions
     from ossnet.inference.engine import DecodeOptions
@@ -207,16 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
              "scanner's grid (--spacing, --orientation, --oblique).", SynthOptions, Grid)
     p.add_argument("-o", "--output", type=Path, required=True, help="new folder to write")
 
-    p = verb("info", run_info, "check a dataset before training",
-             "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "
-             "shapes, spacings, orientations, label values and every case that fails to load.")
-    p.add_argument("path", type=Path, help="dataset folder, case folder or NIfTI file")
-    p.add_argument("--max-cases", type=int, default=None,
-                   help="load the labels of at most this many cases for voxel fractions")
-    p.add_argument("--check", action="store_true",
-                   help="read every voxel of every case (slow) to list truncated files and NaN/Inf images too; "
-                        "default: headers only")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
+    verb("info", run_info, "check a dataset before training",
+         "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "
+         "shapes, spacings, orientations, label values and every case that fails to load. After the report, "
+         "exit code 2 when any case fails (with --check also a truncated file or NaN/Inf voxels), so that it "
+         "can gate a pipeline.", InfoOptions)
 
     verb("models", run_models, "list the model presets",
          "Print each preset: parameters, encoder input, decoder MACs per query.", ModelsOptions)
