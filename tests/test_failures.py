@@ -170,7 +170,7 @@ def test_writes_into_a_read_only_folder_are_one_line(checkpoint, dataset, tmp_pa
         assert "locked" in err
         err = one_line_error(capsys, train_args(dataset, locked / "run", "--cache-dir", tmp_path / "cache"))
         assert "locked" in err
-        err = one_line_error(capsys, ["synth", "--cases", "1", "--shape", "8", "8", "8", "-o", locked / "syn"])
+        err = one_line_error(capsys, ["synth", "--cases", "1", "--shape", "16", "16", "16", "-o", locked / "syn"])
         assert "locked" in err
         predictions = tmp_path / "pred"
         predictions.mkdir()
