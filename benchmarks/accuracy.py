@@ -56,7 +56,7 @@ import numpy as np
 from common import (MODEL_NAMES, RESULTS_DIR, Provenance, argument_parser, check_device, markdown_table,
                     write_results)
 
-from ossnet.data import write_synthetic_dataset
+from ossnet.data import SynthOptions, write_synthetic_dataset
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.predict import PredictOptions, predict
 from ossnet.metrics import EvaluateOptions, evaluate_folders
@@ -156,7 +156,7 @@ def synthesise(folder: Path, layout: str, cases: int, shape: tuple[int, int, int
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():
             folder.rmdir()
-        write_synthetic_dataset(folder, layout, cases, shape=shape, seed=seed)
+        write_synthetic_dataset(SynthOptions(folder, layout, cases, shape=shape, seed=seed))
     return folder
 
 

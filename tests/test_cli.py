@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from ossnet.cli import build_parser, main
+from ossnet.cli import build_parser, main, options_from
 
 VERBS = ["synth", "info", "models", "train", "predict", "evaluate", "demo"]
 
@@ -75,6 +76,21 @@ def test_info_check_exits_2_on_a_truncated_file_that_the_headers_pass(tmp_path, 
     assert error.startswith("ossnet info: error: 1 of 1 cases fail the voxel check") and error.endswith("lists each")
 
 
+def test_the_command_line_defaults_are_the_options_classes_defaults():
+    from ossnet.data import Grid, InfoOptions, SynthOptions
+    from ossnet.metrics import EvaluateOptions
+    from ossnet.models import BRATS_WORKING_SHAPE, ModelsOptions
+
+    parse = build_parser().parse_args
+    assert options_from(parse(["models"]), ModelsOptions) == ModelsOptions()
+    assert ModelsOptions().input_shape == BRATS_WORKING_SHAPE
+    assert options_from(parse(["info", "data"]), InfoOptions) == InfoOptions(Path("data"))
+    assert options_from(parse(["evaluate", "-p", "p", "-g", "g"]), EvaluateOptions) == EvaluateOptions(Path("p"),
+                                                                                                      Path("g"))
+    args = parse(["synth", "-o", "d"])
+    assert options_from(args, SynthOptions, grid=options_from(args, Grid)) == SynthOptions(Path("d"))
+
+
 def test_predict_then_evaluate_from_the_command_line(trained_checkpoint, tiny_brats, tmp_path):
     code, out, err = run_cli("predict", "-c", trained_checkpoint, "-i", tiny_brats, "-o", tmp_path / "pred")
     assert code == 0, err
@@ -90,7 +106,6 @@ def test_predict_then_evaluate_from_the_command_line(trained_checkpoint, tiny_br
 
 def test_readme_command_reference_lists_every_option_of_every_verb():
     import argparse
-    from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     reference = readme.split("## Command reference", 1)[1].split("\n## ", 1)[0]

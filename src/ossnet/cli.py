@@ -2,8 +2,10 @@
 
 Verbs follow what a user does, nnU-Net style: `synth` (make a dataset), `info` (check one), `models`
 (list the architectures), `train`, `predict`, `evaluate`, and `demo` (all of it on built-in data).
-The options of `train`, `predict` and `demo` are built from the fields of `TrainConfig`, `PredictOptions`
-and `DemoOptions` (`ossnet.options`): each default, help text and check is declared once, there.
+Each verb's options are built from the fields of the dataclass declared beside the function it calls
+(`SynthOptions` and `Grid`, `InfoOptions`, `ModelsOptions`, `TrainConfig`, `PredictOptions` and
+`DecodeOptions`, `EvaluateOptions`, `DemoOptions`; see `ossnet.options`): each default, help text and check
+is declared once, there. Only `predict`'s -c, -i and -o are declared here.
 Whatever goes wrong reaches the user as one line on stderr: exit code 2 for bad input, a refused
 option or an OS fault (read-only folder, disk full, a file in the way), 1 for an internal error.
 """
@@ -123,12 +125,10 @@ def _parse_override(item: str) -> tuple[str, object]:
 
 
 def run_synth(args: argparse.Namespace) -> None:
-    from ossnet.data.synthetic import Grid, SynthOptions, write_synthetic_dataset
+    from ossnet.data import Grid, SynthOptions, write_synthetic_dataset
 
-    options, grid = options_from(args, SynthOptions), options_from(args, Grid)
-    out = write_synthetic_dataset(args.output, options.layout, options.cases, shape=options.shape,
-                                  seed=options.seed, num_test_cases=options.test_cases, spacing=grid.spacing,
-                                  orientation=grid.orientation, oblique=grid.oblique)
+    options = options_from(args, SynthOptions, grid=options_from(args, Grid))
+    out = write_synthetic_dataset(options)
     print(f"wrote {options.cases} {options.layout} cases ({options.test_cases} test) of shape "
           f"{options.shape} to {out}")
 
@@ -180,8 +180,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ossnet.data import InfoOptions
-    from ossnet.data.synthetic import Grid, SynthOptions
+    from ossnet.data import Grid, InfoOptions, SynthOptions
     from ossnet.demo import DemoOptions
     from ossnet.inference.engine import DecodeOptions
     from ossnet.inference.predict import PredictOptions
@@ -204,10 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=run)
         return sub
 
-    p = verb("synth", run_synth, "write a synthetic dataset in a real on-disk layout",
-             "Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), optionally on another "
-             "scanner's grid (--spacing, --orientation, --oblique).", SynthOptions, Grid)
-    p.add_argument("-o", "--output", type=Path, required=True, help="new folder to write")
+    verb("synth", run_synth, "write a synthetic dataset in a real on-disk layout",
+         "Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), optionally on another "
+         "scanner's grid (--spacing, --orientation, --oblique).", SynthOptions, Grid)
 
     verb("info", run_info, "check a dataset before training",
          "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "

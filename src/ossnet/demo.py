@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ossnet.data import write_synthetic_dataset
+from ossnet.data import SynthOptions, write_synthetic_dataset
 from ossnet.device import DEVICE_HELP
 from ossnet.inference.predict import PredictOptions, predict
 from ossnet.metrics import EvaluateOptions, evaluate_folders
@@ -94,7 +94,7 @@ def _synthesise(folder: Path, cases: int, shape: tuple[int, int, int], seed: int
         return
     if folder.exists():
         folder.rmdir()
-    write_synthetic_dataset(folder, "brats", cases, shape=shape, seed=seed)
+    write_synthetic_dataset(SynthOptions(folder, "brats", cases, shape=shape, seed=seed))
 
 
 def _write_report(out: Path, result, mean_dice: float) -> None:
