@@ -56,10 +56,10 @@ import numpy as np
 from common import (MODEL_NAMES, RESULTS_DIR, Provenance, argument_parser, check_device, markdown_table,
                     write_results)
 
-from ossnet.data import write_synthetic_dataset
+from ossnet.data import SynthOptions, write_synthetic_dataset
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.predict import PredictOptions, predict
-from ossnet.metrics import evaluate_folders
+from ossnet.metrics import EvaluateOptions, evaluate_folders
 from ossnet.training import TrainConfig, train
 from ossnet.training import loop as training_loop
 from ossnet.training.checkpoints import LAST, save_checkpoint
@@ -156,7 +156,7 @@ def synthesise(folder: Path, layout: str, cases: int, shape: tuple[int, int, int
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():
             folder.rmdir()
-        write_synthetic_dataset(folder, layout, cases, shape=shape, seed=seed)
+        write_synthetic_dataset(SynthOptions(folder, layout, cases, shape=shape, seed=seed))
     return folder
 
 
@@ -193,7 +193,7 @@ def score(model: str, checkpoint: Path, test_data: Path, predictions: Path, devi
     options = PredictOptions(device=device, decode=DecodeOptions(mode="guided"), overwrite=True)
     cases = predict(checkpoint, test_data, predictions, options)
     predict_seconds = time.perf_counter() - started
-    evaluation = evaluate_folders(predictions, test_data)
+    evaluation = evaluate_folders(EvaluateOptions(predictions, test_data))
     means = {row.metric: row.mean for row in evaluation.summary() if row.class_name == evaluation.class_names[0]}
     fractions = [case.fraction_of_dense for case in cases] if model in OCCUPANCY else []
     return ModelResult(model, means["dice"], means["iou"], round(train_seconds, 1), round(predict_seconds, 1),

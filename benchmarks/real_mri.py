@@ -51,7 +51,7 @@ from scipy import ndimage
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case, resample_nifti
 from ossnet.data.synthetic import Grid
 from ossnet.inference.predict import PredictOptions, predict
-from ossnet.metrics import evaluate_folders
+from ossnet.metrics import EvaluateOptions, evaluate_folders
 from ossnet.training import TrainConfig, train
 
 MRICRON = Path("/usr/share/mricron/templates")
@@ -257,7 +257,7 @@ def segment_copies(task: Task, checkpoint: Path, test_dir: Path, predictions: Pa
     if stored.is_file():
         return json.loads(stored.read_text())
     cases = predict(checkpoint, test_dir, predictions, PredictOptions(device=device, overlay=True, overwrite=True))
-    evaluation = evaluate_folders(predictions, test_dir, target=task.target)
+    evaluation = evaluate_folders(EvaluateOptions(predictions, test_dir, target=task.target))
     names = dict(zip(evaluation.class_names, list(task.labels)[1:]))  # the target's "label-1" -> "grey matter"
     result = {}
     for case in cases:

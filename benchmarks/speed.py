@@ -49,7 +49,8 @@ import torch
 from scipy import ndimage
 
 from ossnet import models
-from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case, write_synthetic_dataset
+from ossnet.data import (PreprocessConfig, SynthOptions, get_target, open_dataset, prepare_case,
+                         write_synthetic_dataset)
 from ossnet.data.synthetic import BrainTissue, brain_phantom
 from ossnet.demo import DEMO_OVERRIDES, DemoOptions
 from ossnet.inference import DecodeOptions, cell_prior, segment
@@ -137,8 +138,8 @@ class ModeRow:
 
 def held_out_case(folder: Path, shape: tuple[int, int, int], preprocess: PreprocessConfig, target):
     """One synthetic BraTS-like case, preprocessed as the model expects."""
-    root = write_synthetic_dataset(folder / f"brats-{'x'.join(map(str, shape))}", "brats", 1, shape=shape,
-                                   seed=HELD_OUT_SEED)
+    root = write_synthetic_dataset(SynthOptions(folder / f"brats-{'x'.join(map(str, shape))}", "brats", 1,
+                                                shape=shape, seed=HELD_OUT_SEED))
     return prepare_case(open_dataset(root).cases[0].load(), preprocess, target)
 
 

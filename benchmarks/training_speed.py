@@ -107,11 +107,11 @@ def main() -> None:
                         help="operators of the profile of the first and last variant (0: no profile)")
     args = parser.parse_args()
     epochs = 2 if args.quick else args.epochs
-    from ossnet.data import write_synthetic_dataset
+    from ossnet.data import SynthOptions, write_synthetic_dataset
     with tempfile.TemporaryDirectory(prefix="ossnet-training-speed-") as folder, \
             package_source(args.baseline) as old_source:
         work = Path(folder)
-        write_synthetic_dataset(work / "data", "brats", 12, shape=(96, 96, 64), seed=0)
+        write_synthetic_dataset(SynthOptions(work / "data", "brats", 12, shape=(96, 96, 64), seed=0))
         variants = ([(f"before ({args.baseline})", BEFORE_SETTINGS, old_source, None)] if args.baseline else [])
         variants += [("after, before's settings", BEFORE_SETTINGS, None, None),
                      ("after, demo, libgomp's default wait policy", demo_settings(), None, {"OMP_WAIT_POLICY": ""}),

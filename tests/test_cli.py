@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from ossnet.cli import build_parser, main
+from ossnet.cli import build_parser, main, options_from
 
 VERBS = ["synth", "info", "models", "train", "predict", "evaluate", "demo"]
 
@@ -49,6 +50,47 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path):
     assert code == 2 and "corrupt.pt" in err and len(err.strip().splitlines()) == 1
 
 
+def test_info_prints_its_whole_report_then_exits_2_when_a_case_cannot_be_read(tmp_path, capsys):
+    (tmp_path / "scan.nii.gz").write_bytes(b"not a NIfTI file")
+    assert main(["info", str(tmp_path / "scan.nii.gz")]) == 2
+    out, err = capsys.readouterr()
+    report = out.splitlines()
+    assert report[0].split() == ["layout", "nifti"] and "failures      1 of 1 cases" in report
+    assert report[-1].startswith("  scan: ") and "scan.nii.gz" in report[-1]
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == [err.strip().splitlines()[-1]] and "Traceback" not in err
+    assert errors[0].startswith("ossnet info: error: 1 of 1 cases cannot be read (first: scan: ")
+
+
+def test_info_check_exits_2_on_a_truncated_file_that_the_headers_pass(tmp_path, capsys):
+    scan = tmp_path / "scan.nii"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), scan)
+    scan.write_bytes(scan.read_bytes()[:-40])
+    assert main(["info", str(scan)]) == 0
+    assert "failures      0 of 1 cases" in capsys.readouterr().out.splitlines()
+    assert main(["info", "--check", str(scan)]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-2] == "failures      1 of 1 cases"
+    assert out.splitlines()[-1].startswith("  scan: ") and "truncated" in out.splitlines()[-1]  # one line per case
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("ossnet info: error: 1 of 1 cases fail the voxel check") and error.endswith("lists each")
+
+
+def test_the_command_line_defaults_are_the_options_classes_defaults():
+    from ossnet.data import Grid, InfoOptions, SynthOptions
+    from ossnet.metrics import EvaluateOptions
+    from ossnet.models import BRATS_WORKING_SHAPE, ModelsOptions
+
+    parse = build_parser().parse_args
+    assert options_from(parse(["models"]), ModelsOptions) == ModelsOptions()
+    assert ModelsOptions().input_shape == BRATS_WORKING_SHAPE
+    assert options_from(parse(["info", "data"]), InfoOptions) == InfoOptions(Path("data"))
+    assert options_from(parse(["evaluate", "-p", "p", "-g", "g"]), EvaluateOptions) == EvaluateOptions(Path("p"),
+                                                                                                      Path("g"))
+    args = parse(["synth", "-o", "d"])
+    assert options_from(args, SynthOptions, grid=options_from(args, Grid)) == SynthOptions(Path("d"))
+
+
 def test_predict_then_evaluate_from_the_command_line(trained_checkpoint, tiny_brats, tmp_path):
     code, out, err = run_cli("predict", "-c", trained_checkpoint, "-i", tiny_brats, "-o", tmp_path / "pred")
     assert code == 0, err
@@ -64,7 +106,6 @@ def test_predict_then_evaluate_from_the_command_line(trained_checkpoint, tiny_br
 
 def test_readme_command_reference_lists_every_option_of_every_verb():
     import argparse
-    from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     reference = readme.split("## Command reference", 1)[1].split("\n## ", 1)[0]

@@ -14,7 +14,7 @@ import torch
 
 from ossnet import atomic, models
 from ossnet.cli import main
-from ossnet.data import write_synthetic_dataset
+from ossnet.data import SynthOptions, write_synthetic_dataset
 from ossnet.errors import CheckpointError
 
 SHAPE = (16, 16, 16)
@@ -23,7 +23,8 @@ TINY = ["--override", "encoder_channels=(4, 8)", "--override", "decoder_width=16
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "brats", "brats", 3, shape=SHAPE, seed=0)
+    return write_synthetic_dataset(SynthOptions(tmp_path_factory.mktemp("data") / "brats", "brats", 3, shape=SHAPE,
+                                                seed=0))
 
 
 def one_line_error(capsys, argv, code=2) -> str:
@@ -68,6 +69,9 @@ def read_only(folder):
     (["train", "--data", "x", "-o", "y", "--max-train-cases", "-1"], "max_train_cases must be at least 1"),
     (["train", "--data", "x", "-o", "y", "--border-fraction", "2"], "border fraction must be"),
     (["models", "--in-channels", "0"], "in_channels must be at least 1"),
+    (["info", "x", "--max-cases", "-1"], "max_cases must be at least 0"),
+    (["synth", "-o", "x", "--cases", "0"], "cases must be at least 1"),
+    (["synth", "-o", "x", "--spacing", "1", "0", "1"], "spacing (1.0, 0.0, 1.0) must be 3 positive finite sizes"),
     (["train", "--data", "x", "-o", "y", "--epochs", "many"], "invalid int value"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, message):
@@ -169,7 +173,7 @@ def test_writes_into_a_read_only_folder_are_one_line(checkpoint, dataset, tmp_pa
         assert "locked" in err
         err = one_line_error(capsys, train_args(dataset, locked / "run", "--cache-dir", tmp_path / "cache"))
         assert "locked" in err
-        err = one_line_error(capsys, ["synth", "--cases", "1", "--shape", "8", "8", "8", "-o", locked / "syn"])
+        err = one_line_error(capsys, ["synth", "--cases", "1", "--shape", "16", "16", "16", "-o", locked / "syn"])
         assert "locked" in err
         predictions = tmp_path / "pred"
         predictions.mkdir()
@@ -180,7 +184,7 @@ def test_writes_into_a_read_only_folder_are_one_line(checkpoint, dataset, tmp_pa
 
 
 def test_a_read_only_dataset_caches_in_the_user_cache_folder(tmp_path, capsys, monkeypatch):
-    data = write_synthetic_dataset(tmp_path / "data", "brats", 2, shape=SHAPE, seed=0)
+    data = write_synthetic_dataset(SynthOptions(tmp_path / "data", "brats", 2, shape=SHAPE, seed=0))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     with read_only(data):
         assert main([str(a) for a in train_args(data, tmp_path / "run", "--val-fraction", "0",

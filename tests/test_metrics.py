@@ -10,6 +10,7 @@ import pytest
 from ossnet.errors import CaseError
 from ossnet.metrics import (
     ClassMetrics,
+    EvaluateOptions,
     EvaluationResult,
     average_surface_distance,
     dice,
@@ -185,7 +186,7 @@ def test_evaluate_folders_matches_cases_by_name_and_lists_missing_and_extra(tmp_
     write_labels(pred_dir / "a.nii.gz", slab(2))
     write_labels(pred_dir / "b.nii", slab(4))  # plain .nii matches too; two voxels (2 x 0.5 mm) off along x
     write_labels(pred_dir / "d.nii.gz", slab(2))
-    result = evaluate_folders(pred_dir, gt_dir)
+    result = evaluate_folders(EvaluateOptions(pred_dir, gt_dir))
     assert (list(result.cases), result.missing, result.extra) == (["a", "b"], ["c"], ["d"])
     assert result.class_names == ("foreground",)
     assert result.cases["a"][0].dice == 1.0
@@ -200,8 +201,8 @@ def test_evaluate_folders_binarises_raw_labels_unless_class_names_are_given(tmp_
     gt[5] = 2
     write_labels(gt_dir / "case.nii.gz", gt)
     write_labels(pred_dir / "case.nii.gz", (gt > 0).astype(np.uint8))
-    assert evaluate_folders(pred_dir, gt_dir).cases["case"][0].dice == 1.0
-    rows = evaluate_folders(pred_dir, gt_dir, class_names=("one", "two")).cases["case"]
+    assert evaluate_folders(EvaluateOptions(pred_dir, gt_dir)).cases["case"][0].dice == 1.0
+    rows = evaluate_folders(EvaluateOptions(pred_dir, gt_dir, class_names=("one", "two"))).cases["case"]
     assert [(row.class_name, row.dice) for row in rows] == [("one", 0.0), ("two", 0.0)]
 
 
@@ -211,10 +212,10 @@ def test_evaluate_folders_rejects_a_prediction_on_another_grid(tmp_path):
     write_labels(gt_dir / "case.nii.gz", slab(2))
     write_labels(pred_dir / "case.nii.gz", np.zeros((9, 6, 4), dtype=np.uint8))
     with pytest.raises(CaseError, match=r"pred/case\.nii\.gz.*shape.*gt/case\.nii\.gz"):
-        evaluate_folders(pred_dir, gt_dir)
+        evaluate_folders(EvaluateOptions(pred_dir, gt_dir))
     write_labels(pred_dir / "case.nii.gz", slab(2), affine=np.diag([*ANISOTROPIC, 1.0]))
     with pytest.raises(CaseError, match=r"pred/case\.nii\.gz: affine.*gt/case\.nii\.gz"):
-        evaluate_folders(pred_dir, gt_dir)
+        evaluate_folders(EvaluateOptions(pred_dir, gt_dir))
 
 
 def test_write_csv_writes_one_row_per_case_and_class_and_no_temporary_files(tmp_path):
@@ -226,16 +227,12 @@ def test_write_csv_writes_one_row_per_case_and_class_and_no_temporary_files(tmp_
         },
     )
     path = result.write_csv(tmp_path / "out" / "metrics.csv")
-    result.write_summary_csv(tmp_path / "out" / "summary.csv")
     rows = list(csv.DictReader(path.open()))
     assert [(row["case_id"], row["class"]) for row in rows] == [
         ("a", "liver"), ("a", "tumour"), ("b", "liver"), ("b", "tumour")
     ]
     assert float(rows[2]["hd95"]) == 2.5 and math.isnan(float(rows[1]["asd"]))
-    summary = {(row["class"], row["metric"]): row for row in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
-    assert float(summary["liver", "dice"]["mean"]) == pytest.approx(0.8)
-    assert int(summary["tumour", "hd95"]["count"]) == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.csv", "summary.csv"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.csv"]
 
 
 def write_brats_case(root, case_id, seg):
@@ -257,7 +254,7 @@ def test_evaluate_folders_maps_a_brats_ground_truth_through_its_target(tmp_path)
     pred_dir.mkdir()
     write_labels(pred_dir / "BraTS20_Training_001.nii.gz", seg > 0)  # whole tumour = labels 1, 2, 4
 
-    result = evaluate_folders(pred_dir, tmp_path / "brats")
+    result = evaluate_folders(EvaluateOptions(pred_dir, tmp_path / "brats"))
     assert list(result.cases) == ["BraTS20_Training_001"]
     assert (result.missing, result.extra) == (["BraTS20_Training_002"], [])
     assert len(result.class_names) == 1 and result.cases["BraTS20_Training_001"][0].dice == 1.0
@@ -267,7 +264,7 @@ def test_evaluate_folders_maps_a_brats_ground_truth_through_its_target(tmp_path)
     regions_dir = tmp_path / "pred-regions"
     regions_dir.mkdir()
     write_labels(regions_dir / "BraTS20_Training_001.nii.gz", np.where(seg == 4, 1, seg))
-    regions = evaluate_folders(regions_dir, tmp_path / "brats", target="regions")
+    regions = evaluate_folders(EvaluateOptions(regions_dir, tmp_path / "brats", target="regions"))
     assert regions.class_names == ("oedema", "necrotic-core", "enhancing")
     oedema, core, enhancing = regions.cases["BraTS20_Training_001"]
     assert oedema.dice == 1.0 and core.dice == pytest.approx(2 * 5 / (6 + 5)) and enhancing.dice == 0.0
@@ -282,7 +279,7 @@ def test_evaluate_folders_refuses_a_mask_holding_nan_or_fractions(tmp_path, bad_
     pred[0, 0, 0] = bad_value
     nib.save(nib.Nifti1Image(pred, oblique_affine()), pred_dir / "case.nii.gz")
     with pytest.raises(CaseError, match=rf"pred/case\.nii\.gz: .*{problem}"):
-        evaluate_folders(pred_dir, gt_dir)
+        evaluate_folders(EvaluateOptions(pred_dir, gt_dir))
 
 
 def test_evaluate_folders_reads_a_label_named_like_a_brats_modality_as_a_plain_label(tmp_path):
@@ -291,7 +288,7 @@ def test_evaluate_folders_reads_a_label_named_like_a_brats_modality_as_a_plain_l
     gt_dir.mkdir(), pred_dir.mkdir()
     write_labels(gt_dir / "itk_t1.nii.gz", slab(2))
     write_labels(pred_dir / "itk_t1.nii.gz", slab(3))
-    result = evaluate_folders(pred_dir, gt_dir)
+    result = evaluate_folders(EvaluateOptions(pred_dir, gt_dir))
     assert list(result.cases) == ["itk_t1"] and result.cases["itk_t1"][0].dice == 0.0
 
 
@@ -305,7 +302,7 @@ def test_evaluate_without_any_matching_case_exits_2_naming_both_sides(tmp_path, 
         write_labels(gt_dir / f"{case_id}.nii.gz", slab(2))
     write_labels(pred_dir / "scan_1.nii.gz", slab(2))
     with pytest.raises(DatasetError, match=r"matches .*: predictions scan_1 \(1\); ground truth case_1, case_2 \(2\)"):
-        evaluate_folders(pred_dir, gt_dir)
+        evaluate_folders(EvaluateOptions(pred_dir, gt_dir))
     assert main(["evaluate", "-p", str(pred_dir), "-g", str(gt_dir)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no prediction in" in err

@@ -2,8 +2,10 @@
 
 Verbs follow what a user does, nnU-Net style: `synth` (make a dataset), `info` (check one), `models`
 (list the architectures), `train`, `predict`, `evaluate`, and `demo` (all of it on built-in data).
-The options of `train`, `predict` and `demo` are built from the fields of `TrainConfig`, `PredictOptions`
-and `DemoOptions` (`ossnet.options`): each default, help text and check is declared once, there.
+Each verb's options are built from the fields of the dataclass declared beside the function it calls
+(`SynthOptions` and `Grid`, `InfoOptions`, `ModelsOptions`, `TrainConfig`, `PredictOptions` and
+`DecodeOptions`, `EvaluateOptions`, `DemoOptions`; see `ossnet.options`): each default, help text and check
+is declared once, there. Only `predict`'s -c, -i and -o are declared here.
 Whatever goes wrong reaches the user as one line on stderr: exit code 2 for bad input, a refused
 option or an OS fault (read-only folder, disk full, a file in the way), 1 for an internal error.
 """
@@ -36,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 def add_options(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
     """One argument per field of the dataclass `config_type` (see `ossnet.options.option`), except `skip`
-    and fields marked hidden: flag, type, choices, nargs and default all come from the field."""
+    and fields marked hidden: flag (or a positional argument), type, choices, nargs and default all come from
+    the field."""
     hints = typing.get_type_hints(config_type)
     for field in dataclasses.fields(config_type):
         meta = field.metadata
@@ -63,6 +66,10 @@ def add_options(parser: argparse.ArgumentParser, config_type: type, skip: tuple[
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("positional"):  # argparse names a positional argument by its dest, and requires it
+            del kwargs["dest"]
+            parser.add_argument(field.name, **kwargs)
+            continue
         if required:
             kwargs["required"] = True
         parser.add_argument(*meta.get("flags", (f"--{field.name.replace('_', '-')}",)), **kwargs)
@@ -118,27 +125,26 @@ def _parse_override(item: str) -> tuple[str, object]:
 
 
 def run_synth(args: argparse.Namespace) -> None:
-    from ossnet.data.synthetic import Grid, SynthOptions, write_synthetic_dataset
+    from ossnet.data import Grid, SynthOptions, write_synthetic_dataset
 
-    options, grid = options_from(args, SynthOptions), options_from(args, Grid)
-    out = write_synthetic_dataset(args.output, options.layout, options.cases, shape=options.shape,
-                                  seed=options.seed, num_test_cases=options.test_cases, spacing=grid.spacing,
-                                  orientation=grid.orientation, oblique=grid.oblique)
+    options = options_from(args, SynthOptions, grid=options_from(args, Grid))
+    out = write_synthetic_dataset(options)
     print(f"wrote {options.cases} {options.layout} cases ({options.test_cases} test) of shape "
           f"{options.shape} to {out}")
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from ossnet.data import open_dataset, summarize_dataset
+    from ossnet.data import InfoOptions, summarize_dataset
 
-    print(summarize_dataset(open_dataset(args.path, args.layout), max_cases=args.max_cases, check=args.check))
+    summary = summarize_dataset(options_from(args, InfoOptions))
+    print(summary.report, flush=True)  # the whole report first, then the one error line, if any
+    summary.raise_for_failures()
 
 
 def run_models(args: argparse.Namespace) -> None:
-    from ossnet.models import describe_presets, format_presets
+    from ossnet.models import ModelsOptions, describe_presets, format_presets
 
-    rows = describe_presets(in_channels=args.in_channels, input_shape=tuple(args.input_shape))
-    print(format_presets(rows))
+    print(format_presets(describe_presets(options_from(args, ModelsOptions))))
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -156,13 +162,12 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from ossnet.metrics import evaluate_folders
+    from ossnet.metrics import EvaluateOptions, evaluate_folders
 
-    result = evaluate_folders(args.pred, args.gt, target=args.target, layout=args.layout)
-    print(result.format_summary())
-    if args.output:
-        result.write_csv(args.output)
-        print(f"per-case metrics written to {args.output}")
+    options = options_from(args, EvaluateOptions)
+    print(evaluate_folders(options).format_summary())
+    if options.output:
+        print(f"per-case metrics written to {options.output}")
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -175,11 +180,12 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ossnet.data import LAYOUT_HELP, LAYOUTS
-    from ossnet.data.synthetic import Grid, SynthOptions
+    from ossnet.data import Grid, InfoOptions, SynthOptions
     from ossnet.demo import DemoOptions
     from ossnet.inference.engine import DecodeOptions
     from ossnet.inference.predict import PredictOptions
+    from ossnet.metrics import EvaluateOptions
+    from ossnet.models import ModelsOptions
     from ossnet.training import TrainConfig
 
     parser = _Parser(
@@ -197,27 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=run)
         return sub
 
-    p = verb("synth", run_synth, "write a synthetic dataset in a real on-disk layout",
-             "Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), optionally on another "
-             "scanner's grid (--spacing, --orientation, --oblique).", SynthOptions, Grid)
-    p.add_argument("-o", "--output", type=Path, required=True, help="new folder to write")
+    verb("synth", run_synth, "write a synthetic dataset in a real on-disk layout",
+         "Write a synthetic BraTS-, LiTS- or MSD-layout dataset (no download), optionally on another "
+         "scanner's grid (--spacing, --orientation, --oblique).", SynthOptions, Grid)
 
-    p = verb("info", run_info, "check a dataset before training",
-             "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "
-             "shapes, spacings, orientations, label values and every case that fails to load.")
-    p.add_argument("path", type=Path, help="dataset folder, case folder or NIfTI file")
-    p.add_argument("--max-cases", type=int, default=None,
-                   help="load the labels of at most this many cases for voxel fractions")
-    p.add_argument("--check", action="store_true",
-                   help="read every voxel of every case (slow) to list truncated files and NaN/Inf images too; "
-                        "default: headers only")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
+    verb("info", run_info, "check a dataset before training",
+         "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "
+         "shapes, spacings, orientations, label values and every case that fails to load. After the report, "
+         "exit code 2 when any case fails (with --check also a truncated file or NaN/Inf voxels), so that it "
+         "can gate a pipeline.", InfoOptions)
 
-    p = verb("models", run_models, "list the model presets",
-             "Print each preset: parameters, encoder input, decoder MACs per query.")
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--input-shape", type=int, nargs=3, default=[256, 256, 160], metavar=("X", "Y", "Z"),
-                   help="working (padded full-resolution) shape (default BraTS 256 256 160)")
+    verb("models", run_models, "list the model presets",
+         "Print each preset: parameters, encoder input, decoder MACs per query.", ModelsOptions)
 
     verb("train", run_train, "train a model on a dataset",
          "Train onet, ossnet-a..d, unet3d, unet2d or unet3d-patch with the paper's defaults. Writes "
@@ -233,15 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "BraTS/LiTS case folder, or dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
 
-    p = verb("evaluate", run_evaluate, "Dice, IoU, HD95, ASD of predictions against labels",
-             "Match PRED/CASE.nii.gz to the ground truth by case id and report Dice, IoU, 95%% Hausdorff and "
-             "average surface distance (mm).")
-    p.add_argument("-p", "--pred", type=Path, required=True, help="folder of predicted masks")
-    p.add_argument("-g", "--gt", type=Path, required=True, help="folder of label NIfTIs or a dataset folder")
-    p.add_argument("-o", "--output", type=Path, default=None, help="write per-case metrics CSV here")
-    p.add_argument("--target", default=None,
-                   help="when -g is a dataset: the target its labels are turned into (default: the paper's)")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help=f"of -g: {LAYOUT_HELP}")
+    verb("evaluate", run_evaluate, "Dice, IoU, HD95, ASD of predictions against labels",
+         "Match PRED/CASE.nii.gz to the ground truth by case id and report Dice, IoU, 95 % Hausdorff and "
+         "average surface distance (mm).", EvaluateOptions)
 
     verb("demo", run_demo, "synthesise data, train ossnet-c, segment, evaluate",
          "The main job on built-in data: writes runs/demo/ with masks, meshes, overlays, metrics and a report.",

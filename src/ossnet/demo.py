@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ossnet.data import write_synthetic_dataset
+from ossnet.data import SynthOptions, write_synthetic_dataset
 from ossnet.device import DEVICE_HELP
 from ossnet.inference.predict import PredictOptions, predict
-from ossnet.metrics import evaluate_folders
+from ossnet.metrics import EvaluateOptions, evaluate_folders
 from ossnet.options import check_fields, option, positive
 from ossnet.training import TrainConfig, train
 
@@ -81,8 +81,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> float:
     print(f"segmenting {options.test_cases} held-out cases (guided decoding) ...")
     predict(checkpoint, test_data, predictions,
             PredictOptions(device=options.device, mesh="obj", overlay=True, overwrite=True))
-    result = evaluate_folders(predictions, test_data)
-    result.write_csv(out / "metrics.csv")
+    result = evaluate_folders(EvaluateOptions(predictions, test_data, output=out / "metrics.csv"))
     mean_dice = next(s.mean for s in result.summary() if s.metric == "dice")
     _write_report(out, result, mean_dice)
     print(result.format_summary())
@@ -95,7 +94,7 @@ def _synthesise(folder: Path, cases: int, shape: tuple[int, int, int], seed: int
         return
     if folder.exists():
         folder.rmdir()
-    write_synthetic_dataset(folder, "brats", cases, shape=shape, seed=seed)
+    write_synthetic_dataset(SynthOptions(folder, "brats", cases, shape=shape, seed=seed))
 
 
 def _write_report(out: Path, result, mean_dice: float) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -32,9 +32,10 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
-from ossnet.data import Target, get_target, open_dataset
+from ossnet.data import LAYOUT_HELP, LayoutChoice, Target, get_target, open_dataset
 from ossnet.data.case import NIFTI_READ_ERRORS, integer_label
 from ossnet.errors import CaseError, DatasetError
+from ossnet.options import check_fields, option
 
 METRIC_NAMES = ("dice", "iou", "hd95", "asd")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -167,22 +168,30 @@ class EvaluationResult:
         rows = [(case_id, *astuple(row)) for case_id, case in self.cases.items() for row in case]
         return _write_csv(Path(path), ("case_id", "class", *METRIC_NAMES), rows)
 
-    def write_summary_csv(self, path: str | Path) -> Path:
-        """Write the summary (`class, metric, mean, median, std, count`), atomically."""
-        header = tuple("class" if f.name == "class_name" else f.name for f in fields(MetricSummary))
-        return _write_csv(Path(path), header, [astuple(row) for row in self.summary()])
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What `ossnet evaluate` scores against what, and where it writes the per-case metrics."""
+
+    pred: Path = option(help="folder of predicted masks", flags=("-p", "--pred"))
+    gt: Path = option(help="folder of label NIfTIs or a dataset folder", flags=("-g", "--gt"))
+    output: Path | None = option(None, "write per-case metrics CSV here", flags=("-o", "--output"))
+    target: str | None = option(None, "when -g is a dataset: the target its labels are turned into "
+                                      "(default: the paper's)")
+    layout: LayoutChoice = option("auto", f"of -g: {LAYOUT_HELP}")
+    class_names: tuple[str, ...] | None = option(
+        None, "a plain label folder's class names, label value k named class_names[k - 1] (default: one class, "
+              "label > 0)", hidden=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "evaluate")
 
 
-def evaluate_folders(
-    pred_dir: str | Path,
-    gt_dir: str | Path,
-    class_names: Sequence[str] | None = None,
-    target: str | None = None,
-    layout: str = "auto",
-) -> EvaluationResult:
-    """Score the NIfTI masks in `pred_dir` (named `CASE.nii.gz` or `CASE.nii`) against `gt_dir`.
+def evaluate_folders(options: EvaluateOptions) -> EvaluationResult:
+    """Score the NIfTI masks in `options.pred` (named `CASE.nii.gz` or `CASE.nii`) against `options.gt`, and
+    write the per-case metrics to `options.output` when given (`EvaluationResult.write_csv`).
 
-    `gt_dir` is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset(gt_dir,
+    The ground truth is either a dataset (BraTS / LiTS / MSD layout, read with `ossnet.data.open_dataset(gt,
     layout)`; its labels and the predictions, both in the dataset's label values, are mapped by `target`, the
     dataset's default target if None, and `class_names` default to the target's)
     or a plain folder of label NIfTIs with the predictions' file names (layout nifti). For a plain folder,
@@ -190,8 +199,9 @@ def evaluate_folders(
     `class_names[k-1]`. Spacing comes from the ground truth's affine. Raises CaseError if a pair differs in
     shape or affine or a mask holds NaN or fractions, DatasetError if no prediction matches a ground truth.
     """
-    predictions = _nifti_files(Path(pred_dir))
-    ground_truth, gt_target = _ground_truth(Path(gt_dir), target, layout)
+    pred_dir, gt_dir, class_names = options.pred, options.gt, options.class_names
+    predictions = _nifti_files(pred_dir)
+    ground_truth, gt_target = _ground_truth(gt_dir, options.target, options.layout)
     matched = sorted(ground_truth.keys() & predictions.keys())
     if not matched:
         raise DatasetError(f"no prediction in {pred_dir} matches a ground-truth case of {gt_dir}: predictions "
@@ -213,8 +223,10 @@ def evaluate_folders(
             pred_labels, gt_labels = gt_target.apply(pred.labels), gt_target.apply(gt.labels)
         if binarize:
             pred_labels, gt_labels = (pred_labels > 0).astype(np.uint8), (gt_labels > 0).astype(np.uint8)
-        spacing = np.linalg.norm(gt.affine[:3, :3], axis=0)
+        spacing = nib.affines.voxel_sizes(gt.affine)
         result.cases[case_id] = evaluate_case(pred_labels, gt_labels, spacing, result.class_names)
+    if options.output is not None:
+        result.write_csv(options.output)
     return result
 
 

@@ -22,8 +22,11 @@ from ossnet.errors import OssnetError
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            **cli: Any) -> Any:
-    """A dataclass field with its help text; `cli` holds command-line details for `ossnet.cli`:
-    flags (e.g. ("-o", "--output")), metavar, positional=True, hidden=True (no flag), choices_from."""
+    """A dataclass field with its help text; `cli` holds command-line details that `ossnet.cli.add_options`
+    reads: flags (e.g. ("-o", "--output"); default --FIELD-NAME), metavar, choices (words the value must be
+    one of, where the annotation does not list them), nargs (several words, which the class's `__post_init__`
+    turns into the value), positional=True (an argument without a flag, e.g. `ossnet info PATH`; required)
+    and hidden=True (no argument: the field keeps its default, or the value the caller gives)."""
     metadata = {"help": help, **cli}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ossnet.data import open_dataset, write_synthetic_dataset
+from ossnet.data import Grid, SynthOptions, open_dataset, write_synthetic_dataset
 from ossnet.data.case import Case, CaseSource
 from ossnet.data.plan import (
     LITS_WINDOW,
@@ -53,7 +53,8 @@ def assert_same_arrays(actual, expected):
 
 @pytest.fixture(scope="module")
 def brats(tmp_path_factory):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("brats") / "data", "brats", 2, shape=SHAPE, seed=5)
+    return write_synthetic_dataset(SynthOptions(tmp_path_factory.mktemp("brats") / "data", "brats", 2, shape=SHAPE,
+                                                seed=5))
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -219,9 +220,10 @@ def test_same_subject_from_another_scanner_reaches_the_model_as_from_the_first(t
     """A 1 mm LPS subject and the same subject at 2 x 2 x 3 mm LSA, tilted by 10 degrees: with the plan of
     the 1 mm data both arrive on the same working grid with the same anatomy; as stored they do not."""
     shape = (48, 48, 32)
-    first = open_dataset(write_synthetic_dataset(tmp_path / "first", "msd", 1, shape=shape, seed=2))
-    second = open_dataset(write_synthetic_dataset(tmp_path / "second", "msd", 1, shape=shape, seed=2,
-                                                  spacing=(2, 2, 3), orientation="LSA", oblique=10))
+    first = open_dataset(write_synthetic_dataset(SynthOptions(tmp_path / "first", "msd", 1, shape=shape, seed=2)))
+    moved = Grid(spacing=(2, 2, 3), orientation="LSA", oblique=10)
+    second = open_dataset(write_synthetic_dataset(SynthOptions(tmp_path / "second", "msd", 1, shape=shape, seed=2,
+                                                               grid=moved)))
     plan = plan_preprocessing(fingerprint_dataset(first.cases), first.layout)
     target = get_target("msd", label_values=first.label_values)
     reference = prepare_case(first.cases[0].load(), plan, target)

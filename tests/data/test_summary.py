@@ -4,8 +4,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from ossnet.data import open_dataset, summarize_dataset
+from ossnet.data import InfoOptions, summarize_dataset
+from ossnet.errors import DatasetError
 
 
 def write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -33,7 +35,7 @@ def line(report: str, key: str) -> str:
 
 def test_summary_lists_layout_cases_channels_shapes_and_spacings(tmp_path):
     lits_dataset(tmp_path)
-    report = summarize_dataset(open_dataset(tmp_path))
+    report = summarize_dataset(InfoOptions(tmp_path)).report
     assert "lits" in line(report, "layout") and str(tmp_path) in line(report, "root")
     assert "3 labelled, 1 test" in line(report, "cases")
     assert "CT" in line(report, "channels")
@@ -47,21 +49,34 @@ def test_summary_gives_label_fractions_over_the_labels_it_read(tmp_path):
     labels = lits_dataset(tmp_path)
     everything = np.concatenate([label.ravel() for label in labels])
     expected = ", ".join(f"{v}: {100 * np.mean(everything == v):.3g}%" for v in (0, 1, 2))
-    assert line(summarize_dataset(open_dataset(tmp_path)), "label voxels").endswith(
+    assert line(summarize_dataset(InfoOptions(tmp_path)).report, "label voxels").endswith(
         f"{expected} (over 2 of 3 labelled cases)")
     first_only = ", ".join(f"{v}: {100 * np.mean(labels[0] == v):.3g}%" for v in (0, 1, 2))
-    assert first_only in line(summarize_dataset(open_dataset(tmp_path), max_cases=1), "label voxels")
+    assert first_only in line(summarize_dataset(InfoOptions(tmp_path, max_cases=1)).report, "label voxels")
 
 
 def test_summary_reports_each_failing_case_and_keeps_going(tmp_path, capsys):
     lits_dataset(tmp_path)
     (tmp_path / "volume-1.nii").unlink()  # segmentation-1 without its volume: LiTS on request only
-    report = summarize_dataset(open_dataset(tmp_path, layout="lits"))
+    summary = summarize_dataset(InfoOptions(tmp_path, layout="lits"))
+    report = summary.report
     assert "2 of 4 cases" in line(report, "failures")
     assert "volume-1.nii: CT image file is missing" in line(report, "  volume-1:")
     assert "segmentation-2.nii: label shape (8, 8, 7) != image shape (8, 8, 5)" in line(report, "  volume-2:")
     assert "test-volume-3" not in report.split("failures")[1]
     assert "checking cases" in capsys.readouterr().err
+    assert [failure.split(":")[0] for failure in summary.failures] == ["volume-1", "volume-2"]
+    with pytest.raises(DatasetError, match=r"^2 of 4 cases cannot be read \(first: volume-1: .*image file is missing"):
+        summary.raise_for_failures()
+
+
+def test_a_dataset_whose_cases_all_load_passes(tmp_path):
+    lits_dataset(tmp_path)
+    (tmp_path / "segmentation-2.nii").unlink()  # the one case whose label does not fit its image
+    (tmp_path / "volume-2.nii").unlink()
+    summary = summarize_dataset(InfoOptions(tmp_path, check=True))
+    assert summary.failures == () and "0 of 3 cases" in line(summary.report, "failures")
+    summary.raise_for_failures()
 
 
 def test_voxel_check_reports_truncated_and_nan_images_that_headers_miss(tmp_path):
@@ -72,11 +87,15 @@ def test_voxel_check_reports_truncated_and_nan_images_that_headers_miss(tmp_path
     truncated = tmp_path / "test-volume-3.nii"
     truncated.write_bytes(truncated.read_bytes()[:-40])
 
-    headers = summarize_dataset(open_dataset(tmp_path))
+    summary = summarize_dataset(InfoOptions(tmp_path))
+    headers = summary.report
     assert line(headers, "check").endswith("headers only (image voxels not read: truncated files and NaN go unnoticed)")
     assert "1 of 4 cases" in line(headers, "failures")  # volume-2's label shape only
+    with pytest.raises(DatasetError, match="^1 of 4 cases cannot be read"):
+        summary.raise_for_failures()
 
-    voxels = summarize_dataset(open_dataset(tmp_path), check=True)
+    summary = summarize_dataset(InfoOptions(tmp_path, check=True))
+    voxels = summary.report
     assert line(voxels, "check").endswith("voxels read (every image and label loaded)")
     assert "3 of 4 cases" in line(voxels, "failures")
     assert "volume-0.nii: 1 of 256 voxels are NaN or Inf" in line(voxels, "  volume-0:")
@@ -84,9 +103,11 @@ def test_voxel_check_reports_truncated_and_nan_images_that_headers_miss(tmp_path
     # Shapes over the readable cases only; label fractions still from the labels read.
     assert line(voxels, "shape").endswith("min 8*8*6, median 8*8*6, max 8*8*6")
     assert "(over 1 of 3 labelled cases)" in line(voxels, "label voxels")
+    with pytest.raises(DatasetError, match="^3 of 4 cases fail the voxel check"):
+        summary.raise_for_failures()
 
 
 def test_summary_says_why_it_chose_the_layout(tmp_path):
     lits_dataset(tmp_path)
-    assert line(summarize_dataset(open_dataset(tmp_path)), "detection").endswith(
+    assert line(summarize_dataset(InfoOptions(tmp_path)).report, "detection").endswith(
         "all 7 NIfTI files fit the lits layout")

@@ -1,6 +1,7 @@
 """Synthetic datasets: real on-disk layouts, deterministic per seed, MRI / CT-like content, written atomically."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -14,11 +15,13 @@ from ossnet.data.synthetic import (
     BRATS_TO_MSD,
     AbdomenTissue,
     BrainTissue,
+    Grid,
+    SynthOptions,
     brain_phantom,
     liver_phantom,
     write_synthetic_dataset,
 )
-from ossnet.errors import DatasetError
+from ossnet.errors import DatasetError, OssnetError
 
 SHAPE = (24, 24, 16)  # smallest shape at which every structure still shows; files stay tiny
 CONTENT_SHAPE = (48, 48, 32)  # for the statistics of the content
@@ -36,9 +39,9 @@ def relative_files(root: Path) -> set[str]:
 def datasets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic")
     return {
-        "brats": write_synthetic_dataset(root / "brats", "brats", 2, shape=SHAPE, seed=3),
-        "lits": write_synthetic_dataset(root / "lits", "lits", 2, shape=SHAPE, seed=3),
-        "msd": write_synthetic_dataset(root / "msd", "msd", 2, shape=SHAPE, seed=3, num_test_cases=1),
+        "brats": write_synthetic_dataset(SynthOptions(root / "brats", "brats", 2, shape=SHAPE, seed=3)),
+        "lits": write_synthetic_dataset(SynthOptions(root / "lits", "lits", 2, shape=SHAPE, seed=3)),
+        "msd": write_synthetic_dataset(SynthOptions(root / "msd", "msd", 2, shape=SHAPE, seed=3, test_cases=1)),
     }
 
 
@@ -101,15 +104,15 @@ def test_lits_spacing_is_anisotropic_and_varies_between_cases(datasets):
 
 
 def test_same_seed_writes_the_same_voxels_and_another_seed_does_not(tmp_path, datasets):
-    again = write_synthetic_dataset(tmp_path / "again", "lits", 2, shape=SHAPE, seed=3)
-    other = write_synthetic_dataset(tmp_path / "other", "lits", 2, shape=SHAPE, seed=4)
+    again = write_synthetic_dataset(SynthOptions(tmp_path / "again", "lits", 2, shape=SHAPE, seed=3))
+    other = write_synthetic_dataset(SynthOptions(tmp_path / "other", "lits", 2, shape=SHAPE, seed=4))
     for name in ("volume-1.nii.gz", "segmentation-1.nii.gz"):
         np.testing.assert_array_equal(voxels(again / name), voxels(datasets["lits"] / name))
     assert not np.array_equal(voxels(other / "volume-1.nii.gz"), voxels(again / "volume-1.nii.gz"))
 
 
 def test_a_case_does_not_depend_on_the_number_of_cases(tmp_path, datasets):
-    single = write_synthetic_dataset(tmp_path / "one", "brats", 1, shape=SHAPE, seed=3)
+    single = write_synthetic_dataset(SynthOptions(tmp_path / "one", "brats", 1, shape=SHAPE, seed=3))
     name = "BraTS20_Training_001/BraTS20_Training_001_t1ce.nii.gz"
     np.testing.assert_array_equal(voxels(single / name), voxels(datasets["brats"] / name))
 
@@ -179,7 +182,7 @@ def test_failed_write_leaves_no_folder_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synthetic, "_save_nifti", save_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        write_synthetic_dataset(tmp_path / "out", "brats", 2, shape=SHAPE)
+        write_synthetic_dataset(SynthOptions(tmp_path / "out", "brats", 2, shape=SHAPE))
     assert len(saved) == 3
     assert list(tmp_path.iterdir()) == []
 
@@ -188,26 +191,27 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("keep me")
     with pytest.raises(DatasetError, match="not an empty folder"):
-        write_synthetic_dataset(tmp_path / "out", "lits", 1, shape=SHAPE)
+        write_synthetic_dataset(SynthOptions(tmp_path / "out", "lits", 1, shape=SHAPE))
     assert relative_files(tmp_path) == {"out/notes.txt"}
 
 
 def test_fills_an_existing_empty_folder(tmp_path):
     (tmp_path / "out").mkdir()
-    assert write_synthetic_dataset(tmp_path / "out", "lits", 1, shape=SHAPE) == tmp_path / "out"
+    assert write_synthetic_dataset(SynthOptions(tmp_path / "out", "lits", 1, shape=SHAPE)) == tmp_path / "out"
     assert relative_files(tmp_path) == {"out/volume-0.nii.gz", "out/segmentation-0.nii.gz"}
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(layout="kits", num_cases=1), "unknown synthetic layout"),
-    (dict(layout="brats", num_cases=0), "at least one case"),
-    (dict(layout="brats", num_cases=1, num_test_cases=1), "msd layout only"),
-    (dict(layout="lits", num_cases=1, shape=(64, 64, 8)), "at least 16 voxels"),
+    (dict(layout="kits"), "layout must be one of brats, lits, msd"),
+    (dict(cases=0), "cases must be at least 1"),
+    (dict(test_cases=-1), "test_cases must be at least 0"),
+    (dict(layout="brats", test_cases=1), "msd layout only"),
+    (dict(layout="lits", shape=(64, 64, 8)), "at least 16 voxels"),
+    (dict(shape=(64, 64)), "shape must have 3 values"),
 ])
-def test_rejects_impossible_requests(tmp_path, arguments, message):
-    with pytest.raises(DatasetError, match=message):
-        write_synthetic_dataset(tmp_path / "out", **arguments)
-    assert not (tmp_path / "out").exists()
+def test_rejects_impossible_requests_before_writing_anything(tmp_path, arguments, message):
+    with pytest.raises(OssnetError, match=f"^synth: .*{message}"):
+        SynthOptions(tmp_path / "out", **arguments)
 
 
 # ---------------------------------------------------------------- other scanners' grids
@@ -229,8 +233,9 @@ def test_a_grid_writes_the_same_subject_as_another_scanner_would(tmp_path, grid)
     """Same seed on another grid: the requested voxel sizes and axes, the tumour at the same world position
     with the same volume."""
     shape, name = (48, 48, 32), "BraTS20_Training_001/BraTS20_Training_001_seg.nii.gz"
-    native = nib.load(write_synthetic_dataset(tmp_path / "native", "brats", 1, shape=shape, seed=1) / name)
-    moved = nib.load(write_synthetic_dataset(tmp_path / "moved", "brats", 1, shape=shape, seed=1, **grid) / name)
+    subject = SynthOptions(tmp_path / "native", "brats", 1, shape=shape, seed=1)
+    native = nib.load(write_synthetic_dataset(subject) / name)
+    moved = nib.load(write_synthetic_dataset(replace(subject, output=tmp_path / "moved", grid=Grid(**grid))) / name)
     assert np.allclose(moved.header.get_zooms(), grid.get("spacing", (1, 1, 1)))
     assert "".join(nib.aff2axcodes(moved.affine)) == grid.get("orientation", "LPS")
     tilted = np.abs(moved.affine[:3, :3] / moved.header.get_zooms()).max(axis=0) < 0.999
@@ -244,11 +249,11 @@ def test_a_grid_writes_the_same_subject_as_another_scanner_would(tmp_path, grid)
 def test_held_out_case_is_written_on_several_grids_with_identical_anatomy(tmp_path):
     """The msd test case (imagesTs) of one seed, on two grids: a grid only resamples, so its own grid
     (1 mm, LPS) gives back the native voxels."""
-    native = write_synthetic_dataset(tmp_path / "native", "msd", 1, shape=SHAPE, seed=3, num_test_cases=1)
-    same = write_synthetic_dataset(tmp_path / "same", "msd", 1, shape=SHAPE, seed=3, num_test_cases=1,
-                                   spacing=(1, 1, 1), orientation="LPS")
-    coarse = write_synthetic_dataset(tmp_path / "coarse", "msd", 1, shape=SHAPE, seed=3, num_test_cases=1,
-                                     spacing=(2, 2, 2))
+    subject = SynthOptions(tmp_path / "native", "msd", 1, shape=SHAPE, seed=3, test_cases=1)
+    native = write_synthetic_dataset(subject)
+    same = write_synthetic_dataset(replace(subject, output=tmp_path / "same",
+                                           grid=Grid(spacing=(1, 1, 1), orientation="LPS")))
+    coarse = write_synthetic_dataset(replace(subject, output=tmp_path / "coarse", grid=Grid(spacing=(2, 2, 2))))
     name = "imagesTs/SYN_002_0000.nii.gz"
     np.testing.assert_allclose(voxels(same / name), voxels(native / name), rtol=1e-6)
     assert nib.load(coarse / name).shape == (12, 12, 8)
@@ -260,7 +265,7 @@ def test_resample_nifti_rewrites_a_case_onto_another_grid(tmp_path):
     phantom = brain_phantom(CONTENT_SHAPE, np.random.default_rng(4))
     synthetic._save_nifti(phantom.image[1], phantom.affine, image_path)
     synthetic._save_nifti(phantom.label.astype(np.int16), phantom.affine, label_path)
-    grid = synthetic.Grid(spacing=(2.0, 2.0, 3.0), orientation="LSA", oblique=15.0)
+    grid = Grid(spacing=(2.0, 2.0, 3.0), orientation="LSA", oblique=15.0)
     out_image = synthetic.resample_nifti(image_path, tmp_path / "out" / "t1.nii.gz", grid, intensity=(1.5, 100.0))
     out_label = synthetic.resample_nifti(label_path, tmp_path / "out" / "label.nii.gz", grid, label=True)
     image, label = nib.load(out_image), nib.load(out_label)
@@ -275,8 +280,8 @@ def test_resample_nifti_rewrites_a_case_onto_another_grid(tmp_path):
 
 @pytest.mark.parametrize("grid, message", [
     (dict(spacing=(1, 0, 1)), "positive"), (dict(orientation="LLS"), "axis codes"), (dict(oblique=float("inf")), "finite"),
+    (dict(spacing=(1, 1)), "spacing must have 3 values"), (dict(oblique="steep"), "oblique must be a number"),
 ])
-def test_rejects_impossible_grids(tmp_path, grid, message):
-    with pytest.raises(DatasetError, match=message):
-        write_synthetic_dataset(tmp_path / "out", "brats", 1, shape=SHAPE, **grid)
-    assert not (tmp_path / "out").exists()
+def test_rejects_impossible_grids(grid, message):
+    with pytest.raises(OssnetError, match=f"^grid: .*{message}"):
+        Grid(**grid)

@@ -107,7 +107,7 @@ def test_multi_class_masks_are_written_in_the_datasets_label_values(tiny_brats, 
 
     import torch
 
-    from ossnet.metrics import evaluate_folders
+    from ossnet.metrics import EvaluateOptions, evaluate_folders
     from ossnet.models import create, save
 
     target, preprocess = get_target("brats", "regions"), PreprocessConfig(working_shape=(32, 32, 32))
@@ -124,7 +124,7 @@ def test_multi_class_masks_are_written_in_the_datasets_label_values(tiny_brats, 
     mask = np.asarray(nib.load(tmp_path / "out" / f"{case_dir.name}.nii.gz").dataobj)
     assert set(np.unique(mask)) == {written}
 
-    scores = evaluate_folders(tmp_path / "out", tiny_brats, target="regions").cases[case_dir.name]
+    scores = evaluate_folders(EvaluateOptions(tmp_path / "out", tiny_brats, target="regions")).cases[case_dir.name]
     truth = target.apply(open_dataset(tiny_brats).cases[0].load().label)
     for k, score in enumerate(scores, start=1):
         predicted, true = truth.size if k == winning_class else 0, int((truth == k).sum())

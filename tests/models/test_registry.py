@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ossnet.errors import CheckpointError, OssnetError
-from ossnet.models import PRESETS, OccupancyConfig, create, describe_presets, format_presets, load, save
+from ossnet.models import (PRESETS, ModelsOptions, OccupancyConfig, create, describe_presets, format_presets, load,
+                           save)
 from ossnet.models.registry import DERIVED_FROM
 
 from .test_occupancy import TINY, query
@@ -103,7 +104,7 @@ def decoder_macs(config):
 
 
 def test_describe_presets_counts_parameters_and_decoder_cost():
-    rows = describe_presets(in_channels=2, input_shape=(64, 64, 32))
+    rows = describe_presets(ModelsOptions(in_channels=2, input_shape=(64, 64, 32)))
     assert [row["name"] for row in rows] == list(PRESETS)
     for row in rows:
         model = create(row["name"], in_channels=2, input_shape=(64, 64, 32))

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ossnet import models
-from ossnet.data import write_synthetic_dataset
+from ossnet.data import SynthOptions, write_synthetic_dataset
 from ossnet.errors import OssnetError
 from ossnet.training import TrainConfig, train
 from ossnet.training import loop, validation
@@ -30,7 +30,7 @@ TINY_MODELS = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_synthetic_dataset(tmp_path_factory.mktemp("brats"), "brats", 5, shape=SHAPE, seed=0)
+    return write_synthetic_dataset(SynthOptions(tmp_path_factory.mktemp("brats"), "brats", 5, shape=SHAPE, seed=0))
 
 
 def tiny_config(dataset, run_dir, model="ossnet-c", **changes) -> TrainConfig:
@@ -208,7 +208,7 @@ def test_two_process_torchrun_writes_one_set_of_run_files(dataset, tmp_path):
 
 
 def test_lits_layout_trains_on_a_windowed_resized_cube(tmp_path):
-    data = write_synthetic_dataset(tmp_path / "lits", "lits", 3, shape=(40, 36, 24), seed=1)
+    data = write_synthetic_dataset(SynthOptions(tmp_path / "lits", "lits", 3, shape=(40, 36, 24), seed=1))
     train(TrainConfig(data=data, run_dir=tmp_path / "run", model="ossnet-a", epochs=1, batch_size=2,
                       locations=256, device="cpu", model_overrides=TINY_MODELS["ossnet-c"]))
     network, checkpoint = models.load(tmp_path / "run" / "last.pt")

@@ -5,29 +5,67 @@ voxels, so at most `max_cases` labels are counted. By default image voxels are n
 file or NaN voxels go unnoticed until training prepares the case; `check=True` loads every case in full
 (`CaseSource.load`: corruption, NaN/Inf, label values), lists those failures too and adds what only the
 voxels tell (the fingerprint's nonzero box and intensity percentiles, `data.plan`). The report says which
-check ran. A case that fails is reported with its reason and the check goes on.
+check ran. A case that fails is reported with its reason and the check goes on; `DatasetSummary.
+raise_for_failures` then fails as a whole, so that `ossnet info` can gate a pipeline as nnU-Net's dataset
+integrity check does.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ossnet.data.case import CaseHeader, CaseSource, label_value_counts
 from ossnet.data.plan import CaseFingerprint, DatasetFingerprint, fingerprint_case
-from ossnet.data.readers import Dataset
+from ossnet.data.readers import LAYOUT_HELP, LayoutChoice, open_dataset
 from ossnet.data.targets import TARGET_NAMES
-from ossnet.errors import CaseError
+from ossnet.errors import CaseError, DatasetError
+from ossnet.options import check_fields, option, positive
 
 
-def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: bool = False) -> str:
-    """A multi-line report: layout and why, cases, channels, shapes, spacings, label fractions, failures.
+@dataclass(frozen=True)
+class InfoOptions:
+    """Which dataset `ossnet info` checks, and how thoroughly."""
 
-    check: read every voxel of every case (slow: the whole dataset) instead of the headers alone.
-    """
+    path: Path = option(help="dataset folder, case folder or NIfTI file", positional=True)
+    max_cases: int | None = option(None, "load the labels of at most this many cases for voxel fractions")
+    check: bool = option(False, "read every voxel of every case (slow) to list truncated files and NaN/Inf images "
+                                "too; default: headers only")
+    layout: LayoutChoice = option("auto", LAYOUT_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "info")
+        positive({"max_cases": self.max_cases}, "info", minimum=0)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What `summarize_dataset` found: the report `ossnet info` prints and the cases that failed in it."""
+
+    report: str  # multi-line: layout and why, cases, channels, shapes, spacings, label fractions, failures
+    failures: tuple[str, ...]  # one "CASE: reason" per case that cannot be read (or fails the voxel check)
+    cases: int  # cases looked at, labelled and test
+    voxels_read: bool  # every voxel of every case read (the voxel check), not the headers alone
+
+    def raise_for_failures(self) -> None:
+        """DatasetError naming how many cases failed and the first of them, unless none did."""
+        if self.failures:
+            what = "fail the voxel check" if self.voxels_read else "cannot be read"
+            raise DatasetError(f"{len(self.failures)} of {self.cases} cases {what} (first: {self.failures[0]}); "
+                               f"the report lists each")
+
+
+def summarize_dataset(options: InfoOptions) -> DatasetSummary:
+    """Open `options.path` as a dataset and report on it (see `DatasetSummary.report`), reading the headers of
+    every case, the labels of at most `options.max_cases` cases and, with `options.check`, every voxel of every
+    case (slow: the whole dataset). A case that fails is listed and the others are still read."""
+    dataset = open_dataset(options.path, options.layout)
+    max_cases, check = options.max_cases, options.check
     headers: list[CaseHeader] = []
     fingerprints: list[CaseFingerprint] = []
     failures: list[str] = []
@@ -39,7 +77,7 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: boo
         try:
             header, label, fingerprint = _read(source, check, count_label)
         except CaseError as error:
-            failures.append(f"  {source.case_id}: {error}")
+            failures.append(f"{source.case_id}: {' '.join(str(error).split())}")  # nibabel's can span lines
             continue
         headers.append(header)
         fingerprints += [fingerprint] if fingerprint else []
@@ -66,9 +104,9 @@ def summarize_dataset(dataset: Dataset, max_cases: int | None = None, check: boo
         "check         " + ("voxels read (every image and label loaded)" if check else
                             "headers only (image voxels not read: truncated files and NaN go unnoticed)"),
         f"failures      {len(failures)} of {len(sources)} cases",
-        *failures,
+        *(f"  {failure}" for failure in failures),
     ]
-    return "\n".join(lines)
+    return DatasetSummary("\n".join(lines), tuple(failures), len(sources), check)
 
 
 def _read(source: CaseSource, check: bool, with_label: bool

@@ -26,7 +26,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Literal
@@ -38,20 +38,19 @@ from scipy.spatial.transform import Rotation
 
 from ossnet.atomic import atomic_path
 from ossnet.data.preprocess import is_axis_codes, reorientation_to
+from ossnet.data.readers import BRATS_MODALITIES
 from ossnet.device import check_memory
 from ossnet.errors import DatasetError, OssnetError
-from ossnet.options import check_fields, option
+from ossnet.options import check_fields, option, positive
 
 Shape = tuple[int, int, int]
 Coords = list[np.ndarray]  # one ascending 1D array of normalised coordinates per axis
 
-LAYOUTS = ("brats", "lits", "msd")
 MIN_SIZE = 16  # voxels per axis below which the anatomy no longer resolves
 DEFAULT_SHAPE = (96, 96, 64)
 # Memory the generators hold per voxel of a case (coordinates, channels, noise; measured peak ~90 bytes).
 BYTES_PER_VOXEL = 96
 
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")  # file suffixes, in OSS-Net's channel order
 MSD_CHANNEL_NAMES = {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"}
 MSD_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
 # BraTS raw label -> MSD Task01 label (1 necrotic/non-enhancing -> 2, 2 oedema -> 1, 4 enhancing -> 3).
@@ -442,15 +441,13 @@ class Grid:
     The grid covers the source's field of view (every source voxel's extent), centred on the same point.
     """
 
-    spacing: tuple[float, float, float] | None = field(default=None, metadata={"help": (
-        "X Y Z voxel size in mm along the written file's axes")})
-    orientation: str | None = field(default=None, metadata={"help": "axis codes of the written file, e.g. LSA"})
-    oblique: float = field(default=0.0, metadata={"help": (
-        "tilt in degrees of the written grid, about the world axis (1, 1, 1)")})
+    spacing: tuple[float, float, float] | None = option(None, "X Y Z voxel size in mm along the written file's axes")
+    orientation: str | None = option(None, "axis codes of the written file, e.g. LSA")
+    oblique: float = option(0.0, "tilt in degrees of the written grid, about the world axis (1, 1, 1)")
 
     def __post_init__(self) -> None:
-        if self.spacing is not None and (len(self.spacing) != 3
-                                         or not all(np.isfinite(s) and s > 0 for s in self.spacing)):
+        check_fields(self, "grid")
+        if self.spacing is not None and not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise OssnetError(f"grid: spacing {self.spacing} must be 3 positive finite sizes (mm)")
         if self.orientation is not None and not is_axis_codes(self.orientation):
             raise OssnetError(f"grid: orientation {self.orientation!r} must be 3 axis codes, e.g. RAS or LSA")
@@ -560,106 +557,96 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, path)
 
 
-def _write_brats(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int, grid: Grid) -> None:
-    for index in range(num_cases):
-        phantom = brain_phantom(shape, _case_rng(seed, index))
-        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, grid)
-        case_id = f"BraTS20_Training_{index + 1:03d}"
-        for modality, channel in zip(BRATS_MODALITIES, image):
-            _save_nifti(channel, affine, root / case_id / f"{case_id}_{modality}.nii.gz")
-        _save_nifti(label, affine, root / case_id / f"{case_id}_seg.nii.gz")
-
-
-def _write_lits(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int, grid: Grid) -> None:
-    for index in range(num_cases):  # LiTS numbers its cases from 0
-        phantom = liver_phantom(shape, _case_rng(seed, index))
-        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, grid)
-        _save_nifti(image[0], affine, root / f"volume-{index}.nii.gz")
-        _save_nifti(label, affine, root / f"segmentation-{index}.nii.gz")
-
-
-def _write_msd(root: Path, num_cases: int, shape: Shape, seed: int, num_test_cases: int, grid: Grid) -> None:
-    """nnU-Net v2 raw layout with BraTS-like content and MSD Task01's channels and labels; test cases are
-    numbered after the training cases."""
-    description = {
-        "name": "SyntheticBrainTumour", "description": "ossnet synthetic BraTS-like MRI (MSD Task01 labels)",
-        "channel_names": MSD_CHANNEL_NAMES, "labels": MSD_LABELS, "numTraining": num_cases,
-        "file_ending": ".nii.gz",
-    }
-    (root / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
-    (root / "labelsTr").mkdir()
-    cases = [("imagesTr", index, 0) for index in range(num_cases)]
-    cases += [("imagesTs", index, 1) for index in range(num_test_cases)]
-    for folder, index, split in cases:
-        phantom = brain_phantom(shape, _case_rng(seed, index, split))
-        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, grid)
-        case_id = f"SYN_{index + 1 + split * num_cases:03d}"
-        for channel_index, channel in enumerate(image):
-            _save_nifti(channel, affine, root / folder / f"{case_id}_{channel_index:04d}.nii.gz")
-        if split == 0:
-            _save_nifti(BRATS_TO_MSD[label], affine, root / "labelsTr" / f"{case_id}.nii.gz")
-
-
-_WRITERS: dict[str, Callable[[Path, int, Shape, int, int, Grid], None]] = {
-    "brats": _write_brats, "lits": _write_lits, "msd": _write_msd}
-
-
-def _check_request(out_dir: Path, layout: str, num_cases: int, shape: Shape, num_test_cases: int) -> None:
-    if layout not in LAYOUTS:
-        raise DatasetError(f"{out_dir}: unknown synthetic layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if num_cases < 1 or num_test_cases < 0:
-        raise DatasetError(f"{out_dir}: need at least one case and no negative test count "
-                           f"(got {num_cases} cases, {num_test_cases} test cases)")
-    if num_test_cases and layout != "msd":
-        raise DatasetError(f"{out_dir}: test cases (imagesTs) exist in the msd layout only, not in {layout}")
-    if len(shape) != 3 or min(shape) < MIN_SIZE:
-        raise DatasetError(f"{out_dir}: shape {shape} must have 3 axes of at least {MIN_SIZE} voxels")
-    check_memory(math.prod(shape) * BYTES_PER_VOXEL, f"synthetic volumes of shape {' x '.join(map(str, shape))}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DatasetError(f"{out_dir}: already exists and is not an empty folder; choose a new output folder")
-
-
 @dataclass(frozen=True)
 class SynthOptions:
-    """What `ossnet synth` writes (besides the grid, `Grid`)."""
+    """What `ossnet synth` writes, and where."""
 
+    output: Path = option(help="new folder to write (or an empty one)", flags=("-o", "--output"))
     layout: Literal["brats", "lits", "msd"] = option("brats", "on-disk layout of the dataset")
     cases: int = option(8, "labelled cases")
     test_cases: int = option(0, "unlabelled test cases (msd layout only, in imagesTs)")
     shape: tuple[int, int, int] = option(DEFAULT_SHAPE, "phantom shape in voxels (BraTS is 240 240 155)",
                                          metavar=("X", "Y", "Z"))
     seed: int = option(0, "seed: the same seed writes the same subjects on any grid")
+    grid: Grid = option(default_factory=Grid, help="the scanner grid every case is rewritten onto", hidden=True)
 
     def __post_init__(self) -> None:
         check_fields(self, "synth")
+        positive({"cases": self.cases}, "synth")
+        positive({"test_cases": self.test_cases}, "synth", minimum=0)
+        if self.test_cases and self.layout != "msd":
+            raise OssnetError(f"synth: test cases (imagesTs) exist in the msd layout only, not in {self.layout}")
+        if min(self.shape) < MIN_SIZE:
+            raise OssnetError(f"synth: shape {self.shape} must have 3 axes of at least {MIN_SIZE} voxels")
 
 
-def write_synthetic_dataset(out_dir: str | Path, layout: str, num_cases: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                            seed: int = 0, num_test_cases: int = 0, spacing: Sequence[float] | None = None,
-                            orientation: str | None = None, oblique: float = 0.0) -> Path:
-    """Write `num_cases` synthetic cases (and, for msd, `num_test_cases` in imagesTs) to the new folder `out_dir`.
+def _write_brats(root: Path, options: SynthOptions) -> None:
+    for index in range(options.cases):
+        phantom = brain_phantom(options.shape, _case_rng(options.seed, index))
+        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, options.grid)
+        case_id = f"BraTS20_Training_{index + 1:03d}"
+        for modality, channel in zip(BRATS_MODALITIES, image):
+            _save_nifti(channel, affine, root / case_id / f"{case_id}_{modality}.nii.gz")
+        _save_nifti(label, affine, root / case_id / f"{case_id}_seg.nii.gz")
+
+
+def _write_lits(root: Path, options: SynthOptions) -> None:
+    for index in range(options.cases):  # LiTS numbers its cases from 0
+        phantom = liver_phantom(options.shape, _case_rng(options.seed, index))
+        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, options.grid)
+        _save_nifti(image[0], affine, root / f"volume-{index}.nii.gz")
+        _save_nifti(label, affine, root / f"segmentation-{index}.nii.gz")
+
+
+def _write_msd(root: Path, options: SynthOptions) -> None:
+    """nnU-Net v2 raw layout with BraTS-like content and MSD Task01's channels and labels; test cases are
+    numbered after the training cases."""
+    description = {
+        "name": "SyntheticBrainTumour", "description": "ossnet synthetic BraTS-like MRI (MSD Task01 labels)",
+        "channel_names": MSD_CHANNEL_NAMES, "labels": MSD_LABELS, "numTraining": options.cases,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
+    (root / "labelsTr").mkdir()
+    cases = [("imagesTr", index, 0) for index in range(options.cases)]
+    cases += [("imagesTs", index, 1) for index in range(options.test_cases)]
+    for folder, index, split in cases:
+        phantom = brain_phantom(options.shape, _case_rng(options.seed, index, split))
+        image, label, affine = on_grid(phantom.image, phantom.label, phantom.affine, options.grid)
+        case_id = f"SYN_{index + 1 + split * options.cases:03d}"
+        for channel_index, channel in enumerate(image):
+            _save_nifti(channel, affine, root / folder / f"{case_id}_{channel_index:04d}.nii.gz")
+        if split == 0:
+            _save_nifti(BRATS_TO_MSD[label], affine, root / "labelsTr" / f"{case_id}.nii.gz")
+
+
+_WRITERS: dict[str, Callable[[Path, SynthOptions], None]] = {"brats": _write_brats, "lits": _write_lits,
+                                                             "msd": _write_msd}
+
+
+def write_synthetic_dataset(options: SynthOptions) -> Path:
+    """Write `options.cases` synthetic cases (and, for msd, `options.test_cases` in imagesTs) to the new folder
+    `options.output`; returns it.
 
     layout "brats": BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii.gz, 1 mm LPS;
     "lits": volume-0.nii.gz + segmentation-0.nii.gz, CT in HU, anisotropic spacing; "msd": nnU-Net v2 raw
     (dataset.json, imagesTr/SYN_001_0000.nii.gz .. _0003, labelsTr/SYN_001.nii.gz, imagesTs/).
-    `shape` is the phantom's native sampling; `spacing` (mm per file axis), `orientation` (axis codes, e.g.
-    "LSA") and `oblique` (degrees) rewrite every case onto that `Grid` over the same field of view, so the
-    same seed gives the same subjects on another scanner's grid (and another shape).
-    Written into a hidden staging folder next to `out_dir` and renamed at the end, so a failure leaves
-    nothing behind; an existing non-empty `out_dir` is refused (DatasetError). Same arguments, same voxels.
+    `options.shape` is the phantom's native sampling; `options.grid` (voxel size, axis codes, obliquity)
+    rewrites every case onto that grid over the same field of view, so the same seed gives the same subjects
+    on another scanner's grid (and another shape).
+    Written into a hidden staging folder next to the output and renamed at the end, so a failure leaves
+    nothing behind; an existing non-empty output folder is refused (DatasetError). Same options, same voxels.
     """
-    out_dir = Path(out_dir).expanduser()
-    shape = tuple(int(n) for n in shape)
-    _check_request(out_dir, layout, num_cases, shape, num_test_cases)
-    try:
-        grid = Grid(None if spacing is None else tuple(float(s) for s in spacing), orientation, float(oblique))
-    except OssnetError as error:
-        raise DatasetError(f"{out_dir}: {error}") from error
+    out_dir = options.output.expanduser()
+    check_memory(math.prod(options.shape) * BYTES_PER_VOXEL,
+                 f"synthetic volumes of shape {' x '.join(map(str, options.shape))}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DatasetError(f"{out_dir}: already exists and is not an empty folder; choose a new output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _WRITERS[layout](staging, num_cases, shape, seed, num_test_cases, grid)
+        _WRITERS[options.layout](staging, options)
         try:
             os.replace(staging, out_dir)  # replaces an empty folder; fails if one with files appeared meanwhile
         except OSError as error:

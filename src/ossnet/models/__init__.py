@@ -1,12 +1,13 @@
 """Models: occupancy networks (O-Net, OSS-Net A-D), residual U-Nets, patches and the preset registry."""
 
-from ossnet.models.occupancy import FoldedDecoder, Latents, OccupancyConfig, OccupancyNetwork
+from ossnet.models.occupancy import BRATS_WORKING_SHAPE, FoldedDecoder, Latents, OccupancyConfig, OccupancyNetwork
 from ossnet.models.patches import PatchSampler, extract_patches, normalized_to_voxel, voxel_to_normalized
-from ossnet.models.registry import PRESETS, check_overrides, create, describe_presets, format_presets, load, save
+from ossnet.models.registry import (PRESETS, ModelsOptions, check_overrides, create, describe_presets, format_presets,
+                                    load, save)
 from ossnet.models.unet import ResidualUNet, UNetConfig
 
 __all__ = [
-    "PRESETS", "FoldedDecoder", "Latents", "OccupancyConfig", "OccupancyNetwork", "PatchSampler", "ResidualUNet",
-    "UNetConfig", "check_overrides", "create", "describe_presets", "extract_patches", "format_presets", "load",
-    "normalized_to_voxel", "save", "voxel_to_normalized",
+    "BRATS_WORKING_SHAPE", "PRESETS", "FoldedDecoder", "Latents", "ModelsOptions", "OccupancyConfig",
+    "OccupancyNetwork", "PatchSampler", "ResidualUNet", "UNetConfig", "check_overrides", "create", "describe_presets",
+    "extract_patches", "format_presets", "load", "normalized_to_voxel", "save", "voxel_to_normalized",
 ]

@@ -34,6 +34,9 @@ from ossnet.models.patches import CHUNK_SIZE, PatchSampler
 from ossnet.options import check_fields, positive
 
 RECOMPUTE = ("none", "norms", "blocks")
+# BraTS's 240 x 240 x 155 volumes padded to multiples of 32, the working shape the paper sizes its models
+# for: the default input shape of every model configuration (U-Nets too) and of `ossnet models`.
+BRATS_WORKING_SHAPE = (256, 256, 160)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class OccupancyConfig:
     """
 
     in_channels: int = 4
-    input_shape: tuple[int, int, int] = (256, 256, 160)
+    input_shape: tuple[int, int, int] = BRATS_WORKING_SHAPE
     global_downscale: int = 2
     encoder_channels: tuple[int, ...] = (16, 32, 64, 128)
     skip_latents: bool = True

@@ -8,7 +8,7 @@ and the weights, plus whatever the caller adds (training state, preprocessing, t
 import hashlib
 import io
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -17,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ossnet.atomic import atomic_path
 from ossnet.errors import CheckpointError, OssnetError
-from ossnet.models.occupancy import Latents, OccupancyConfig, OccupancyNetwork
+from ossnet.models.occupancy import BRATS_WORKING_SHAPE, Latents, OccupancyConfig, OccupancyNetwork
 from ossnet.models.unet import ResidualUNet, UNetConfig
+from ossnet.options import check_fields, option, positive
 
 ModelConfig = OccupancyConfig | UNetConfig
 
@@ -235,14 +236,28 @@ def _changes(name: str) -> str:
     return f"{DERIVED_FROM[name]} + " + ", ".join(changed)
 
 
-def describe_presets(in_channels: int = 4, input_shape: tuple[int, int, int] = (256, 256, 160)) -> list[dict]:
-    """One row per preset for volumes of `in_channels` x `input_shape`: name, kind, parameters,
-    encoder_input (C, *spatial), macs_per_query (occupancy: decoder MACs per location; U-Nets: dense
-    forward MACs per output voxel) and adds (what it changes over the preset it is derived from)."""
+@dataclass(frozen=True)
+class ModelsOptions:
+    """The volumes `ossnet models` describes the presets for."""
+
+    in_channels: int = option(4, "image channels of the volumes (BraTS 4, LiTS 1)")
+    input_shape: tuple[int, int, int] = option(
+        BRATS_WORKING_SHAPE, "working (padded full-resolution) shape; BraTS 240 240 155 pads to the default",
+        metavar=("X", "Y", "Z"))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "models")
+        positive({"in_channels": self.in_channels, "input_shape": min(self.input_shape)}, "models")
+
+
+def describe_presets(options: ModelsOptions) -> list[dict]:
+    """One row per preset for volumes of `options.in_channels` x `options.input_shape`: name, kind,
+    parameters, encoder_input (C, *spatial), macs_per_query (occupancy: decoder MACs per location; U-Nets:
+    dense forward MACs per output voxel) and adds (what it changes over the preset it is derived from)."""
     rows = []
     for name in PRESETS:
         with torch.device("meta"):
-            model = create(name, in_channels=in_channels, input_shape=tuple(input_shape)).eval()
+            model = create(name, in_channels=options.in_channels, input_shape=options.input_shape).eval()
         is_occupancy = isinstance(model, OccupancyNetwork)
         rows.append({
             "name": name,

@@ -24,6 +24,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from ossnet.errors import OssnetError
+from ossnet.models.occupancy import BRATS_WORKING_SHAPE
 from ossnet.options import check_fields, positive
 
 
@@ -41,7 +42,7 @@ class UNetConfig:
 
     dims: int = 3
     in_channels: int = 4
-    input_shape: tuple[int, int, int] = (256, 256, 160)
+    input_shape: tuple[int, int, int] = BRATS_WORKING_SHAPE
     num_classes: int = 1
     channels: tuple[int, ...] = (16, 32, 64, 128, 256, 320)
     strides: tuple[int, ...] = (1, 2, 2, 2, 2)
