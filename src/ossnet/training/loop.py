@@ -53,7 +53,7 @@ from ossnet.data import (AUGMENT_PRESETS, PreparedCache, PreprocessConfig, datas
                          fingerprint_dataset, get_target, open_dataset, plan_preprocessing)
 from ossnet.device import PRECISION_DTYPES, autocast, check_memory, check_precision, configure_cuda, resolve_device
 from ossnet.errors import DatasetError, OssnetError
-from ossnet.inference.export import plot_curves
+from ossnet.training.curves import plot_curves
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.postprocess import ComponentTable, Postprocessing, decide_postprocessing, voxel_volume
 from ossnet.inference.volume import segment_volume
