@@ -142,7 +142,7 @@ def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoc
     clock = FakeClock()
     monkeypatch.setattr(loop, "time", clock)
     monkeypatch.setattr(validation, "time", clock)
-    train_epoch, segment_volume = loop._Run._train_epoch, loop.segment_volume
+    train_epoch, segment_volume, real_probe = loop._Run._train_epoch, validation.segment_volume, validation.probe
 
     def one_second_epoch(self, loader, epoch):
         result = train_epoch(self, loader, epoch)
@@ -150,7 +150,7 @@ def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoc
         return result
 
     def probe(*args):
-        probabilities, _, _ = validation.probe(*args)
+        probabilities, _, _ = real_probe(*args)
         clock.now += 0.1
         return probabilities, 0.3, 0.1  # 0.3 s fixed + 0.1 s for 512 of the 24^3 voxels: 3 s for all
 
@@ -159,8 +159,8 @@ def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoc
         return segment_volume(*args, **kwargs)
 
     monkeypatch.setattr(loop._Run, "_train_epoch", one_second_epoch)
-    monkeypatch.setattr(loop, "probe", probe)
-    monkeypatch.setattr(loop, "segment_volume", slow_segment_volume)
+    monkeypatch.setattr(validation, "probe", probe)
+    monkeypatch.setattr(validation, "segment_volume", slow_segment_volume)
     train(tiny_config(dataset, tmp_path / "run", epochs=9))
     rows = read_metrics(tmp_path / "run")
     # credit: +1 s of training and -0.1 s of sampled validation per epoch; epoch 4 covers the estimate (3.6 s),
