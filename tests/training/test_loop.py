@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ossnet import models
 from ossnet.data import write_synthetic_dataset
+from ossnet.device import PRECISION_DTYPES
 from ossnet.errors import OssnetError
 from ossnet.training import TrainConfig, train
 from ossnet.training import loop, validation
@@ -122,6 +123,24 @@ def test_validation_leaves_the_training_unchanged(dataset, tmp_path):
     unvalidated = models.load(tmp_path / "at-the-end" / "last.pt")[1]["model_state"]
     for name, value in weights.items():
         assert torch.equal(unvalidated[name], value), name  # bit for bit: no random stream, no buffer touched
+
+
+@pytest.mark.parametrize("model", ["ossnet-c", "unet3d"])
+def test_full_validation_computes_in_the_runs_precision(dataset, tmp_path, monkeypatch, model):
+    config = tiny_config(dataset, tmp_path / "run", model, epochs=1, batch_size=2, precision="bf16")
+    layer_outputs, segment_volume = set(), validation.segment_volume
+
+    def record(module, inputs, output):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            layer_outputs.add(output.dtype)
+
+    def watched_segment_volume(*args, **kwargs):
+        with torch.nn.modules.module.register_module_forward_hook(record):
+            return segment_volume(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "segment_volume", watched_segment_volume)
+    train(config)
+    assert layer_outputs == {PRECISION_DTYPES[config.precision]}
 
 
 class FakeClock:

@@ -40,7 +40,8 @@ class TrainConfig:
                                       "--split-file)")
     split_file: Path | None = option(None, 'JSON {"train": [ids], "val": [ids]}')
     device: str = option("auto", DEVICE_HELP)
-    precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA)")
+    precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA); "
+                                          "validation decodes in it too")
     tf32: bool = option(False, "CUDA: let float32 matrix products and convolutions use TF32 tensor cores "
                                "(faster on Ampere and newer, ~1e-3 relative error)")
     deterministic: bool = option(False, "CUDA: use deterministic algorithms where torch has them, so that a "

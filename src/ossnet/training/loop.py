@@ -29,7 +29,7 @@ Under torchrun every rank trains on its share of the cases (DistributedDataParal
 share of the validation cases; rank 0 alone writes files and progress bars.
 
 Precision: "bf16" autocasts to bfloat16 (CPU or CUDA); "fp16" autocasts to float16 with a gradient
-scaler and needs CUDA (on CPU use bf16).
+scaler and needs CUDA (on CPU use bf16); both validations decode in the same precision.
 """
 
 import math

@@ -12,7 +12,8 @@ validated in full only.
 
 Full validation segments every validation case as `ossnet predict` does and decides best.pt. Its cost is
 steep for an untrained model (guided decoding queries nearly every voxel while the network is uncertain
-everywhere), so it follows `FullValidationSchedule`.
+everywhere), so it follows `FullValidationSchedule`. Both validations compute in the run's precision, so
+that the Dice choosing best.pt is measured in the arithmetic the run trains in.
 
 `Validator` runs both after each epoch when they are due; under torchrun every rank validates its share of
 the validation cases and the scores are summed over the ranks.
@@ -21,7 +22,7 @@ the validation cases and the scores are summed over the ranks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ from ossnet.training.sampling import sample_locations
 
 # Share of the sampled validation locations drawn from the border band, as in training (docs/method.md §4).
 BORDER_FRACTION = 0.5
-# Validation decodes in chunks of 2^14 locations (the paper's smaller inference setting).
+# Validation decodes in chunks of 2^14 locations (the paper's smaller inference setting), both kinds in the
+# run's precision (`Validator.decoding`).
 VALIDATION_DECODING = DecodeOptions(mode="guided", chunk=2**14)
 
 
@@ -170,6 +172,7 @@ class Validator:
                  occupancy: bool, context: DistributedContext, device: torch.device) -> None:
         self.cases, self.config, self.context, self.device = cases, config, context, device
         self.classes = range(1, len(class_names) + 1)
+        self.decoding = replace(VALIDATION_DECODING, precision=config.precision)
         # Occupancy networks estimate a full validation's cost from their sampled one; U-Nets measure it at once.
         self.schedule = FullValidationSchedule(config.full_val_every, config.epochs, None if occupancy else 0.0)
 
@@ -178,14 +181,14 @@ class Validator:
         if not len(self.cases):
             return ValidationScores()
         sampled = None
-        with autocast(self.device, self.config.precision):
-            if isinstance(model, OccupancyNetwork) and (epoch % self.config.val_every == 0 or
-                                                         epoch == self.config.epochs):
+        if isinstance(model, OccupancyNetwork) and (epoch % self.config.val_every == 0 or
+                                                     epoch == self.config.epochs):
+            with autocast(self.device, self.decoding.precision):  # `probe` decodes in the caller's precision
                 sampled = self._validate_sampled(model)
-            # every rank must agree: full validation when it is due on all of them (the slowest decides)
-            if all_reduce_sum([float(not self.schedule.due(epoch))], self.context, self.device)[0] != 0:
-                return ValidationScores(sampled)
-            return ValidationScores(sampled, *self._validate_full(model))
+        # every rank must agree: full validation when it is due on all of them (the slowest decides)
+        if all_reduce_sum([float(not self.schedule.due(epoch))], self.context, self.device)[0] != 0:
+            return ValidationScores(sampled)
+        return ValidationScores(sampled, *self._validate_full(model))
 
     def _share(self) -> range:
         """Indices of the validation cases this rank validates."""
@@ -219,8 +222,7 @@ class Validator:
         totals, tables = np.zeros(3), []  # Dice, IoU, cases; per case, per class
         for index in self._share():
             case = self.cases[index]
-            result = segment_volume(model, case.volume, case.global_volume, VALIDATION_DECODING,
-                                    device=self.device)
+            result = segment_volume(model, case.volume, case.global_volume, self.decoding, device=self.device)
             totals += (np.mean([dice(result.labels == k, case.label == k) for k in self.classes]),
                        np.mean([iou(result.labels == k, case.label == k) for k in self.classes]), 1)
             volume = voxel_volume(case.geometry.working_affine())
