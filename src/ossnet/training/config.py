@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from ossnet import models
-from ossnet.data import LAYOUT_HELP, LayoutChoice
+from ossnet.data import AUGMENT_PRESETS, LAYOUT_HELP, LayoutChoice
 from ossnet.device import DEVICE_HELP, Precision
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields, finite, option, positive
@@ -57,9 +57,9 @@ class TrainConfig:
                 "orientation: median (of the run's cases), X Y Z in mm, native (as stored: no reorientation, "
                 "resampling or crop), or auto (median; native for LiTS, which the paper resizes to a cube)",
         nargs="+", metavar="SPACING")
-    augment: Literal["none", "default"] = option(
+    augment: str = option(
         "default", "augmentation of every training item: default (nnU-Net's flips, rotations, scaling, "
-                   "intensity, gamma, noise, blur) or none (the paper)")
+                   "intensity, gamma, noise, blur) or none (the paper)", choices=tuple(AUGMENT_PRESETS))
     working_shape: tuple[int, int, int] | None = option(
         None, "padded working shape (default: every axis of the largest case rounded up to a multiple of 32)",
         metavar=("X", "Y", "Z"))
@@ -85,6 +85,9 @@ class TrainConfig:
                   "val_every": self.val_every, "full_val_every": self.full_val_every,
                   "max_train_cases": self.max_train_cases}, "training")
         positive({"workers": self.workers, "max_val_cases": self.max_val_cases}, "training", minimum=0)
+        if self.augment not in AUGMENT_PRESETS:
+            raise OssnetError(f"training: augment must be one of {', '.join(AUGMENT_PRESETS)}, "
+                              f"got {self.augment!r}")
         finite(self.border_fraction, "training: border fraction", 0.0, 1.0)
         finite(self.val_fraction, "training: validation fraction", 0.0)
         if self.val_fraction >= 1.0:
