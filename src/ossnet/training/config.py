@@ -16,7 +16,7 @@ from ossnet.device import DEVICE_HELP, Precision
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields, finite, option, positive
 
-# Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
+# Settings a resumed run may change; all others come from the checkpoint so the run continues as it began.
 RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "tf32", "deterministic", "workers",
                     "resume", "cache_dir", "val_every", "full_val_every")
 # Model sizes the data decides (channels, working shape, classes, encoder downscale).
@@ -49,7 +49,10 @@ class TrainConfig:
                                         "runs are always bit-exact)")
     seed: int = option(0, "seed of the split, the initial weights and every random draw")
     workers: int = option(0, "DataLoader worker processes")
-    resume: bool = option(False, "continue RUN_DIR/last.pt exactly")
+    resume: bool = option(False, "continue RUN_DIR/last.pt: its weights, optimiser, schedule, random states, "
+                                 "split and settings (run-time ones such as --epochs and --device may change); "
+                                 "on the CPU bit for bit as if uninterrupted, on CUDA closely but not bit for "
+                                 "bit (cuDNN, atomic additions; see --deterministic)")
     target: str | None = option(None, "wt|regions (BraTS), liver|liver-tumour (LiTS), foreground|all (MSD, "
                                       "NIfTI); default: the paper's")
     spacing: tuple[float, float, float] | Literal["auto", "median", "native"] = option(

@@ -23,8 +23,10 @@ aux_loss (mean unweighted auxiliary loss, empty without a head), sampled_dice (e
 val_dice / val_iou (full validation; empty when not validated), train_seconds, val_seconds (both kinds of
 validation), seconds (the whole epoch, files included), peak_memory_mb (CUDA: peak allocated this epoch; CPU:
 peak resident set so far).
-`resume` continues last.pt exactly (model, optimiser, schedule, random states, split, settings), taking
-only RESUMABLE_FIELDS from the new request; a run folder with a last.pt is never started afresh.
+`resume` continues last.pt (model, optimiser, schedule, random states, split, settings), taking only
+RESUMABLE_FIELDS from the new request; a run folder with a last.pt is never started afresh. On the CPU the
+resumed run is bit for bit the uninterrupted one; on CUDA, cuDNN and atomic additions make the two differ in
+the last bits (`deterministic` selects torch's deterministic algorithms where they exist).
 Under torchrun every rank trains on its share of the cases (DistributedDataParallel) and validates its
 share of the validation cases; rank 0 alone writes files and progress bars.
 
