@@ -1,6 +1,5 @@
-"""Specifications of ossnet.inference.export: NIfTI, meshes in world mm, overlay and curve figures."""
+"""Specifications of ossnet.inference.export: NIfTI, meshes in world mm, overlay figures."""
 
-import csv
 import math
 
 import matplotlib.image
@@ -10,7 +9,7 @@ import pytest
 
 from ossnet.errors import OssnetError
 from ossnet.inference import export
-from ossnet.inference.export import plot_curves, save_nifti, save_overlays, surface_mesh, write_mesh
+from ossnet.inference.export import save_nifti, save_overlays, surface_mesh, write_mesh
 
 SPACING = (1.0, 1.5, 2.0)
 SHAPE = (24, 16, 12)  # 24 x 24 x 24 mm
@@ -235,25 +234,3 @@ def test_overlay_png_of_an_empty_prediction_shows_the_volume_centre(tmp_path):
     png = matplotlib.image.imread(save_overlays(image, tmp_path / "overlay.png", prediction=np.zeros(SHAPE)))
     assert np.ptp(png[..., :3]) > 0.5
     assert 0 < colour_pixels(png, export.PREDICTION_COLOUR) < 200  # the legend's line only, no contour
-
-
-def test_curves_png_from_a_csv_with_validation_gaps(tmp_path):
-    path = tmp_path / "curves.csv"
-    with path.open("w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["epoch", "train_loss", "aux_loss", "val_dice"])
-        writer.writerows([[epoch, 1 / epoch, 0.3 / epoch, 0.1 * epoch if epoch % 2 else ""] for epoch in range(1, 7)])
-    png = matplotlib.image.imread(plot_curves(path, tmp_path / "curves.png"))
-    assert png.shape[0] > 200 and np.ptp(png[..., :3]) > 0.5
-    assert [p.name for p in sorted(tmp_path.iterdir())] == ["curves.csv", "curves.png"]
-
-
-def test_curves_png_from_a_single_epoch_with_only_a_training_loss(tmp_path):
-    png = matplotlib.image.imread(plot_curves([{"epoch": 1, "train_loss": 0.7}], tmp_path / "curves.png"))
-    assert np.ptp(png[..., :3]) > 0.5
-
-
-def test_curves_without_any_value_column_are_an_error(tmp_path):
-    with pytest.raises(OssnetError, match="train_loss"):
-        plot_curves([{"epoch": 1, "val_dice": ""}], tmp_path / "curves.png")
-    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ossnet import models
 from ossnet.data import SynthOptions, write_synthetic_dataset
+from ossnet.device import PRECISION_DTYPES
 from ossnet.errors import OssnetError
 from ossnet.training import TrainConfig, train
 from ossnet.training import loop, validation
@@ -124,6 +125,24 @@ def test_validation_leaves_the_training_unchanged(dataset, tmp_path):
         assert torch.equal(unvalidated[name], value), name  # bit for bit: no random stream, no buffer touched
 
 
+@pytest.mark.parametrize("model", ["ossnet-c", "unet3d"])
+def test_full_validation_computes_in_the_runs_precision(dataset, tmp_path, monkeypatch, model):
+    config = tiny_config(dataset, tmp_path / "run", model, epochs=1, batch_size=2, precision="bf16")
+    layer_outputs, segment_volume = set(), validation.segment_volume
+
+    def record(module, inputs, output):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            layer_outputs.add(output.dtype)
+
+    def watched_segment_volume(*args, **kwargs):
+        with torch.nn.modules.module.register_module_forward_hook(record):
+            return segment_volume(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "segment_volume", watched_segment_volume)
+    train(config)
+    assert layer_outputs == {PRECISION_DTYPES[config.precision]}
+
+
 class FakeClock:
     """time.perf_counter for the loop and its validation: advances only when a test says so (plus a
     microsecond per reading, so that rates never divide by zero)."""
@@ -142,7 +161,7 @@ def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoc
     clock = FakeClock()
     monkeypatch.setattr(loop, "time", clock)
     monkeypatch.setattr(validation, "time", clock)
-    train_epoch, segment_volume = loop._Run._train_epoch, loop.segment_volume
+    train_epoch, segment_volume, real_probe = loop._Run._train_epoch, validation.segment_volume, validation.probe
 
     def one_second_epoch(self, loader, epoch):
         result = train_epoch(self, loader, epoch)
@@ -150,7 +169,7 @@ def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoc
         return result
 
     def probe(*args):
-        probabilities, _, _ = validation.probe(*args)
+        probabilities, _, _ = real_probe(*args)
         clock.now += 0.1
         return probabilities, 0.3, 0.1  # 0.3 s fixed + 0.1 s for 512 of the 24^3 voxels: 3 s for all
 
@@ -159,8 +178,8 @@ def test_the_loop_validates_in_full_as_its_timings_allow_and_after_the_last_epoc
         return segment_volume(*args, **kwargs)
 
     monkeypatch.setattr(loop._Run, "_train_epoch", one_second_epoch)
-    monkeypatch.setattr(loop, "probe", probe)
-    monkeypatch.setattr(loop, "segment_volume", slow_segment_volume)
+    monkeypatch.setattr(validation, "probe", probe)
+    monkeypatch.setattr(validation, "segment_volume", slow_segment_volume)
     train(tiny_config(dataset, tmp_path / "run", epochs=9))
     rows = read_metrics(tmp_path / "run")
     # credit: +1 s of training and -0.1 s of sampled validation per epoch; epoch 4 covers the estimate (3.6 s),

@@ -1,5 +1,6 @@
-"""Training: border-balanced location sampling, losses, the RAdam + Lookahead optimiser, checkpoints that
-survive interruption, and the loop `train(TrainConfig)` (single process or torchrun / DDP)."""
+"""Training: the run's data, border-balanced location sampling, losses, the RAdam + Lookahead optimiser,
+validation during training, checkpoints that survive interruption, the curves, and the loop
+`train(TrainConfig)` (single process or torchrun / DDP)."""
 
 from ossnet.training.config import TrainConfig
 from ossnet.training.loop import TrainResult, train

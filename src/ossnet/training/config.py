@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 from ossnet import models
-from ossnet.data import LAYOUT_HELP, LayoutChoice
+from ossnet.data import AUGMENT_PRESETS, LAYOUT_HELP, LayoutChoice
 from ossnet.device import DEVICE_HELP, Precision
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields, finite, option, positive
 
-# Settings a resumed run may change; all others come from the checkpoint so the run continues exactly.
+# Settings a resumed run may change; all others come from the checkpoint so the run continues as it began.
 RESUMABLE_FIELDS = ("data", "run_dir", "epochs", "device", "precision", "tf32", "deterministic", "workers",
                     "resume", "cache_dir", "val_every", "full_val_every")
 # Model sizes the data decides (channels, working shape, classes, encoder downscale).
@@ -40,7 +40,8 @@ class TrainConfig:
                                       "--split-file)")
     split_file: Path | None = option(None, 'JSON {"train": [ids], "val": [ids]}')
     device: str = option("auto", DEVICE_HELP)
-    precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA)")
+    precision: Precision = option("fp32", "fp32, or mixed precision bf16 (CPU or CUDA) / fp16 (CUDA); "
+                                          "validation decodes in it too")
     tf32: bool = option(False, "CUDA: let float32 matrix products and convolutions use TF32 tensor cores "
                                "(faster on Ampere and newer, ~1e-3 relative error)")
     deterministic: bool = option(False, "CUDA: use deterministic algorithms where torch has them, so that a "
@@ -48,7 +49,10 @@ class TrainConfig:
                                         "runs are always bit-exact)")
     seed: int = option(0, "seed of the split, the initial weights and every random draw")
     workers: int = option(0, "DataLoader worker processes")
-    resume: bool = option(False, "continue RUN_DIR/last.pt exactly")
+    resume: bool = option(False, "continue RUN_DIR/last.pt: its weights, optimiser, schedule, random states, "
+                                 "split and settings (run-time ones such as --epochs and --device may change); "
+                                 "on the CPU bit for bit as if uninterrupted, on CUDA closely but not bit for "
+                                 "bit (cuDNN, atomic additions; see --deterministic)")
     target: str | None = option(None, "wt|regions (BraTS), liver|liver-tumour (LiTS), foreground|all (MSD, "
                                       "NIfTI); default: the paper's")
     spacing: tuple[float, float, float] | Literal["auto", "median", "native"] = option(
@@ -56,9 +60,9 @@ class TrainConfig:
                 "orientation: median (of the run's cases), X Y Z in mm, native (as stored: no reorientation, "
                 "resampling or crop), or auto (median; native for LiTS, which the paper resizes to a cube)",
         nargs="+", metavar="SPACING")
-    augment: Literal["none", "default"] = option(
+    augment: str = option(
         "default", "augmentation of every training item: default (nnU-Net's flips, rotations, scaling, "
-                   "intensity, gamma, noise, blur) or none (the paper)")
+                   "intensity, gamma, noise, blur) or none (the paper)", choices=tuple(AUGMENT_PRESETS))
     working_shape: tuple[int, int, int] | None = option(
         None, "padded working shape (default: every axis of the largest case rounded up to a multiple of 32)",
         metavar=("X", "Y", "Z"))
@@ -84,6 +88,9 @@ class TrainConfig:
                   "val_every": self.val_every, "full_val_every": self.full_val_every,
                   "max_train_cases": self.max_train_cases}, "training")
         positive({"workers": self.workers, "max_val_cases": self.max_val_cases}, "training", minimum=0)
+        if self.augment not in AUGMENT_PRESETS:
+            raise OssnetError(f"training: augment must be one of {', '.join(AUGMENT_PRESETS)}, "
+                              f"got {self.augment!r}")
         finite(self.border_fraction, "training: border fraction", 0.0, 1.0)
         finite(self.val_fraction, "training: validation fraction", 0.0)
         if self.val_fraction >= 1.0:

@@ -12,24 +12,39 @@ validated in full only.
 
 Full validation segments every validation case as `ossnet predict` does and decides best.pt. Its cost is
 steep for an untrained model (guided decoding queries nearly every voxel while the network is uncertain
-everywhere), so it follows `FullValidationSchedule`.
+everywhere), so it follows `FullValidationSchedule`. Both validations compute in the run's precision, so
+that the Dice choosing best.pt is measured in the arithmetic the run trains in.
+
+`Validator` runs both after each epoch when they are due; under torchrun every rank validates its share of
+the validation cases and the scores are summed over the ranks.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch import nn
 
+from ossnet.device import autocast
 from ossnet.inference.calibration import calibrated_volume
 from ossnet.inference.engine import DecodeOptions, decode_chunked, labels_of
+from ossnet.inference.postprocess import ComponentTable, Postprocessing, decide_postprocessing, voxel_volume
+from ossnet.inference.volume import segment_volume
+from ossnet.metrics import dice, iou
 from ossnet.models import OccupancyNetwork
+from ossnet.training.config import TrainConfig
+from ossnet.training.datasets import PreparedCases
+from ossnet.training.distributed import DistributedContext, all_reduce_sum, gather_objects
 from ossnet.training.sampling import sample_locations
 
 # Share of the sampled validation locations drawn from the border band, as in training (docs/method.md §4).
 BORDER_FRACTION = 0.5
+# Validation decodes in chunks of 2^14 locations (the paper's smaller inference setting), both kinds in the
+# run's precision (`Validator.decoding`).
+VALIDATION_DECODING = DecodeOptions(mode="guided", chunk=2**14)
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,86 @@ class FullValidationSchedule:
         if self.every is not None:
             return epoch % self.every == 0
         return self.expected is not None and self.credit >= self.expected
+
+
+@dataclass(frozen=True)
+class ValidationScores:
+    """What the validations after one epoch found, None where one did not run: the sampled Dice, the full
+    validation's Dice and IoU, and the post-processing it decided for the current weights."""
+
+    sampled_dice: float | None = None
+    dice: float | None = None
+    iou: float | None = None
+    postprocessing: Postprocessing | None = None
+
+
+class Validator:
+    """The validations of one run on `cases` (the validation cases), each rank validating its share."""
+
+    def __init__(self, cases: PreparedCases, class_names: tuple[str, ...], config: TrainConfig,
+                 occupancy: bool, context: DistributedContext, device: torch.device) -> None:
+        self.cases, self.config, self.context, self.device = cases, config, context, device
+        self.classes = range(1, len(class_names) + 1)
+        self.decoding = replace(VALIDATION_DECODING, precision=config.precision)
+        # Occupancy networks estimate a full validation's cost from their sampled one; U-Nets measure it at once.
+        self.schedule = FullValidationSchedule(config.full_val_every, config.epochs, None if occupancy else 0.0)
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> ValidationScores:
+        """The validations due after `epoch` (1-based); nothing without validation cases."""
+        if not len(self.cases):
+            return ValidationScores()
+        sampled = None
+        if isinstance(model, OccupancyNetwork) and (epoch % self.config.val_every == 0 or
+                                                     epoch == self.config.epochs):
+            with autocast(self.device, self.decoding.precision):  # `probe` decodes in the caller's precision
+                sampled = self._validate_sampled(model)
+        # every rank must agree: full validation when it is due on all of them (the slowest decides)
+        if all_reduce_sum([float(not self.schedule.due(epoch))], self.context, self.device)[0] != 0:
+            return ValidationScores(sampled)
+        return ValidationScores(sampled, *self._validate_full(model))
+
+    def _share(self) -> range:
+        """Indices of the validation cases this rank validates."""
+        return range(self.context.rank, len(self.cases), self.context.world_size)
+
+    @torch.no_grad()
+    def _validate_sampled(self, model: OccupancyNetwork) -> float:
+        """Mean sampled Dice of the validation cases (`ValidationSample`; the sample of case i is drawn from
+        a generator seeded by (seed, i), the same every epoch); gives the schedule its cost and its estimate
+        of a full validation's."""
+        started, totals, estimate = time.perf_counter(), np.zeros(2), 0.0  # Dice, cases
+        for index in self._share():
+            case = self.cases[index]
+            sample = ValidationSample.draw(case.label, case.border, self.config.locations,
+                                           np.random.default_rng([self.config.seed, index]))
+            probabilities, fixed, decoding = probe(model, case.volume, case.global_volume, sample.voxels,
+                                                   self.decoding, self.device)
+            totals += (sample.dice(probabilities, self.decoding.threshold), 1)
+            estimate += dense_seconds(fixed, decoding, len(sample.voxels), case.label.size)
+        dice_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
+        self.schedule.estimate(estimate)
+        self.schedule.spent_validating(time.perf_counter() - started, full=False)
+        return dice_sum / count
+
+    @torch.no_grad()
+    def _validate_full(self, model: nn.Module) -> tuple[float, float, Postprocessing]:
+        """Mean Dice and IoU over the validation cases segmented in full (each rank segments its share), and
+        the post-processing of the current weights decided on them."""
+        model.eval()
+        started = time.perf_counter()
+        totals, tables = np.zeros(3), []  # Dice, IoU, cases; per case, per class
+        for index in self._share():
+            case = self.cases[index]
+            result = segment_volume(model, case.volume, case.global_volume, self.decoding, device=self.device)
+            totals += (np.mean([dice(result.labels == k, case.label == k) for k in self.classes]),
+                       np.mean([iou(result.labels == k, case.label == k) for k in self.classes]), 1)
+            volume = voxel_volume(case.geometry.working_affine())
+            tables.append([ComponentTable.of(result.labels == k, case.label == k, volume) for k in self.classes])
+        dice_sum, iou_sum, count = all_reduce_sum(totals.tolist(), self.context, self.device)
+        tables = [case_tables for share in gather_objects(tables, self.context) for case_tables in share]
+        postprocessing = decide_postprocessing(tables)
+        self.schedule.spent_validating(time.perf_counter() - started, full=True)
+        return dice_sum / count, iou_sum / count, postprocessing
 
 
 def _now(device: torch.device) -> float:
