@@ -65,7 +65,7 @@ def read_only(folder):
     (["predict", "-c", "x.pt", "-i", "x", "-o", "y", "--device", "foo"], "unknown device 'foo'"),
     (["predict", "-c", "x.pt", "-i", "x", "-o", "y", "--chunk", "0"], "chunk must be at least 1"),
     (["train", "--data", "x", "-o", "y", "--lr", "nan"], "learning rate must be a finite number"),
-    (["train", "--data", "x", "-o", "y", "--working-shape", "0", "0", "0"], "working shape must be positive"),
+    (["train", "--data", "x", "-o", "y", "--tile", "0", "0", "0"], "tile must be positive"),
     (["train", "--data", "x", "-o", "y", "--max-train-cases", "-1"], "max_train_cases must be at least 1"),
     (["train", "--data", "x", "-o", "y", "--border-fraction", "2"], "border fraction must be"),
     (["models", "--in-channels", "0"], "in_channels must be at least 1"),
@@ -90,14 +90,14 @@ def test_bad_model_overrides_fail_before_the_data_is_prepared(dataset, tmp_path,
 
 def test_a_single_volume_at_the_smallest_working_shape_is_refused_in_one_line(dataset, tmp_path, capsys):
     # encoder (4, 8) and downscale 2 reduce 8^3 to one latent cell: batch norm needs two volumes per step
-    err = one_line_error(capsys, [*train_args(dataset, tmp_path / "run", "--working-shape", "8", "8", "8"),
+    err = one_line_error(capsys, [*train_args(dataset, tmp_path / "run", "--tile", "8", "8", "8"),
                                   "--batch-size", "1"])
     assert "--batch-size 2" in err
 
 
 def test_an_odd_number_of_cases_at_the_smallest_shape_trains_with_batch_two(dataset, tmp_path):
     # 3 training cases at batch 2 would leave a last step of one volume, which batch norm cannot take
-    argv = train_args(dataset, tmp_path / "run", "--working-shape", "8", "8", "8", "--val-fraction", "0")
+    argv = train_args(dataset, tmp_path / "run", "--tile", "8", "8", "8", "--val-fraction", "0")
     assert main([str(a) for a in argv]) == 0
     assert (tmp_path / "run" / "last.pt").is_file()
 
@@ -205,7 +205,7 @@ def run_limited(argv, file_size_limit: int):
                                             (200_000, "last.pt: cannot write (File too large)")])
 def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_file(dataset, tmp_path, limit, message):
     done = run_limited(train_args(dataset, tmp_path / "run", "--cache-dir", tmp_path / "cache",
-                                  "--working-shape", *SHAPE), limit)
+                                  "--tile", *SHAPE), limit)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1]
     left = [p.name for p in (tmp_path / "run").iterdir()] if (tmp_path / "run").exists() else []

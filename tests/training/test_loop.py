@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
 
 def tiny_config(dataset, run_dir, model="ossnet-c", **changes) -> TrainConfig:
     settings = dict(data=dataset, run_dir=run_dir, model=model, epochs=3, batch_size=1, locations=512,
-                    lr=1e-2, device="cpu", working_shape=SHAPE, model_overrides=TINY_MODELS[model])
+                    lr=1e-2, device="cpu", tile=SHAPE, model_overrides=TINY_MODELS[model])
     return TrainConfig(**{**settings, **changes})
 
 
@@ -212,7 +212,7 @@ def test_two_process_torchrun_writes_one_set_of_run_files(dataset, tmp_path):
     script = tmp_path / "train_script.py"
     script.write_text(TORCHRUN_SCRIPT)
     settings = {"data": str(dataset), "run_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 1,
-                "locations": 256, "device": "cpu", "val_every": 2, "working_shape": SHAPE,
+                "locations": 256, "device": "cpu", "val_every": 2, "tile": SHAPE,
                 "model_overrides": TINY_MODELS["ossnet-c"]}
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ossnet.data.preprocess import Shape3
+from ossnet.data.preprocess import Shape3, downscale_volume
 
 # Least overlap of two neighbouring prediction tiles, as a share of the tile (each axis).
 OVERLAP_FRACTION = 1 / 8
@@ -88,6 +88,12 @@ class TileLayout:
         return rising * falling
 
 
+    def weight_at(self, origin: Shape3, points: np.ndarray) -> np.ndarray:
+        """(N,) weight of the tile at `origin` at working coordinates `points` (N, 3)."""
+        points = np.asarray(points, dtype=np.float64)
+        return np.prod([self.weights(origin, axis, points[:, axis]) for axis in range(3)], axis=0)
+
+
 def _axis_ramps(origins: tuple[int, ...], start: int, tile: int, blend: int):
     """For the tile starting at `start` among `origins` of one axis: its (centre, width) of the rising band
     (None for the first tile), of the falling band (None for the last), and the ends of its support."""
@@ -131,3 +137,10 @@ def random_tile_origin(grid: Shape3, tile: Shape3, label: np.ndarray | None, for
 def tile_slices(origin: Shape3, tile: Shape3) -> tuple[slice, slice, slice]:
     """Index of the tile at `origin` in the last three axes of a working-grid array."""
     return tuple(slice(o, o + t) for o, t in zip(origin, tile))
+
+
+def cut_tile(volume: np.ndarray, origin: Shape3, tile: Shape3, global_downscale: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tile at `origin` of a working-grid volume (C, X', Y', Z') as an in-memory float32 array, and its
+    own global volume (the tile downscaled, as the encoder sees a case of the tile's shape)."""
+    cut = np.asarray(volume[(slice(None), *tile_slices(origin, tile))], dtype=np.float32)
+    return cut, downscale_volume(cut, global_downscale)

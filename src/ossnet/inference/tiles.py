@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ossnet.data.preprocess import downscale_volume
-from ossnet.data.tiles import TileLayout, tile_slices
+from ossnet.data.tiles import TileLayout, cut_tile
 from ossnet.inference.engine import DecodeOptions, SegmentationResult, labels_of
 from ossnet.inference.grid import QueryGrid
 from ossnet.inference.occupancy import segment_occupancy
@@ -43,10 +42,9 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor, op
         start[:3, 3] = [s.start for s in box]
         to_tile = np.eye(4)
         to_tile[:3, 3] = -np.asarray(origin, dtype=np.float64)
-        tile = np.asarray(volume[(slice(None), *tile_slices(origin, layout.tile))], dtype=np.float32)
-        result = segment_occupancy(model, tile, downscale_volume(tile, config.global_downscale), tile_options,
-                                   device, QueryGrid(tuple(s.stop - s.start for s in box),
-                                                     to_tile @ grid.to_working @ start))
+        tile, global_tile = cut_tile(volume, origin, layout.tile, config.global_downscale)
+        tile_grid = QueryGrid(tuple(s.stop - s.start for s in box), to_tile @ grid.to_working @ start)
+        result = segment_occupancy(model, tile, global_tile, tile_options, device, tile_grid)
         blended[(slice(None), *box)] += torch.from_numpy(result.probabilities) * weight
         stage_queries.update(result.stage_queries)
         mode = result.mode

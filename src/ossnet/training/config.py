@@ -63,8 +63,10 @@ class TrainConfig:
     augment: str = option(
         "default", "augmentation of every training item: default (nnU-Net's flips, rotations, scaling, "
                    "intensity, gamma, noise, blur) or none (the paper)", choices=tuple(AUGMENT_PRESETS))
-    working_shape: tuple[int, int, int] | None = option(
-        None, "padded working shape (default: every axis of the largest case rounded up to a multiple of 32)",
+    tile: tuple[int, int, int] | None = option(
+        None, "the model's input shape: cases that fit are padded to it (one tile), longer ones are covered by "
+              "several tiles in training and prediction (docs/method.md §5.6); default: every axis of the "
+              "largest planned case rounded up to a multiple of 32, one tile per case",
         metavar=("X", "Y", "Z"))
     cache_dir: Path | None = option(None, "preprocessed-array cache (default DATA/.ossnet-cache, or the user "
                                           "cache folder when DATA is read-only)")
@@ -99,12 +101,12 @@ class TrainConfig:
         if isinstance(self.spacing, tuple):
             for size in self.spacing:
                 finite(size, "training: spacing", 0.0, low_open=True)
-        if self.working_shape is not None and min(self.working_shape) < 1:
-            raise OssnetError(f"training: working shape must be positive sizes, got {self.working_shape}")
+        if self.tile is not None and min(self.tile) < 1:
+            raise OssnetError(f"training: tile must be positive sizes, got {self.tile}")
         self.model_overrides = {key: tuple(value) if isinstance(value, list) else value
                                 for key, value in self.model_overrides.items()}
         if clash := sorted(set(self.model_overrides) & set(DATA_FIELDS)):
-            raise OssnetError(f"training: model fields {clash} are set by the data (use --working-shape for "
+            raise OssnetError(f"training: model fields {clash} are set by the data (use --tile for "
                               f"the shape), not by overrides")
         models.check_overrides(self.model, self.model_overrides)
 
@@ -115,9 +117,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """The config of a stored dict (config.json, a checkpoint); keys of older or newer versions that
-        this one does not know are ignored."""
+        this one does not know are ignored (`working_shape`, the tile's name before tiles, is read as it)."""
         if not isinstance(values, dict):
             raise OssnetError(f"training settings must be a mapping, got {type(values).__name__}")
+        if "working_shape" in values and "tile" not in values:
+            values = {**values, "tile": values["working_shape"]}
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 

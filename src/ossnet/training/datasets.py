@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ossnet.data import AugmentConfig, augment_volume
 from ossnet.data.preprocess import PreparedCache, PreparedCase, PreprocessConfig, Shape3, downscale_volume
-from ossnet.data.tiles import FOREGROUND_FRACTION, random_tile_origin, tile_slices
+from ossnet.data.tiles import FOREGROUND_FRACTION, cut_tile, random_tile_origin, tile_slices
 from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
 from ossnet.training.losses import downscale_label
 from ossnet.training.sampling import case_rng, sample_locations
@@ -91,9 +91,8 @@ class EpochSamples(Dataset):
             origin = random_tile_origin(case.label.shape, self.tile, case.label, rng.random() < FOREGROUND_FRACTION,
                                         rng)
             window = tile_slices(origin, self.tile)
-            volume = np.asarray(case.volume[(slice(None), *window)])
-            arrays = TrainingArrays(volume, downscale_volume(volume, self.cases.preprocess.global_downscale),
-                                    case.label[window], case.border[window])
+            volume, global_volume = cut_tile(case.volume, origin, self.tile, self.cases.preprocess.global_downscale)
+            arrays = TrainingArrays(volume, global_volume, case.label[window], case.border[window])
         if self.augment is None:
             return rng, arrays
         spacing = tuple(nib.affines.voxel_sizes(case.geometry.working_affine()))

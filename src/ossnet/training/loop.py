@@ -224,7 +224,7 @@ class _Run:
         if min(self.config.batch_size, cases_per_rank) < 2:
             patch = getattr(config, "patch_shape", None)
             what, larger = ((f"patch {patch}", "a larger --override patch_shape=X,Y,Z") if patch else
-                            (f"working shape {tuple(config.input_shape)}", "a larger --working-shape"))
+                            (f"tile {tuple(config.input_shape)}", "a larger --tile"))
             raise OssnetError(f"the {what} leaves a 1 x 1 x 1 feature map, where batch norm needs two volumes per "
                               f"step: use --batch-size 2 or more with at least two training cases per process, "
                               f"or {larger}")

@@ -97,19 +97,19 @@ def plan_run(config: TrainConfig, sources: list[CaseSource], layout: str, channe
     its cached fingerprints), printed so that the user sees what every case goes through."""
     spacing = ("native" if layout == "lits" else "median") if config.spacing == "auto" else config.spacing
     if spacing == "native":  # headers suffice
-        plan = dataset_preprocess_config(layout, [s.inspect().shape for s in sources], config.working_shape)
+        plan = dataset_preprocess_config(layout, [s.inspect().shape for s in sources], config.tile)
     else:
         for main_turn in (True, False):
             if context.is_main == main_turn:
                 fingerprint = fingerprint_dataset(sources, cache_dir)
             barrier(context)
-        plan = plan_preprocessing(fingerprint, layout, config.working_shape, spacing=spacing)
+        plan = plan_preprocessing(fingerprint, layout, config.tile, spacing=spacing)
     if context.is_main:
         print(describe_plan(plan), file=sys.stderr)
     # a case on the working grid: its channels, label, border band and the copies preparing it makes
     check_memory(math.prod(plan.working_shape) * (channels + 2) * 4 * PREPARATION_COPIES,
                  f"a case at the plan's working shape {' x '.join(map(str, plan.working_shape))} (choose a "
-                 f"coarser --spacing or a --working-shape)")
+                 f"coarser --spacing or a smaller --tile)")
     return plan
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ossnet.data.tiles import TileLayout, cut_tile
 from ossnet.device import autocast
 from ossnet.inference.calibration import calibrated_volume
 from ossnet.inference.engine import DecodeOptions, decode_chunked, labels_of
@@ -89,7 +90,34 @@ def probe(model: OccupancyNetwork, volume: np.ndarray, global_volume: np.ndarray
     """The network's probabilities (n, K) at voxels (n, 3) of a preprocessed volume (C, X', Y', Z'), decoded as
     `inference.volume.segment_volume` decodes with `options` (the same `calibrated_volume`, the same field),
     and the seconds spent encoding and setting the statistics, then decoding the n locations (the parts of a
-    full validation's cost that are fixed per case and that grow with its queries)."""
+    full validation's cost that are fixed per case and that grow with its queries). A case longer than the
+    model's input shape is decoded tile by tile and blended, as prediction decodes it (docs/method.md §5.6)."""
+    tile = tuple(model.config.input_shape)
+    if tuple(volume.shape[1:]) == tile:
+        return _probe_tile(model, volume, global_volume, voxels, options, device)
+    # a case longer than the tile: each tile's probabilities where its weight reaches, blended as
+    # `inference.tiles.segment_tiles` blends them
+    layout = TileLayout.covering(tuple(volume.shape[1:]), tile)
+    blended, fixed, decoding = None, 0.0, 0.0
+    for origin in layout.tiles():
+        weight = layout.weight_at(origin, voxels)
+        reached = np.flatnonzero(weight > 0)
+        if not reached.size:
+            continue
+        tile_volume, tile_global = cut_tile(volume, origin, tile, model.config.global_downscale)
+        probabilities, tile_fixed, tile_decoding = _probe_tile(model, tile_volume, tile_global,
+                                                               voxels[reached] - np.asarray(origin), options, device)
+        if blended is None:
+            blended = probabilities.new_zeros((len(voxels), probabilities.shape[1]))
+        blended[torch.as_tensor(reached, device=blended.device)] += probabilities * torch.as_tensor(
+            weight[reached], dtype=probabilities.dtype, device=probabilities.device)[:, None]
+        fixed, decoding = fixed + tile_fixed, decoding + tile_decoding
+    return blended, fixed, decoding
+
+
+def _probe_tile(model: OccupancyNetwork, volume: np.ndarray, global_volume: np.ndarray, voxels: np.ndarray,
+                options: DecodeOptions, device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """`probe` on a volume of the model's input shape."""
     started = _now(device)
     with calibrated_volume(model, volume, global_volume, options, device) as encoded:
         calibrated = _now(device)
