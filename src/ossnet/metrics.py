@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
 from ossnet.data import LAYOUT_HELP, LayoutChoice, Target, get_target, open_dataset
-from ossnet.data.case import NIFTI_READ_ERRORS, integer_label
+from ossnet.data.case import NIFTI_READ_ERRORS, integer_label, spacing_of
 from ossnet.errors import CaseError, DatasetError
 from ossnet.options import check_fields, option
 
@@ -223,7 +223,7 @@ def evaluate_folders(options: EvaluateOptions) -> EvaluationResult:
             pred_labels, gt_labels = gt_target.apply(pred.labels), gt_target.apply(gt.labels)
         if binarize:
             pred_labels, gt_labels = (pred_labels > 0).astype(np.uint8), (gt_labels > 0).astype(np.uint8)
-        spacing = nib.affines.voxel_sizes(gt.affine)
+        spacing = spacing_of(gt.affine)
         result.cases[case_id] = evaluate_case(pred_labels, gt_labels, spacing, result.class_names)
     if options.output is not None:
         result.write_csv(options.output)

@@ -15,9 +15,9 @@ def test_a_grid_the_strides_do_not_divide_is_padded_and_cropped_back(name, dims)
     model = create(name, in_channels=1, input_shape=(16, 16, 8), channels=(4, 8, 16), strides=(1, 2),
                    num_res_units=1).eval()
     volume = torch.randn(1, 17, 15, 9)
-    result = segment_volume(model, volume, None, DecodeOptions(probabilities=True))
+    result = segment_volume(model, volume.numpy(), None, DecodeOptions(probabilities=True))
     assert result.labels.shape == (17, 15, 9)
     padded = F.pad(volume, (0, 1 if dims == 3 else 0, 0, 1, 0, 1))  # to multiples of 2 on the axes it sees
-    reference = segment_volume(model, padded, None, DecodeOptions(probabilities=True))
+    reference = segment_volume(model, padded.numpy(), None, DecodeOptions(probabilities=True))
     torch.testing.assert_close(torch.as_tensor(result.probabilities),
                                torch.as_tensor(reference.probabilities)[:, :17, :15, :9])

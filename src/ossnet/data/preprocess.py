@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ossnet.data.case import spacing_of
 from ossnet.errors import CaseError, OssnetError
 from ossnet.options import check_fields
 
@@ -191,7 +192,7 @@ class Geometry:
             resampled = (tuple(config.working_shape) if config.working_shape is not None
                          else config.working_shape_for(reoriented))
         elif config.spacing is not None:
-            spacing = _permuted(nib.affines.voxel_sizes(affine), reorientation)
+            spacing = _permuted(spacing_of(affine), reorientation)
             resampled = tuple(max(1, round(n * s / t)) for n, s, t in zip(reoriented, spacing, config.spacing))
         else:
             resampled = reoriented
@@ -214,7 +215,7 @@ class Geometry:
     @property
     def reoriented_spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along the reoriented axes: the original voxel sizes, permuted."""
-        return _permuted(nib.affines.voxel_sizes(self.affine), self.reorientation)
+        return _permuted(spacing_of(self.affine), self.reorientation)
 
     @property
     def resamples(self) -> bool:

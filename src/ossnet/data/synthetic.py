@@ -37,6 +37,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from ossnet.atomic import atomic_path
+from ossnet.data.case import spacing_of
 from ossnet.data.preprocess import is_axis_codes, reorientation_to
 from ossnet.data.readers import BRATS_MODALITIES
 from ossnet.device import check_memory
@@ -462,7 +463,7 @@ class Grid:
     def place(self, affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, Shape]:
         """(affine (4, 4), shape) of this grid over the field of view of a source grid (affine, shape)."""
         affine, shape = np.asarray(affine, dtype=np.float64), np.asarray(shape[:3])
-        sizes = nib.affines.voxel_sizes(affine)
+        sizes = np.asarray(spacing_of(affine))
         if self.orientation is None:
             directions, spacing = affine[:3, :3] / sizes, sizes
         else:

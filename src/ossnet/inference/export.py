@@ -17,6 +17,7 @@ from scipy import ndimage
 from skimage.measure import marching_cubes
 
 from ossnet.atomic import atomic_path
+from ossnet.data.case import spacing_of
 from ossnet.errors import OssnetError
 
 PREDICTION_COLOUR = "#ff3b1f"
@@ -153,7 +154,7 @@ def save_overlays(
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     to_ras = nib.orientations.io_orientation(affine)
     ras_affine = affine @ nib.orientations.inv_ornt_aff(to_ras, image.shape)
-    spacing = nib.affines.voxel_sizes(ras_affine)
+    spacing = np.asarray(spacing_of(ras_affine))
     image = nib.orientations.apply_orientation(image, to_ras)
     maps = {name: nib.orientations.apply_orientation(np.asarray(classes), to_ras)
             for name, classes in (("label", label), ("prediction", prediction)) if classes is not None}

@@ -10,12 +10,12 @@ patches (3D U-Net with a patch shape) and axial slices (2D U-Net). Random draws 
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ossnet.data import AugmentConfig, augment_volume
+from ossnet.data.case import spacing_of
 from ossnet.data.preprocess import PreparedCache, PreparedCase, PreprocessConfig, Shape3, downscale_volume
 from ossnet.data.tiles import FOREGROUND_FRACTION, cut_tile, random_tile_origin, tile_slices
 from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
@@ -95,7 +95,7 @@ class EpochSamples(Dataset):
             arrays = TrainingArrays(volume, global_volume, case.label[window], case.border[window])
         if self.augment is None:
             return rng, arrays
-        spacing = tuple(nib.affines.voxel_sizes(case.geometry.working_affine()))
+        spacing = spacing_of(case.geometry.working_affine())
         volume, label, border = augment_volume(arrays.volume, arrays.label, arrays.border, self.augment, rng,
                                                spacing)
         global_volume = (arrays.global_volume if volume is arrays.volume
