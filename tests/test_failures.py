@@ -239,3 +239,31 @@ def test_temporary_files_of_a_killed_writer_are_swept_by_the_next_write(tmp_path
     os.utime(foreign, (old, old))
     atomic.write_text(tmp_path / "config.json", "{}")
     assert not foreign.exists()
+
+
+def full_disk(monkeypatch, free: int) -> None:
+    """Every disk reports `free` bytes free (the checks ask before they write)."""
+    from collections import namedtuple
+
+    from ossnet import device
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(device.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+
+
+def test_outputs_that_would_not_fit_on_the_disk_are_refused_up_front_with_the_figure(checkpoint, dataset, tmp_path,
+                                                                                     capsys, monkeypatch):
+    full_disk(monkeypatch, free=1000)
+    err = one_line_error(capsys, ["predict", "-c", checkpoint, "-i", dataset, "-o", tmp_path / "out",
+                                  "--device", "cpu"])
+    assert "GiB on the disk of" in err and "0.00 GiB free" in err
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_a_cache_entry_that_would_not_fit_on_the_disk_is_refused_before_writing(dataset, tmp_path, capsys,
+                                                                                monkeypatch):
+    full_disk(monkeypatch, free=1000)
+    cache = tmp_path / "cache"
+    err = one_line_error(capsys, train_args(dataset, tmp_path / "run", "--cache-dir", cache))
+    assert "preprocessing cache entry" in err and "--cache-dir" in err
+    assert not [p for p in cache.rglob("*.npy")]

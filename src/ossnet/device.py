@@ -1,9 +1,11 @@
 """What this machine has: the torch device a `--device` option names, the arithmetic a `--precision` option
-names, and memory for large outputs."""
+names, and memory and disk space for large outputs."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -85,6 +87,18 @@ def available_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_disk(path: Path | str, needed: float, what: str) -> None:
+    """OssnetError before writing when `what` would need more than the free space (bytes) of the disk that
+    holds `path` (or, for a path not made yet, its nearest existing folder)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OssnetError(f"{what} would need about {needed / 2**30:,.2f} GiB on the disk of {folder}, which has "
+                          f"{free / 2**30:,.2f} GiB free")
 
 
 def check_memory(needed: float, what: str) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ossnet.data.case import spacing_of
+from ossnet.device import check_disk
 from ossnet.errors import CaseError, OssnetError
 from ossnet.options import check_fields
 
@@ -433,12 +434,13 @@ class PreparedCache:
         return _read_entry(entry)
 
     def _write(self, entry: Path, prepared: PreparedCase) -> None:
+        arrays = dict(zip(self.ARRAYS, (prepared.volume, prepared.global_volume, prepared.label, prepared.border)))
+        check_disk(self.cache_dir, sum(a.nbytes for a in arrays.values() if a is not None),
+                   f"the preprocessing cache entry of {prepared.case_id} (choose another --cache-dir, or free space)")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _sweep_abandoned(self.cache_dir)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
         try:
-            arrays = dict(zip(self.ARRAYS, (prepared.volume, prepared.global_volume, prepared.label,
-                                            prepared.border)))
             for name, array in arrays.items():
                 if array is not None:
                     np.save(staging / f"{name}.npy", array)

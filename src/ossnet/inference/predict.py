@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ossnet.data import (LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, Target, channel_names_known, get_target,
                          open_dataset, prepare_case)
 from ossnet.data.preprocess import place
-from ossnet.device import DEVICE_HELP, check_memory, resolve_device
+from ossnet.device import DEVICE_HELP, check_disk, check_memory, resolve_device
 from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
@@ -206,7 +206,7 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
         tqdm.write(f"post-processing: {predictor.postprocessing.describe(predictor.target.class_names)}")
     summaries = []
     for source in tqdm(sources, desc="cases", unit="case", disable=len(sources) == 1):
-        check_output_memory(source.inspect().shape, options)
+        check_output_room(source.inspect().shape, options, output_dir, predictor.model.config.num_classes)
         case = source.load()
         prediction = predictor.predict_case(case, options)
         write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
@@ -218,13 +218,17 @@ def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | s
     return summaries
 
 
-def check_output_memory(shape: tuple[int, int, int], options: PredictOptions) -> None:
-    """OssnetError before anything is allocated when the output grid of a case of `shape` at `options.scale`
-    cannot fit in memory (e.g. --scale 1000)."""
+def check_output_room(shape: tuple[int, int, int], options: PredictOptions, output_dir: Path, classes: int) -> None:
+    """OssnetError before anything is allocated or written when the output grid of a case of `shape` at
+    `options.scale` cannot fit in memory (e.g. --scale 1000), or its files on the disk of `output_dir` (the
+    mask at a byte per voxel, probabilities at 4 bytes per voxel and class: uncompressed, an upper bound)."""
     grid = fine_grid_shape(shape, options.decode.scale)
+    voxels = math.prod(grid)
     copies = 2 if options.decode.probabilities else 1
-    check_memory(math.prod(grid) * BYTES_PER_OUTPUT_VOXEL * copies,
-                 f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)")
+    what = f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)"
+    check_memory(voxels * BYTES_PER_OUTPUT_VOXEL * copies, what)
+    check_disk(output_dir, voxels * (1 + (4 * classes if options.decode.probabilities else 0)),
+               f"the outputs of {what}")
 
 
 def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path], target: Target) -> None:
