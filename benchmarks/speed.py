@@ -51,7 +51,7 @@ from scipy import ndimage
 from ossnet import models
 from ossnet.data import (PreprocessConfig, SynthOptions, get_target, open_dataset, prepare_case,
                          write_synthetic_dataset)
-from ossnet.data.synthetic import BrainTissue, brain_phantom
+from ossnet.data.phantoms import BrainTissue, brain_phantom
 from ossnet.demo import DEMO_OVERRIDES, DemoOptions
 from ossnet.inference import DecodeOptions, cell_prior, segment
 from ossnet.inference.engine import DEFAULT_CHUNK

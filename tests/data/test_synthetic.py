@@ -11,16 +11,8 @@ from scipy import ndimage
 
 from ossnet.data import open_dataset
 from ossnet.data import synthetic
-from ossnet.data.synthetic import (
-    BRATS_TO_MSD,
-    AbdomenTissue,
-    BrainTissue,
-    Grid,
-    SynthOptions,
-    brain_phantom,
-    liver_phantom,
-    write_synthetic_dataset,
-)
+from ossnet.data.phantoms import AbdomenTissue, BrainTissue, brain_phantom, liver_phantom
+from ossnet.data.synthetic import BRATS_TO_MSD, Grid, SynthOptions, write_synthetic_dataset
 from ossnet.errors import DatasetError, OssnetError
 
 SHAPE = (24, 24, 16)  # smallest shape at which every structure still shows; files stay tiny

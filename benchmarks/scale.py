@@ -1,0 +1,126 @@
+"""Scans larger than the tile: peak memory and seconds of `ossnet predict` and of training, per cube size.
+
+An OSS-Net C (decoder width 128, as the demo) is trained on one-channel synthetic cases twice its 64^3 tile per
+axis (bright balls in noise, so it trains on random tiles), then segments cubes of growing side with balls near
+opposite corners and at the centre, each cube a fresh `ossnet predict` process: seconds, peak resident memory,
+decoder queries per voxel, tiles, and the Dice against the balls. Training: one epoch on two cases of each size
+in a fresh `ossnet train` process (peak resident memory includes preparing the cases). What this shows is
+where the memory still grows with the scan: prediction and preparation hold the whole volume in float32
+(reading, normalising and resampling are not yet done per tile), while the network's own work is one tile's.
+
+    .venv/bin/python benchmarks/scale.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from common import GB, REPO, Provenance, argument_parser, markdown_table, write_results
+
+from ossnet.data.tiles import TileLayout
+
+TILE = (64, 64, 64)
+MODEL = ("--override", "decoder_width=128")
+AFFINE = np.eye(4)
+# Peak resident memory of the process, printed by the child as its last line.
+MEASURED = ("import resource, sys; "
+            "from ossnet.cli import main; code = main(sys.argv[1:]); "
+            "print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def balls(shape, centres, radius, rng):
+    """One channel with bright balls at `centres` (fractions of the shape) in noise, and its label."""
+    axes = [np.arange(n, dtype=np.float32) for n in shape]
+    inside = np.zeros(shape, bool)
+    for centre in centres:
+        squared = sum(((a - c * n) ** 2).reshape([-1 if i == d else 1 for i in range(3)])
+                      for d, (a, c, n) in enumerate(zip(axes, centre, shape)))
+        inside |= squared <= radius ** 2
+    return (1.0 + 2.0 * inside + 0.3 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32), inside
+
+
+def write_dataset(root: Path, shape, cases: int, seed: int) -> Path:
+    """An MSD-layout dataset of one-channel ball cases of `shape`."""
+    rng = np.random.default_rng(seed)
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for index in range(cases):
+        centres = rng.uniform(0.15, 0.85, (3, 3))
+        image, label = balls(shape, centres, shape[0] / 10, rng)
+        nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTr" / f"ball_{index:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), AFFINE), root / "labelsTr" / f"ball_{index:03d}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"},
+                                                   "labels": {"background": 0, "ball": 1}}))
+    return root
+
+
+def measured(args: list[str]) -> tuple[float, int, str]:
+    """Run `ossnet ARGS` in a fresh process -> (seconds, peak resident bytes, stdout)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", MEASURED, *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"ossnet {' '.join(map(str, args))} failed: {done.stderr.strip().splitlines()[-1]}")
+    peak = int(done.stderr.strip().splitlines()[-1].split()[1])
+    return seconds, peak, done.stdout
+
+
+def main() -> None:
+    args = argument_parser(__doc__.split("\n\n")[0]).parse_args()
+    provenance = Provenance.collect("cpu")
+    sides = (96, 128) if args.quick else (128, 192, 256)
+    epochs = "4" if args.quick else "30"
+    with tempfile.TemporaryDirectory(prefix="ossnet-scale-") as folder:
+        root = Path(folder)
+        data = write_dataset(root / "train", tuple(2 * n for n in TILE), 8, seed=0)
+        run = root / "run"
+        seconds, peak, _ = measured(["train", "--data", data, "-o", run, "--tile", *TILE, "--epochs", epochs,
+                                     "--batch-size", "4", "--locations", "8192", "--augment", "none",
+                                     "--device", "cpu", *MODEL])
+        print(f"trained in {seconds:.0f} s, peak {peak / GB:.2f} GB")
+        rows = []
+        for side in sides:
+            shape = (side, side, side)
+            rng = np.random.default_rng(side)
+            image, label = balls(shape, [(0.1, 0.1, 0.1), (0.5, 0.5, 0.5), (0.9, 0.9, 0.9)], 6.4, rng)
+            scan = root / f"scan-{side}.nii"
+            nib.save(nib.Nifti1Image(image, AFFINE), scan)
+            out = root / f"out-{side}"
+            predict_s, predict_peak, stdout = measured(["predict", "-c", run / "best.pt", "-i", scan, "-o", out,
+                                                         "--device", "cpu"])
+            mask = np.asarray(nib.load(out / f"scan-{side}.nii.gz").dataobj) > 0
+            dice = 2 * np.count_nonzero(mask & label) / max(1, np.count_nonzero(mask) + np.count_nonzero(label))
+            queries = int(stdout.split(" queries")[0].rsplit(" ", 1)[1].replace(",", ""))
+            cases = write_dataset(root / f"cases-{side}", shape, 2, seed=side)
+            train_s, train_peak, _ = measured(["train", "--data", cases, "-o", root / f"run-{side}", "--tile", *TILE,
+                                               "--epochs", "1", "--batch-size", "2", "--locations", "8192",
+                                               "--augment", "none", "--max-val-cases", "0", "--device", "cpu",
+                                               *MODEL])
+            rows.append({"side": side, "voxels": side ** 3, "float32_gb": 4 * side ** 3 / GB,
+                         "tiles": len(TileLayout.covering(shape, TILE)),
+                         "predict_s": predict_s, "predict_peak_gb": predict_peak / GB,
+                         "queries_per_voxel": queries / side ** 3, "dice": dice,
+                         "train_epoch_s": train_s, "train_peak_gb": train_peak / GB})
+            print(rows[-1], flush=True)
+    table = markdown_table(
+        ["cube", "tiles", "float32 copy (GB)", "predict (s)", "predict peak RSS (GB)", "queries / voxel", "Dice",
+         "train: 1 epoch, 2 cases (s)", "train peak RSS (GB)"],
+        [[f"{r['side']}³", str(r["tiles"]), f"{r['float32_gb']:.3f}", f"{r['predict_s']:.0f}",
+          f"{r['predict_peak_gb']:.2f}", f"{r['queries_per_voxel']:.3f}", f"{r['dice']:.3f}",
+          f"{r['train_epoch_s']:.0f}", f"{r['train_peak_gb']:.2f}"] for r in rows])
+    body = (f"OSS-Net C, decoder width 128, tile {' x '.join(map(str, TILE))}, trained {epochs} epochs on 8 cases "
+            f"of 128³ (random tiles); one channel; each figure from a fresh process.\n\n{table}")
+    write_results("scale", "cpu", args.quick, provenance, body, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
