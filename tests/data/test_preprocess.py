@@ -12,9 +12,9 @@ import pytest
 from scipy import ndimage
 
 from ossnet.data.case import Case, CaseSource
+from ossnet.data.cache import PreparedCache
 from ossnet.data.preprocess import (
     Geometry,
-    PreparedCache,
     PreprocessConfig,
     border_band,
     downscale_volume,

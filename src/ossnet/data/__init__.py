@@ -1,7 +1,8 @@
-"""Data: cases and dataset layouts (readers), targets, fingerprint and plan, preprocessing + cache,
-augmentation, synthetic data, summary."""
+"""Data: cases and dataset layouts (readers), targets, fingerprint and plan, preprocessing, the cache of
+prepared cases, tiles, augmentation, phantoms and synthetic datasets, summary."""
 
 from ossnet.data.augment import AUGMENT_PRESETS, AugmentConfig, augment_volume
+from ossnet.data.cache import PreparedCache
 from ossnet.data.case import Case, CaseHeader, CaseSource
 from ossnet.data.plan import (
     DatasetFingerprint,
@@ -12,7 +13,6 @@ from ossnet.data.plan import (
 )
 from ossnet.data.preprocess import (
     Geometry,
-    PreparedCache,
     PreparedCase,
     PreprocessConfig,
     border_band,

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
 from ossnet.data.case import spacing_of
-from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3, file_stamp, nonzero_box
+from ossnet.data.cache import file_stamp
+from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3, nonzero_box
 from ossnet.errors import OssnetError
 
 if TYPE_CHECKING:

@@ -6,20 +6,13 @@ nonzero box, resampling to a target spacing, centred zero padding / cropping to 
 resize as the LiTS code does), a downscaled global volume for the encoder, the target class map and its
 border band. `Geometry` remembers the map (`working_to_original`), by which outputs are decided on the
 original grid and its affine.
-`PreparedCache` stores prepared cases as `.npy` files that are memory-mapped on load, so DataLoader
-workers share pages instead of copies. Choosing a plan for a dataset is `ossnet.data.plan`'s job.
+`data.cache.PreparedCache` stores prepared cases on disk. Choosing a plan for a dataset is `ossnet.data.plan`'s
+job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import nibabel as nib
@@ -29,12 +22,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ossnet.data.case import spacing_of
-from ossnet.device import check_disk
-from ossnet.errors import CaseError, OssnetError
+from ossnet.errors import OssnetError
 from ossnet.options import check_fields
 
 if TYPE_CHECKING:
-    from ossnet.data.case import Case, CaseSource
+    from ossnet.data.case import Case
     from ossnet.data.targets import Target
 
 Fit = Literal["pad", "resize"]
@@ -43,10 +35,6 @@ Shape3 = tuple[int, int, int]
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) per axis
 Orientation = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # nibabel ornt: (axis, flip) per axis
 
-# Bump when the files of a cache entry change meaning, so old entries are not reused.
-CACHE_FORMAT = 2
-# Staging and trash folders in a cache older than this (seconds) were left by a killed process.
-ABANDONED_AFTER_S = 3600
 # nibabel's axis codes: each world axis is named by one letter of its pair.
 AXIS_PAIRS = ("LR", "PA", "IS")
 IDENTITY_ORIENTATION: Orientation = ((0, 1), (1, 1), (2, 1))
@@ -390,118 +378,6 @@ def prepare_case(case: Case, config: PreprocessConfig, target: Target) -> Prepar
         border = border_band(label, config.border_radius)
     return PreparedCase(case.case_id, volume, downscale_volume(volume, config.global_downscale), label,
                         border, geometry)
-
-
-class PreparedCache:
-    """Prepared cases as memory-mapped `.npy` files under `cache_dir`, one folder per entry.
-
-    An entry's name hashes the source files (resolved path, size, mtime), the `PreprocessConfig` and
-    the `Target` (name and class values), so editing a file or a setting makes a new entry. Entries
-    are written into a temporary folder and renamed into place: a crash leaves no half entry (a killed
-    process's temporary folder is swept by a later write once it is an hour old), and of
-    workers racing on one entry the first rename wins and the others use its files. An unreadable
-    entry is rebuilt.
-    `hits` / `misses` count loads served from disk / rebuilt in this process.
-    """
-
-    ARRAYS = ("volume", "global", "label", "border")
-
-    def __init__(self, cache_dir: Path | str) -> None:
-        self.cache_dir = Path(cache_dir)
-        self.hits = 0
-        self.misses = 0
-
-    def entry_dir(self, source: CaseSource, config: PreprocessConfig, target: Target) -> Path:
-        """The folder of the entry for this source, settings and target."""
-        paths = [*source.image_paths, *([source.label_path] if source.label_path is not None else [])]
-        key = {"format": CACHE_FORMAT, "case_id": source.case_id, "files": [file_stamp(p) for p in paths],
-               "config": asdict(config), "target": asdict(target)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        return self.cache_dir / digest[:32]
-
-    def load(self, source: CaseSource, config: PreprocessConfig, target: Target) -> PreparedCase:
-        """The prepared case, from the cache when a valid entry exists, else prepared and stored."""
-        entry = self.entry_dir(source, config, target)
-        if entry.is_dir():
-            try:
-                prepared = _read_entry(entry)
-                self.hits += 1
-                return prepared
-            except (OSError, EOFError, ValueError, KeyError, TypeError):  # truncated/missing file, bad JSON
-                _discard(entry, self.cache_dir)
-        self.misses += 1
-        self._write(entry, prepare_case(source.load(), config, target))
-        return _read_entry(entry)
-
-    def _write(self, entry: Path, prepared: PreparedCase) -> None:
-        arrays = dict(zip(self.ARRAYS, (prepared.volume, prepared.global_volume, prepared.label, prepared.border)))
-        check_disk(self.cache_dir, sum(a.nbytes for a in arrays.values() if a is not None),
-                   f"the preprocessing cache entry of {prepared.case_id} (choose another --cache-dir, or free space)")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _sweep_abandoned(self.cache_dir)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
-        try:
-            for name, array in arrays.items():
-                if array is not None:
-                    np.save(staging / f"{name}.npy", array)
-            meta = {"case_id": prepared.case_id, "geometry": prepared.geometry.to_json(),
-                    "labelled": prepared.label is not None}
-            (staging / "meta.json").write_text(json.dumps(meta))
-            os.rename(staging, entry)
-        except OSError as error:
-            if not entry.is_dir():  # a real failure, not a lost race against another writer
-                raise OssnetError(f"{self.cache_dir}: cannot write the preprocessing cache ({error.strerror or error}"
-                                  f"); free some space or choose another --cache-dir") from error
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _read_entry(entry: Path) -> PreparedCase:
-    """Memory-map an entry's arrays; raises ValueError when a file does not match its metadata."""
-    meta = json.loads((entry / "meta.json").read_text())
-    geometry = Geometry.from_json(meta["geometry"])
-    arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r")
-              for name in (PreparedCache.ARRAYS if meta["labelled"] else PreparedCache.ARRAYS[:2])}
-    working = tuple(geometry.working_shape)
-    volume, global_volume = arrays["volume"], arrays["global"]
-    maps_ok = all(tuple(arrays[name].shape) == working for name in ("label", "border") if name in arrays)
-    shapes_ok = (maps_ok and volume.ndim == 4 and tuple(volume.shape[1:]) == working
-                 and global_volume.ndim == 4 and global_volume.shape[0] == volume.shape[0])
-    if not shapes_ok:
-        raise ValueError(f"{entry}: cached arrays do not match the working shape {working}")
-    return PreparedCase(meta["case_id"], volume, global_volume, arrays.get("label"),
-                        arrays.get("border"), geometry)
-
-
-def _sweep_abandoned(cache_dir: Path) -> None:
-    """Delete staging / trash folders a killed process left behind: those untouched for ABANDONED_AFTER_S
-    (a live writer finishes an entry within seconds, so an old one has no owner)."""
-    cutoff = time.time() - ABANDONED_AFTER_S
-    for folder in [*cache_dir.glob(".staging-*"), *cache_dir.glob(".trash-*")]:
-        try:
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
-            pass  # removed meanwhile by another process
-
-
-def _discard(entry: Path, cache_dir: Path) -> None:
-    """Move a broken entry out of the way atomically (another worker may be doing the same), then delete."""
-    trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=cache_dir))
-    try:
-        os.rename(entry, trash / "entry")
-    except OSError:
-        pass  # already moved by another worker
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def file_stamp(path: Path) -> list:
-    """[resolved path, size, mtime in ns] of a source file, for the cache key."""
-    try:
-        stat = Path(path).stat()
-    except OSError as error:
-        raise CaseError(f"{path}: cannot read file ({error.strerror})") from error
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def reorientation_to(affine: np.ndarray, codes: str) -> Orientation:
