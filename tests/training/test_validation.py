@@ -1,6 +1,7 @@
 """Validation during training: the fixed weighted sample, its Dice estimate, the full-validation schedule."""
 
 import csv
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -113,3 +114,22 @@ def test_a_fixed_schedule_validates_every_k_epochs_and_after_the_last():
     schedule = FullValidationSchedule(every=3, epochs=10)
     validated, _ = simulate(schedule, 10, 1.0, lambda epoch: 100.0)
     assert validated == [3, 6, 9, 10]
+
+
+def test_a_case_longer_than_the_tile_is_probed_tile_by_tile_as_prediction_blends_it():
+    """The sampled validation of a case larger than the model's input reads the same blended probabilities
+    that full validation and `ossnet predict` decode there (docs/method.md §5.6)."""
+    from ossnet.inference.engine import DecodeOptions
+    from ossnet.inference.volume import segment_volume
+    from ossnet.models import create
+    from ossnet.training.validation import probe
+
+    model = create("ossnet-c", in_channels=1, input_shape=(16, 16, 16), encoder_channels=(4, 8), decoder_width=16,
+                   decoder_blocks=2).eval()
+    rng = np.random.default_rng(0)
+    volume = rng.standard_normal((1, 30, 16, 20)).astype(np.float32)
+    voxels = np.stack([rng.integers(0, n, 300) for n in volume.shape[1:]], 1)
+    options = DecodeOptions(mode="dense", chunk=4096)
+    probed, _, _ = probe(model, volume, None, voxels, options, torch.device("cpu"))
+    dense = segment_volume(model, volume, None, replace(options, probabilities=True)).probabilities
+    torch.testing.assert_close(probed[:, 0], torch.as_tensor(dense[0][tuple(voxels.T)]), rtol=1e-4, atol=1e-5)
