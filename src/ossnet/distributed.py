@@ -1,6 +1,6 @@
 """Running one command on several processes (torchrun): process group, device per rank, reductions.
 
-Outside `training`, so that `inference` can use it too. Without torchrun's environment (WORLD_SIZE unset or 1)
+`ossnet train` and `ossnet predict` both use it. Without torchrun's environment (WORLD_SIZE unset or 1)
 every helper is a no-op for a single process, so each has one code path. Backends: nccl on CUDA, gloo on CPU.
 """
 
