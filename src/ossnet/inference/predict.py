@@ -247,10 +247,11 @@ def _predict_shared(predictor: Predictor, sources: list[CaseSource], output_dir:
     if context.is_main and options.postprocess == "auto" and predictor.postprocessing is not None:
         tqdm.write(f"post-processing: {predictor.postprocessing.describe(predictor.target.class_names)}")
     share = sources[context.rank::context.world_size]
-    progress = tqdm(share, desc="rank 0's cases" if context.enabled else "cases", unit="case",
-                    disable=len(share) == 1 or not context.is_main)
-    by_rank = gather_objects([_predict_source(predictor, source, output_dir, options) for source in progress],
-                             context)
+    # closed on the way out, so that an error's line comes after the bar, not before its last redraw
+    with tqdm(share, desc="rank 0's cases" if context.enabled else "cases", unit="case",
+              disable=len(share) == 1 or not context.is_main) as progress:
+        summaries = [_predict_source(predictor, source, output_dir, options) for source in progress]
+    by_rank = gather_objects(summaries, context)
     return [by_rank[i % context.world_size][i // context.world_size] for i in range(len(sources))]
 
 
