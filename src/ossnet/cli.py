@@ -7,7 +7,8 @@ Each verb's options are built from the fields of the dataclass declared beside t
 `DecodeOptions`, `EvaluateOptions`, `DemoOptions`; see `ossnet.options`): each default, help text and check
 is declared once, there. Only `predict`'s -c, -i and -o are declared here.
 Whatever goes wrong reaches the user as one line on stderr: exit code 2 for bad input, a refused
-option or an OS fault (read-only folder, disk full, a file in the way), 1 for an internal error.
+option or an OS fault (read-only folder, disk full, a file in the way), 1 for an internal error. Under
+torchrun an error that every rank agreed on (`AgreedError`) is printed by one rank only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from ossnet.errors import OssnetError
+from ossnet.errors import AgreedError, OssnetError
 
 PROG = "ossnet"
 
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 2
     try:
         args.func(args)
+    except AgreedError as error:
+        return _fail(args.verb, str(error), 2) if error.reports else 2
     except OssnetError as error:
         return _fail(args.verb, str(error), 2)
     except OSError as error:

@@ -15,3 +15,12 @@ class DatasetError(OssnetError):
 
 class CheckpointError(OssnetError):
     """A checkpoint is missing, corrupt, or of another model kind than expected."""
+
+
+class AgreedError(OssnetError):
+    """An error every rank of a torchrun job raises alike, having agreed on it (outputs that exist, say): only
+    the rank that `reports` it prints it, so that the user reads it once; every rank exits with code 2."""
+
+    def __init__(self, message: str, reports: bool = True) -> None:
+        super().__init__(message)
+        self.reports = reports

@@ -1,13 +1,20 @@
 """`predict` on a tiny trained OSS-Net C: the output grid, the affine, finer sampling, meshes, the modes."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
+import torch.distributed as dist
 
 from ossnet.data import PreprocessConfig, get_target, open_dataset, prepare_case
 from ossnet.errors import CaseError, OssnetError
 from ossnet.inference.engine import DecodeOptions
-from ossnet.inference.predict import PredictOptions, predict
+from ossnet.inference.predict import Predictor, PredictOptions, predict
 from ossnet.inference.volume import segment_volume
 from ossnet.models import load
 
@@ -97,6 +104,51 @@ def test_predict_refuses_to_overwrite_and_rejects_wrong_channels(trained_checkpo
     nib.save(nib.Nifti1Image(brats_case.image[0], np.eye(4)), tmp_path / "t1_only.nii.gz")
     with pytest.raises(CaseError, match="expects 4 channels"):
         predict(trained_checkpoint, tmp_path / "t1_only.nii.gz", tmp_path / "out2")
+
+
+PREDICT_ON_EACH_RANK = """
+import json, sys
+from ossnet.inference.predict import PredictOptions, predict
+summaries = predict(sys.argv[1], sys.argv[2], sys.argv[3], PredictOptions(device="cpu"))
+print("returned", json.dumps([summary.case_id for summary in summaries]))
+"""
+
+
+def torchrun_two(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *command], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_two_ranks_share_a_folders_cases_and_refuse_existing_outputs_once(trained_checkpoint, tiny_brats, tmp_path):
+    folder = tmp_path / "cases"
+    for case in sorted(p.name for p in tiny_brats.glob("BraTS20_Training_*"))[:3]:
+        shutil.copytree(tiny_brats / case, folder / case)
+    cases = [summary.case_id for summary in predict(trained_checkpoint, folder, tmp_path / "one")]
+    (tmp_path / "script.py").write_text(PREDICT_ON_EACH_RANK)
+
+    shared = torchrun_two(str(tmp_path / "script.py"), str(trained_checkpoint), str(folder), str(tmp_path / "two"))
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    lines = shared.stdout.splitlines()
+    segmented = [line.split(":")[0] for line in lines if line.endswith(" foreground voxels")]
+    assert sorted(segmented) == sorted(cases)  # each case segmented and written by one rank
+    assert [json.loads(line.removeprefix("returned ")) for line in lines if line.startswith("returned ")] == [cases] * 2
+    assert sum(line.startswith("post-processing:") for line in lines) == int(
+        Predictor(trained_checkpoint).postprocessing is not None)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(f"{case}.nii.gz" for case in cases)
+    for case in cases:
+        one, two = (nib.load(tmp_path / out / f"{case}.nii.gz") for out in ("one", "two"))
+        assert np.array_equal(one.affine, two.affine) and one.get_data_dtype() == two.get_data_dtype()
+        np.testing.assert_array_equal(np.asarray(two.dataobj), np.asarray(one.dataobj))
+
+    written = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    refused = torchrun_two("-m", "ossnet", "predict", "-c", str(trained_checkpoint), "-i", str(folder),
+                           "-o", str(tmp_path / "two"), "--device", "cpu")
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("ossnet predict: error:")]
+    assert len(errors) == 1 and "exists (3 output files in all); pass --overwrite" in errors[0], refused.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()} == written
 
 
 @pytest.mark.parametrize("winning_class, written", [(1, 2), (2, 1), (3, 4)])

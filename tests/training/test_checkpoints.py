@@ -81,8 +81,8 @@ def _tensors(value):
 
 PER_RANK_SCRIPT = """
 import sys, torch
+from ossnet.distributed import barrier, gather_objects, init_distributed, shutdown
 from ossnet.training.checkpoints import capture_rng_state, restore_training_state, save_checkpoint
-from ossnet.training.distributed import barrier, gather_objects, init_distributed, shutdown
 from ossnet.training.optim import build_optimizer, build_scheduler
 from ossnet.models import load
 

@@ -5,6 +5,10 @@ weights, the preprocessing settings, the target, the channel names and the post-
 validation. Each case is segmented on the input's own voxel grid (optionally S times finer) through the
 working grid, so the mask overlays the scan in any viewer; the post-processing then applies there, its
 component volumes in mm³ (docs/method.md §5.5).
+
+Under torchrun the cases are shared among the processes: rank r of N segments cases r, r + N, ... on the GPU
+of its LOCAL_RANK (or the CPU, with gloo) and writes their files; rank 0 alone prints what concerns every case.
+One case is never split: a large scan's tiles (docs/method.md §5.6) are all decoded by the rank that has it.
 """
 
 from __future__ import annotations
@@ -17,21 +21,21 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from ossnet.data import (LAYOUT_HELP, Case, LayoutChoice, PreprocessConfig, Target, channel_names_known, get_target,
-                         open_dataset, prepare_case)
+from ossnet.data import (LAYOUT_HELP, Case, CaseSource, LayoutChoice, PreprocessConfig, Target, channel_names_known,
+                         get_target, open_dataset, prepare_case)
 from ossnet.data.preprocess import place
 from ossnet.device import DEVICE_HELP, check_disk, check_memory, resolve_device
-from ossnet.errors import CaseError, CheckpointError, DatasetError, OssnetError
+from ossnet.distributed import DistributedContext, barrier, gather_objects, init_distributed, local_rank, shutdown
+from ossnet.errors import AgreedError, CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
 from ossnet.inference.grid import QueryGrid, fine_grid_affine, fine_grid_shape
 from ossnet.inference.volume import segment_volume
 from ossnet.models import load as load_model
-from ossnet.options import check_fields, finite, option, positive
+from ossnet.options import check_fields, option
 
 MeshFormat = Literal["obj", "ply", "stl"]
 ChannelMatching = Literal["names", "position"]
@@ -83,12 +87,34 @@ class CasePrediction:
     mode: str
     seconds: float
 
+    def summary(self) -> CaseSummary:
+        return CaseSummary(self.case_id, self.queries, self.fraction_of_dense, self.mode, self.seconds,
+                           int((self.labels > 0).sum()))
+
+
+@dataclass(frozen=True)
+class CaseSummary:
+    """What `predict` returns of a case whose files are written: figures without arrays, so that the summaries
+    of a long folder (gathered on every rank under torchrun) hold no masks."""
+
+    case_id: str
+    queries: int
+    fraction_of_dense: float
+    mode: str
+    seconds: float
+    foreground_voxels: int
+
+    def describe(self) -> str:
+        return (f"{self.case_id}: {self.seconds:.1f} s, {self.mode}, {self.queries:,} queries "
+                f"({100 * self.fraction_of_dense:.2f} % of dense), {self.foreground_voxels:,} foreground voxels")
+
 
 class Predictor:
     """A trained model with the preprocessing it was trained with, ready to segment cases."""
 
-    def __init__(self, checkpoint: Path | str, device: str = "auto") -> None:
-        self.device = resolve_device(device)
+    def __init__(self, checkpoint: Path | str, device: str = "auto", local_rank: int = 0) -> None:
+        """`device` as `--device` names it; "cuda" means GPU `local_rank` (this process's under torchrun)."""
+        self.device = resolve_device(device, local_rank)
         self.model, state = load_model(checkpoint, map_location=self.device)
         self.model.to(self.device).eval()
         try:
@@ -182,40 +208,76 @@ def output_paths(output_dir: Path, case_id: str, options: PredictOptions) -> dic
 
 
 def predict(checkpoint: Path | str, input_path: Path | str, output_dir: Path | str,
-            options: PredictOptions = PredictOptions()) -> list[CasePrediction]:
+            options: PredictOptions = PredictOptions()) -> list[CaseSummary]:
     """Segment every case of `input_path` (NIfTI file, case folder or dataset) into `output_dir`.
 
-    Returns the per-case results (without keeping arrays of earlier cases alive beyond their summary).
+    Under torchrun each rank segments and writes its share of the cases (see the module docstring). Returns the
+    summary of every case, in the input's order, on every rank.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OssnetError(f"{output_dir}: exists and is not a folder; -o names the folder the masks go to")
-    predictor = Predictor(checkpoint, options.device)
-    dataset = open_dataset(input_path, options.layout)
+    predictor = Predictor(checkpoint, options.device, local_rank())
+    sources = _sources(input_path, options.layout)
+    context = init_distributed(predictor.device)
+    try:
+        summaries = _predict_shared(predictor, sources, output_dir, options, context)
+        barrier(context)  # every rank is done before any leaves (see `shutdown`)
+        return summaries
+    finally:
+        shutdown(context)
+
+
+def _sources(input_path: Path | str, layout: LayoutChoice) -> list[CaseSource]:
+    """Every case of `input_path`, training and test cases alike; DatasetError when there is none."""
+    dataset = open_dataset(input_path, layout)
     sources = list(dataset.cases) + list(dataset.test_cases)
     if not sources:
         raise DatasetError(f"{input_path}: no cases to segment")
+    return sources
+
+
+def _predict_shared(predictor: Predictor, sources: list[CaseSource], output_dir: Path, options: PredictOptions,
+                    context: DistributedContext) -> list[CaseSummary]:
+    """This rank's cases (r, r + N, ...) segmented and written; every case's summary, in `sources`' order."""
     if not options.overwrite:
-        existing = [p for s in sources for p in output_paths(output_dir, s.case_id, options).values()
-                    if p.exists()]
-        if existing:
-            raise OssnetError(f"{existing[0]} exists ({len(existing)} output files in all); "
-                              "pass --overwrite to replace them or choose another -o")
+        _refuse_existing_outputs(sources, output_dir, options, context)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if options.postprocess == "auto" and predictor.postprocessing is not None:
+    if context.is_main and options.postprocess == "auto" and predictor.postprocessing is not None:
         tqdm.write(f"post-processing: {predictor.postprocessing.describe(predictor.target.class_names)}")
-    summaries = []
-    for source in tqdm(sources, desc="cases", unit="case", disable=len(sources) == 1):
-        check_output_room(source.inspect().shape, options, output_dir, predictor.model.config.num_classes)
-        case = source.load()
-        prediction = predictor.predict_case(case, options)
-        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
-        tqdm.write(f"{case.case_id}: {prediction.seconds:.1f} s, {prediction.mode}, "
-                   f"{prediction.queries:,} queries ({100 * prediction.fraction_of_dense:.2f} % of dense), "
-                   f"{int((prediction.labels > 0).sum()):,} foreground voxels")
-        prediction.probabilities = None
-        summaries.append(prediction)
-    return summaries
+    share = sources[context.rank::context.world_size]
+    # closed on the way out, so that an error's line comes after the bar, not before its last redraw
+    with tqdm(share, desc="rank 0's cases" if context.enabled else "cases", unit="case",
+              disable=len(share) == 1 or not context.is_main) as progress:
+        summaries = [_predict_source(predictor, source, output_dir, options) for source in progress]
+    by_rank = gather_objects(summaries, context)
+    return [by_rank[i % context.world_size][i // context.world_size] for i in range(len(sources))]
+
+
+def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path,
+                    options: PredictOptions) -> CaseSummary:
+    """Segment one case, write its files and print its line; only the summary outlives the call."""
+    check_output_room(source.inspect().shape, options, output_dir, predictor.model.config.num_classes)
+    case = source.load()
+    prediction = predictor.predict_case(case, options)
+    write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
+    summary = prediction.summary()
+    tqdm.write(summary.describe())
+    return summary
+
+
+def _refuse_existing_outputs(sources: list[CaseSource], output_dir: Path, options: PredictOptions,
+                             context: DistributedContext) -> None:
+    """AgreedError on every rank when an output file of any case exists, before any rank writes. Each rank looks
+    at its own cases' files (on several machines `output_dir` may be each one's own disk)."""
+    mine = [(index, order, str(path)) for index in range(context.rank, len(sources), context.world_size)
+            for order, path in enumerate(output_paths(output_dir, sources[index].case_id, options).values())
+            if path.exists()]
+    existing = sorted(found for rank_found in gather_objects(mine, context) for found in rank_found)
+    if existing:
+        barrier(context)  # every rank leaves the check together (see `shutdown`)
+        raise AgreedError(f"{existing[0][2]} exists ({len(existing)} output files in all); "
+                          "pass --overwrite to replace them or choose another -o", reports=context.is_main)
 
 
 def check_output_room(shape: tuple[int, int, int], options: PredictOptions, output_dir: Path, classes: int) -> None:

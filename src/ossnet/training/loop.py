@@ -35,7 +35,6 @@ scaler and needs CUDA (on CPU use bf16); both validations decode in the same pre
 """
 
 import math
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -50,6 +49,8 @@ from tqdm import tqdm
 from ossnet import models
 from ossnet.data import AUGMENT_PRESETS
 from ossnet.device import PRECISION_DTYPES, autocast, check_precision, configure_cuda, resolve_device
+from ossnet.distributed import (DistributedContext, all_reduce_sum, barrier, gather_objects, init_distributed,
+                                local_rank, shutdown)
 from ossnet.errors import OssnetError
 from ossnet.inference.postprocess import Postprocessing
 from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_run_dir, load_training_checkpoint,
@@ -57,8 +58,6 @@ from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_ru
 from ossnet.training.config import TrainConfig, resumed_config
 from ossnet.training.curves import plot_curves
 from ossnet.training.datasets import LocationSamples, PatchSamples, SliceSamples, VolumeSamples
-from ossnet.training.distributed import (DistributedContext, all_reduce_sum, barrier, gather_objects,
-                                         init_distributed, shutdown)
 from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
 from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
 from ossnet.training.run_data import RunData
@@ -80,7 +79,7 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train `config.model` on `config.data` into `config.run_dir` (see the module docstring)."""
-    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(config.device, local_rank())
     check_precision(config.precision, device)
     configure_cuda(device, PRECISION_DTYPES[config.precision], config.tf32, config.deterministic)
     resume_from = check_run_dir(config.run_dir, config.resume)

@@ -23,10 +23,10 @@ from ossnet import models
 from ossnet.data import (CaseSource, PreparedCache, PreprocessConfig, Target, dataset_preprocess_config,
                          describe_plan, fingerprint_dataset, get_target, open_dataset, plan_preprocessing)
 from ossnet.device import check_memory
+from ossnet.distributed import DistributedContext, barrier
 from ossnet.errors import DatasetError
 from ossnet.training.config import TrainConfig
 from ossnet.training.datasets import PreparedCases
-from ossnet.training.distributed import DistributedContext, barrier
 from ossnet.training.run_files import choose_split
 
 # Copies of a working-grid array that preparing one case holds at once (normalised, resampled, padded).

@@ -30,6 +30,7 @@ from torch import nn
 
 from ossnet.data.tiles import TileLayout, cut_tile
 from ossnet.device import autocast
+from ossnet.distributed import DistributedContext, all_reduce_sum, gather_objects
 from ossnet.inference.calibration import calibrated_volume
 from ossnet.inference.engine import DecodeOptions, decode_chunked, labels_of
 from ossnet.inference.postprocess import ComponentTable, Postprocessing, decide_postprocessing, voxel_volume
@@ -38,7 +39,6 @@ from ossnet.metrics import dice, iou
 from ossnet.models import OccupancyNetwork
 from ossnet.training.config import TrainConfig
 from ossnet.training.datasets import PreparedCases
-from ossnet.training.distributed import DistributedContext, all_reduce_sum, gather_objects
 from ossnet.training.sampling import sample_locations
 
 # Share of the sampled validation locations drawn from the border band, as in training (docs/method.md §4).

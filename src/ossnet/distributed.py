@@ -1,7 +1,7 @@
-"""Running one training script on several processes (torchrun): process group, device per rank, reductions.
+"""Running one command on several processes (torchrun): process group, device per rank, reductions.
 
-Without torchrun's environment (WORLD_SIZE unset or 1) every helper is a no-op for a single process,
-so the loop has one code path. Backends: nccl on CUDA, gloo on CPU.
+`ossnet train` and `ossnet predict` both use it. Without torchrun's environment (WORLD_SIZE unset or 1)
+every helper is a no-op for a single process, so each has one code path. Backends: nccl on CUDA, gloo on CPU.
 """
 
 import os
@@ -26,12 +26,18 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 alone writes files and draws progress bars."""
+        """Rank 0 alone writes the files and prints the lines that concern the whole job, and draws progress
+        bars."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine under torchrun (LOCAL_RANK; the GPU it takes), 0 alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def init_distributed(device: torch.device) -> DistributedContext:
@@ -42,9 +48,12 @@ def init_distributed(device: torch.device) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistributedContext()
+    if device.type == "cuda":
+        # nccl's object collectives (gather_objects) stage their bytes on the current GPU: this rank's, not GPU 0
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return DistributedContext(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    return DistributedContext(dist.get_rank(), world_size, local_rank())
 
 
 def shutdown(context: DistributedContext) -> None:
