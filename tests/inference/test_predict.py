@@ -110,7 +110,9 @@ PREDICT_ON_EACH_RANK = """
 import json, sys
 from ossnet.inference.predict import PredictOptions, predict
 summaries = predict(sys.argv[1], sys.argv[2], sys.argv[3], PredictOptions(device="cpu"))
-print("returned", json.dumps([summary.case_id for summary in summaries]))
+# one write of one short line: the two ranks' lines cannot interleave in the shared pipe
+sys.stdout.write("returned " + json.dumps([summary.case_id for summary in summaries]) + "\\n")
+sys.stdout.flush()
 """
 
 
@@ -133,7 +135,7 @@ def test_two_ranks_share_a_folders_cases_and_refuse_existing_outputs_once(traine
     lines = shared.stdout.splitlines()
     segmented = [line.split(":")[0] for line in lines if line.endswith(" foreground voxels")]
     assert sorted(segmented) == sorted(cases)  # each case segmented and written by one rank
-    assert [json.loads(line.removeprefix("returned ")) for line in lines if line.startswith("returned ")] == [cases] * 2
+    assert [json.loads(line.removeprefix("returned ")) for line in lines if line.startswith("returned ")] == [cases] * 2, shared.stdout
     assert sum(line.startswith("post-processing:") for line in lines) == int(
         Predictor(trained_checkpoint).postprocessing is not None)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(f"{case}.nii.gz" for case in cases)
