@@ -9,8 +9,8 @@ holds at its peak, the start of the backward pass:
 - the batch as the loader collates it (`datasets`: volumes or tiles, locations with their patches, slices);
 - every tensor autograd saves for the backward pass, each storage once (a tensor saved by two operations,
   or several views of one, count once), without the parameters and the batch counted above;
-- with `decoder_recompute="blocks"`, the largest decoder block's own saved tensors, which exist while
-  backward runs that block again (one block at a time, per volume of the batch);
+- with `decoder_recompute="blocks"`, the largest decoder block's own saved tensors on the batch's locations,
+  which exist while backward runs that block again (one block at a time);
 - the gradients in flight: GRADIENTS_IN_FLIGHT times the largest saved activation.
 Everything in float32, as `--precision fp32` trains (mixed precision needs less); one process (DDP adds its
 gradient buckets, about the parameters once more); no CUDA context or allocator slack.
@@ -23,8 +23,9 @@ U-Net3D 15.74 / 15.76, the patch U-Net 2.34 / 2.32, the 2D U-Net at batch 8 8.32
 strides (an ablation, no preset), is underestimated by 15-27 %. Measured one step per fork as
 tests/training/test_memory.py does: OSS-Net C at batch 2 with 2^11 locations per volume 303 / 292 MB at 64^3,
 494 / 512 MB at 128^3; that test's small OSS-Net C grows by 157 / 155 MB from 32^3 to 128^3.
-One call takes ~0.15 s on a 2-core CPU; the first in a process also imports torch._dynamo (~1.5 s), which
-an occupancy network's first training step imports anyway (torch.utils.checkpoint).
+One call takes ~0.1 s on a 2-core CPU (OSS-Net C 0.09 s, U-Net3D 0.05 s); the first in a process also
+imports torch._dynamo (~1 s), which an occupancy network's first training step imports anyway
+(torch.utils.checkpoint).
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ GB = 2**30  # as docs/benchmarks count
 # exp_avg_sq, and Lookahead's slow weights (`optim.build_optimizer`).
 PARAMETER_COPIES = 4
 # The backward pass holds the gradients of the activation it is working on and of its consumer's output.
-# Calibrated: 1.5 x the largest saved activation matches the measured steps of the U-Nets, whose largest
-# activation (the top level's concatenation) is saved last and so is first in line, within 2 % at 112^3 and
-# larger (docs/benchmarks).
+# Calibrated: 1.5 x the largest saved activation matches the measured steps of the U-Nets within 2 % from 96^3
+# up (docs/benchmarks); their largest activation, the top level's concatenation, is saved last, so backward
+# starts there with every saved tensor still held.
 GRADIENTS_IN_FLIGHT = 1.5
 
 
@@ -59,7 +60,9 @@ def training_step_bytes(model: str | models.ModelConfig, tile: Shape3, batch_siz
     if isinstance(config, models.OccupancyConfig):
         config = replace(config, compile=False)  # the same saved tensors, without compiling on meta tensors
     with torch.device("meta"):
-        network = models.build(config).train()
+        # Eval mode: batch norm saves the same input for backward (without its per-channel statistics) and takes
+        # a single value per channel, a step the loop refuses with a message of its own.
+        network = models.build(config).eval()
         batch = step_batch(config, batch_size, locations)
     network.to("meta")  # buffers made on the CPU explicitly (Fourier features)
     parameters = sum(p.numel() * p.element_size() for p in network.parameters())
@@ -94,8 +97,8 @@ def step_batch(config: models.ModelConfig, batch_size: int, locations: int) -> d
 
 def saved_tensors(forward: Callable[[], object], counted: set[int]) -> list[tuple[int, bool]]:
     """(bytes, whether it is an activation, i.e. requires grad) of every storage autograd saves while
-    `forward()` runs, each once, in the order first saved, leaving out the storages in `counted` (ids from
-    `_storage`). Parts run under activation checkpointing save only their inputs here."""
+    `forward()` runs, each once, leaving out the storages in `counted` (ids from `_storage`). Parts run under
+    activation checkpointing save only their inputs here."""
     found: dict[int, tuple[int, bool]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
