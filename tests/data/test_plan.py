@@ -15,6 +15,7 @@ from ossnet.data.plan import (
     DatasetFingerprint,
     IntensityStatistics,
     dataset_preprocess_config,
+    describe_plan,
     fingerprint_case,
     fingerprint_dataset,
     plan_orientation,
@@ -241,3 +242,15 @@ def test_same_subject_from_another_scanner_reaches_the_model_as_from_the_first(t
     assert correlation > 0.85
     as_stored = prepare_case(moved_case, dataset_preprocess_config("msd", [shape]), target)
     assert dice(as_stored.label > 0, reference.label > 0) < 0.5
+
+
+def test_the_plan_line_says_how_many_tiles_the_largest_case_needs():
+    plan = dataset_preprocess_config("msd", [(40, 40, 20)], working_shape=(32, 32, 32))
+    line = describe_plan(plan, [(40, 40, 20), (90, 50, 20), (20, 20, 20)], "memory budget 1 GB: training step ~0.5 GB")
+    assert line.endswith("padded to the tile 32 x 32 x 32 (memory budget 1 GB: training step ~0.5 GB); "
+                         "the largest case needs 4 x 2 x 1 tiles")
+    assert describe_plan(plan, [(20, 30, 32)]).endswith("padded to the tile 32 x 32 x 32; the largest case needs "
+                                                       "1 x 1 x 1 tile")
+    cube = dataset_preprocess_config("lits", [(512, 512, 75), (512, 512, 987)])
+    assert describe_plan(cube, [(512, 512, 987)]).endswith("resized to the tile 512 x 512 x 512; the largest case "
+                                                           "needs 1 x 1 x 1 tile")

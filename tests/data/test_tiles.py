@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from ossnet.data.tiles import FOREGROUND_FRACTION, OVERLAP_FRACTION, TileLayout, axis_origins, random_tile_origin
+from ossnet.data.tiles import (FOREGROUND_FRACTION, OVERLAP_FRACTION, TileLayout, axis_origins, largest_tile,
+                               random_tile_origin, tiles_of_aspect)
 
 
 @pytest.mark.parametrize("length, tile", [(64, 64), (65, 64), (256, 64), (300, 96), (100, 7)])
@@ -83,3 +84,31 @@ def test_a_share_of_training_tiles_is_centred_on_foreground():
         origin = random_tile_origin(grid, tile, label, rng.random() < FOREGROUND_FRACTION, rng)
         hits += label[tuple(slice(o, o + t) for o, t in zip(origin, tile))].any()
     assert 0.3 < hits / 300 < 0.5  # a third centred on it, and a few uniform tiles that happen to reach it
+
+
+@pytest.mark.parametrize("shape, multiple", [((256, 256, 160), 32), ((512, 512, 512), 32), ((192, 64, 96), 16),
+                                             ((64, 32, 32), 32)])
+def test_tiles_of_a_shape_keep_its_aspect_grow_on_every_axis_and_end_at_it(shape, multiple):
+    tiles = tiles_of_aspect(shape, multiple)
+    assert tiles[0] == (multiple,) * 3 and tiles[-1] == shape
+    assert all(n % multiple == 0 for tile in tiles for n in tile)
+    assert all(a <= b for smaller, larger in zip(tiles, tiles[1:]) for a, b in zip(smaller, larger))
+    assert len(set(tiles)) == len(tiles)
+    for tile in tiles:  # one factor f scales every axis, each rounded down to a multiple (at least one)
+        f = max((t / n for t, n in zip(tile, shape) if t > multiple), default=multiple / max(shape))
+        assert tile == tuple(max(multiple, int(f * n) // multiple * multiple) for n in shape)
+
+
+def test_the_largest_fitting_tile_is_found_in_a_few_tries():
+    tried = []
+
+    def fits(tile):
+        tried.append(tile)
+        return np.prod(tile) <= 128 * 128 * 100
+
+    candidates = tiles_of_aspect((256, 256, 160), 32)
+    assert largest_tile((256, 256, 160), 32, fits) == max((t for t in candidates if np.prod(t) <= 128 * 128 * 100),
+                                                          key=np.prod) == (128, 128, 96)
+    assert len(tried) <= np.ceil(np.log2(len(candidates) + 1))
+    assert largest_tile((256, 256, 160), 32, lambda tile: False) is None
+    assert largest_tile((256, 256, 160), 32, lambda tile: True) == (256, 256, 160)

@@ -10,6 +10,7 @@ from ossnet.data.plan import (
     describe_plan,
     fingerprint_dataset,
     plan_preprocessing,
+    planned_shapes,
 )
 from ossnet.data.preprocess import (
     Geometry,
@@ -28,6 +29,6 @@ __all__ = [
     "DatasetFingerprint", "DatasetSummary", "Geometry", "Grid", "InfoOptions", "LayoutChoice", "PreparedCache",
     "PreparedCase", "PreprocessConfig", "SynthOptions", "Target", "augment_volume", "border_band",
     "channel_names_known", "dataset_preprocess_config", "describe_plan", "fingerprint_dataset", "get_target",
-    "open_dataset", "plan_preprocessing", "prepare_case", "resample_nifti", "summarize_dataset",
+    "open_dataset", "plan_preprocessing", "planned_shapes", "prepare_case", "resample_nifti", "summarize_dataset",
     "write_synthetic_dataset",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from ossnet.atomic import atomic_path
 from ossnet.data.case import spacing_of
 from ossnet.data.cache import file_stamp
 from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3, nonzero_box
+from ossnet.data.tiles import TileLayout
 from ossnet.errors import OssnetError
 
 if TYPE_CHECKING:
@@ -257,10 +259,15 @@ def plan_preprocessing(fingerprint: DatasetFingerprint, layout: str, working_sha
     plan = PreprocessConfig(shape_multiple=shape_multiple, intensity_window=window, spacing=tuple(spacing),
                             orientation=orientation, crop_nonzero=crop_nonzero, normalization=normalization)
     if working_shape is None:
-        resampled = [Geometry.fitted(case.shape, np.asarray(case.affine), plan, case.nonzero_box).resampled_shape
-                     for case in fingerprint.cases]
-        working_shape = plan.working_shape_for(tuple(int(n) for n in np.max(resampled, axis=0)))
+        largest = np.max(planned_shapes(fingerprint, plan), axis=0)
+        working_shape = plan.working_shape_for(tuple(int(n) for n in largest))
     return replace(plan, working_shape=tuple(working_shape))
+
+
+def planned_shapes(fingerprint: DatasetFingerprint, plan: PreprocessConfig) -> list[Shape3]:
+    """Each case's shape after the plan's reorientation, crop and resampling, before padding (no voxels read)."""
+    return [Geometry.fitted(case.shape, np.asarray(case.affine), plan, case.nonzero_box).resampled_shape
+            for case in fingerprint.cases]
 
 
 def dataset_preprocess_config(layout: str, case_shapes: list[Shape3], working_shape: Shape3 | None = None,
@@ -286,15 +293,23 @@ def dataset_preprocess_config(layout: str, case_shapes: list[Shape3], working_sh
     return PreprocessConfig(working_shape=working_shape or largest, shape_multiple=shape_multiple)
 
 
-def describe_plan(plan: PreprocessConfig) -> str:
-    """One line saying what the plan does to every case (what `ossnet train` prints)."""
+def describe_plan(plan: PreprocessConfig, case_shapes: Sequence[Shape3] = (), tile_note: str = "") -> str:
+    """One line saying what the plan does to every case (what `ossnet train` prints). case_shapes: the cases'
+    shapes before padding (`planned_shapes`; as stored for a "native" plan), to say how many tiles the case
+    needing the most takes (docs/method.md §5.6); tile_note: what chose the tile, printed after it."""
     if plan.spacing is None and plan.orientation is None:
         grid = "cases as stored (no reorientation or resampling)"
     else:
         grid = (f"reoriented to {plan.orientation}, resampled to "
                 f"{' x '.join(f'{s:g}' for s in plan.spacing)} mm")
-    fit = "resized" if plan.fit == "resize" else "padded / cropped"
+    fit = "resized" if plan.fit == "resize" else "padded"
     crop = ", cropped to their nonzero box" if plan.crop_nonzero else ""
     window = f", CT window {plan.intensity_window[0]:g}..{plan.intensity_window[1]:g}" if plan.intensity_window else ""
     shape = " x ".join(map(str, plan.working_shape)) if plan.working_shape else "each case's own"
-    return f"plan: {grid}{crop}{window}, {fit} to the working shape {shape}"
+    line = f"plan: {grid}{crop}{window}, {fit} to the tile {shape}{f' ({tile_note})' if tile_note else ''}"
+    if case_shapes and plan.working_shape:
+        grids = [plan.working_shape if plan.fit == "resize" else plan.working_shape_for(case) for case in case_shapes]
+        counts = max((tuple(map(len, TileLayout.covering(grid, plan.working_shape).origins)) for grid in grids),
+                     key=math.prod)
+        line += f"; the largest case needs {' x '.join(map(str, counts))} tile{'s' if math.prod(counts) > 1 else ''}"
+    return line

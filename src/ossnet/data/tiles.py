@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -144,3 +146,28 @@ def cut_tile(volume: np.ndarray, origin: Shape3, tile: Shape3, global_downscale:
     own global volume (the tile downscaled, as the encoder sees a case of the tile's shape)."""
     cut = np.asarray(volume[(slice(None), *tile_slices(origin, tile))], dtype=np.float32)
     return cut, downscale_volume(cut, global_downscale)
+
+
+def tiles_of_aspect(shape: Shape3, multiple: int) -> list[Shape3]:
+    """Every tile of `shape`'s aspect, smallest first: for a factor f in (0, 1], each axis f x its length rounded
+    down to a multiple of `multiple` (at least one multiple). Each tile is no larger on any axis than the next,
+    and the last is `shape` rounded down (`shape` itself when `multiple` divides it)."""
+    # The tile changes only where f x length crosses a multiple on some axis: f = k x multiple / length.
+    factors = sorted({Fraction(k * multiple, n) for n in shape for k in range(1, n // multiple + 1)} | {Fraction(1)})
+    tiles = [tuple(max(1, math.floor(f * n / multiple)) * multiple for n in shape) for f in factors]
+    return list(dict.fromkeys(tiles))
+
+
+def largest_tile(shape: Shape3, multiple: int, fits: Callable[[Shape3], bool]) -> Shape3 | None:
+    """The largest of `tiles_of_aspect(shape, multiple)` that `fits`, or None when even the smallest does not.
+    `fits` must hold for a tile if it holds for a larger one (memory grows with the tile); it is called about
+    log2(the number of candidates) times."""
+    candidates = tiles_of_aspect(shape, multiple)
+    low, high = 0, len(candidates)  # candidates[:low] fit, candidates[high:] do not
+    while low < high:
+        middle = (low + high) // 2
+        if fits(candidates[middle]):
+            low = middle + 1
+        else:
+            high = middle
+    return candidates[low - 1] if low else None

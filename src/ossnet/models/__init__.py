@@ -2,12 +2,12 @@
 
 from ossnet.models.occupancy import BRATS_WORKING_SHAPE, FoldedDecoder, Latents, OccupancyConfig, OccupancyNetwork
 from ossnet.models.patches import PatchSampler, extract_patches, normalized_to_voxel, voxel_to_normalized
-from ossnet.models.registry import (PRESETS, ModelsOptions, check_overrides, create, describe_presets, format_presets,
-                                    load, save)
+from ossnet.models.registry import (PRESETS, ModelConfig, ModelsOptions, build, check_overrides, create,
+                                    describe_presets, format_presets, load, save)
 from ossnet.models.unet import ResidualUNet, UNetConfig
 
 __all__ = [
-    "BRATS_WORKING_SHAPE", "PRESETS", "FoldedDecoder", "Latents", "ModelsOptions", "OccupancyConfig",
-    "OccupancyNetwork", "PatchSampler", "ResidualUNet", "UNetConfig", "check_overrides", "create", "describe_presets",
-    "extract_patches", "format_presets", "load", "normalized_to_voxel", "save", "voxel_to_normalized",
+    "BRATS_WORKING_SHAPE", "PRESETS", "FoldedDecoder", "Latents", "ModelConfig", "ModelsOptions", "OccupancyConfig",
+    "OccupancyNetwork", "PatchSampler", "ResidualUNet", "UNetConfig", "build", "check_overrides", "create",
+    "describe_presets", "extract_patches", "format_presets", "load", "normalized_to_voxel", "save", "voxel_to_normalized",
 ]

@@ -79,7 +79,7 @@ class OccupancyConfig:
                   "decoder_blocks": self.decoder_blocks, "num_classes": self.num_classes,
                   "encoder_channels": min(self.encoder_channels, default=0)}, "model")
         positive({"fourier_features": self.fourier_features}, "model", minimum=0)
-        factor = self.global_downscale * 2 ** len(self.encoder_channels)
+        factor = self.input_multiple
         if len(self.input_shape) != 3 or any(n <= 0 or n % factor for n in self.input_shape):
             raise OssnetError(f"input_shape {tuple(self.input_shape)} must be 3D and divisible by global_downscale"
                               f" * 2**len(encoder_channels) = {factor}")
@@ -88,6 +88,11 @@ class OccupancyConfig:
         if self.decoder_recompute not in RECOMPUTE:
             raise OssnetError(f"unknown decoder_recompute {self.decoder_recompute!r}; expected one of "
                               f"{', '.join(RECOMPUTE)}")
+
+    @property
+    def input_multiple(self) -> int:
+        """What every axis of input_shape must be a multiple of: the downscale, then one halving per encoder block."""
+        return self.global_downscale * 2 ** len(self.encoder_channels)
 
     @property
     def global_shape(self) -> tuple[int, int, int]:

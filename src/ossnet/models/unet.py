@@ -63,10 +63,15 @@ class UNetConfig:
                               f"got {len(self.strides)}")
         if self.patch_shape is not None and self.dims != 3:
             raise OssnetError(f"U-Net patch_shape needs dims 3 (patches of the volume), got dims {self.dims}")
-        factor, seen = math.prod(self.strides), self.patch_shape or self.input_shape[:self.dims]
+        factor, seen = self.input_multiple, self.patch_shape or self.input_shape[:self.dims]
         if any(n % factor for n in seen):
             what = "patch_shape" if self.patch_shape else "input axes"
             raise OssnetError(f"U-Net {what} {tuple(seen)} must be divisible by the product of the strides, {factor}")
+
+    @property
+    def input_multiple(self) -> int:
+        """What every axis the network sees must be a multiple of: the product of the strides."""
+        return math.prod(self.strides)
 
 
 class ResidualUNet(nn.Module):

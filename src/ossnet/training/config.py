@@ -66,8 +66,14 @@ class TrainConfig:
     tile: tuple[int, int, int] | None = option(
         None, "the model's input shape: cases that fit are padded to it (one tile), longer ones are covered by "
               "several tiles in training and prediction (docs/method.md §5.6); default: every axis of the "
-              "largest planned case rounded up to a multiple of 32, one tile per case",
+              "largest planned case rounded up to a multiple of 32 (one tile per case), shrunk to fit "
+              "--memory-budget",
         metavar=("X", "Y", "Z"))
+    memory_budget: float = option(
+        24.0, "GB (2^30 bytes) one training step may take without --tile: the tile is then the largest of the "
+              "default's aspect whose step, estimated before training (fp32, docs/method.md §2.1), fits; the "
+              "default keeps the paper's one tile per case (BraTS 256 x 256 x 160: ~9.8 GB at batch 8); a LiTS "
+              "cube resize keeps its cube", metavar="GB")
     cache_dir: Path | None = option(None, "preprocessed-array cache (default DATA/.ossnet-cache, or the user "
                                           "cache folder when DATA is read-only)")
     max_train_cases: int | None = option(None, "use only the first N training cases")
@@ -98,6 +104,7 @@ class TrainConfig:
         if self.val_fraction >= 1.0:
             raise OssnetError(f"training: validation fraction must be below 1, got {self.val_fraction}")
         finite(self.lr, "training: learning rate", 0.0, low_open=True)
+        finite(self.memory_budget, "training: memory budget (GB)", 0.0, low_open=True)
         if isinstance(self.spacing, tuple):
             for size in self.spacing:
                 finite(size, "training: spacing", 0.0, low_open=True)

@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from tqdm import tqdm
@@ -58,7 +57,7 @@ from ossnet.training.checkpoints import (BEST, LAST, capture_rng_state, check_ru
 from ossnet.training.config import TrainConfig, resumed_config
 from ossnet.training.curves import plot_curves
 from ossnet.training.datasets import LocationSamples, PatchSamples, SliceSamples, VolumeSamples
-from ossnet.training.losses import AUX_WEIGHT, aux_loss, segmentation_loss
+from ossnet.training.losses import AUX_WEIGHT, step_losses
 from ossnet.training.optim import build_optimizer, build_scheduler, lr_milestones
 from ossnet.training.run_data import RunData
 from ossnet.training.run_files import MetricsLog, write_json
@@ -292,17 +291,6 @@ class _Run:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
-
-
-def step_losses(model: nn.Module, batch: dict[str, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Forward one batch -> (segmentation loss, auxiliary loss or None, supervised locations / voxels)."""
-    if "coords" in batch:
-        logits, latents = model(batch["global_volume"], batch["coords"], batch.get("patches"))
-        main = segmentation_loss(logits.transpose(1, 2), batch["targets"])
-        aux = None if latents.aux_logits is None else aux_loss(latents.aux_logits, batch["aux_targets"])
-        return main, aux, batch["targets"].numel()
-    return segmentation_loss(model(batch["volume"]), batch["label"]), None, batch["label"].numel()
 
 
 def describe_postprocessing(checkpoint: Path, class_names: tuple[str, ...]) -> str:

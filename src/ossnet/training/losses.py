@@ -9,6 +9,7 @@ against the label max-pooled to the latent grid, weighted by AUX_WEIGHT.
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Weight of the auxiliary low-resolution loss (the authors' train script default).
 AUX_WEIGHT = 0.1
@@ -47,3 +48,14 @@ def aux_loss(aux_logits: torch.Tensor, aux_targets: torch.Tensor) -> torch.Tenso
     if aux_logits.shape[1] == 1:
         return F.binary_cross_entropy_with_logits(aux_logits.float(), aux_targets.float())
     return F.cross_entropy(aux_logits.float(), aux_targets.float())
+
+
+def step_losses(model: nn.Module, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Forward one batch -> (segmentation loss, auxiliary loss or None, supervised locations / voxels)."""
+    if "coords" in batch:
+        logits, latents = model(batch["global_volume"], batch["coords"], batch.get("patches"))
+        main = segmentation_loss(logits.transpose(1, 2), batch["targets"])
+        aux = None if latents.aux_logits is None else aux_loss(latents.aux_logits, batch["aux_targets"])
+        return main, aux, batch["targets"].numel()
+    return segmentation_loss(model(batch["volume"]), batch["label"]), None, batch["label"].numel()

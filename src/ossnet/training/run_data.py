@@ -2,18 +2,20 @@
 cases, and the model sizes they decide.
 
 A new run splits the dataset (`run_files.choose_split`) and plans its preprocessing from the fingerprint of
-the run's cases (docs/method.md §2.1); a resumed run takes both from its checkpoint, so that it trains on the
-same arrays. Preprocessed arrays are cached (`cache_folder`); under torchrun every rank prepares its share.
+the run's cases, with a tile whose training step fits the memory budget (docs/method.md §2.1); a resumed run
+takes both from its checkpoint, so that it trains on the same arrays. Preprocessed arrays are cached
+(`cache_folder`); under torchrun every rank prepares its share.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -21,12 +23,16 @@ from tqdm import tqdm
 
 from ossnet import models
 from ossnet.data import (CaseSource, PreparedCache, PreprocessConfig, Target, dataset_preprocess_config,
-                         describe_plan, fingerprint_dataset, get_target, open_dataset, plan_preprocessing)
+                         describe_plan, fingerprint_dataset, get_target, open_dataset, plan_preprocessing,
+                         planned_shapes)
+from ossnet.data.preprocess import Shape3
+from ossnet.data.tiles import largest_tile
 from ossnet.device import check_memory
 from ossnet.distributed import DistributedContext, barrier
-from ossnet.errors import DatasetError
+from ossnet.errors import DatasetError, OssnetError
 from ossnet.training.config import TrainConfig
 from ossnet.training.datasets import PreparedCases
+from ossnet.training.memory import GB, training_step_bytes
 from ossnet.training.run_files import choose_split
 
 # Copies of a working-grid array that preparing one case holds at once (normalised, resampled, padded).
@@ -62,21 +68,17 @@ class RunData:
         run_sources = [sources[i] for ids in split.values() for i in ids]
         cache_dir = cache_folder(config)
         preprocess = (PreprocessConfig(**checkpoint["preprocess"]) if checkpoint else
-                      plan_run(config, run_sources, dataset.layout, len(channel_names), cache_dir, context))
+                      plan_run(config, run_sources, dataset.layout, (len(channel_names), len(target.class_names)),
+                               cache_dir, context))
         cache = PreparedCache(cache_dir)
         train_cases, val_cases = (PreparedCases([sources[i] for i in split[part]], cache, preprocess, target)
                                   for part in ("train", "val"))
         return cls(dataset.layout, label_values, channel_names, target, split, preprocess, train_cases, val_cases)
 
     def create_model(self, config: TrainConfig) -> nn.Module:
-        """A new `config.model` sized by the data: channels, working shape, classes (and the encoder's
-        downscale for occupancy networks), with the run's overrides."""
-        classes = len(self.target.class_names)
-        sizes = {"in_channels": len(self.channel_names), "input_shape": self.preprocess.working_shape,
-                 "num_classes": 1 if classes == 1 else classes + 1}
-        if isinstance(models.PRESETS.get(config.model), models.OccupancyConfig):
-            sizes["global_downscale"] = self.preprocess.global_downscale
-        return models.create(config.model, **sizes, **config.model_overrides)
+        """A new `config.model` sized by the data (`model_config`)."""
+        sizes = (len(self.channel_names), len(self.target.class_names))
+        return models.build(model_config(config, sizes, self.preprocess, self.preprocess.working_shape), config.model)
 
     def prepare(self, context: DistributedContext) -> None:
         """Preprocess every case into the cache: each rank prepares its share, then maps the others' files
@@ -91,26 +93,89 @@ class RunData:
             cases[index]
 
 
-def plan_run(config: TrainConfig, sources: list[CaseSource], layout: str, channels: int, cache_dir: Path,
+def model_config(config: TrainConfig, sizes: tuple[int, int], plan: PreprocessConfig,
+                 tile: Shape3) -> models.ModelConfig:
+    """`config.model` with the run's overrides, sized by the data: `sizes` = (image channels, target classes),
+    input shape `tile` (and the plan's encoder downscale for occupancy networks)."""
+    channels, classes = sizes
+    preset = models.PRESETS[config.model]
+    data = {"in_channels": channels, "input_shape": tuple(tile), "num_classes": 1 if classes == 1 else classes + 1}
+    if isinstance(preset, models.OccupancyConfig):
+        data["global_downscale"] = plan.global_downscale
+    return replace(preset, **data, **config.model_overrides)
+
+
+def plan_run(config: TrainConfig, sources: list[CaseSource], layout: str, sizes: tuple[int, int], cache_dir: Path,
              context: DistributedContext) -> PreprocessConfig:
     """The preprocessing plan from the fingerprint of the run's cases (rank 0 computes it; the others read
-    its cached fingerprints), printed so that the user sees what every case goes through."""
+    its cached fingerprints) with its tile (`plan_tile`), printed so that the user sees what every case goes
+    through. sizes: (image channels, target classes)."""
     spacing = ("native" if layout == "lits" else "median") if config.spacing == "auto" else config.spacing
     if spacing == "native":  # headers suffice
-        plan = dataset_preprocess_config(layout, [s.inspect().shape for s in sources], config.tile)
+        case_shapes = [s.inspect().shape for s in sources]
+        plan = dataset_preprocess_config(layout, case_shapes, config.tile)
     else:
         for main_turn in (True, False):
             if context.is_main == main_turn:
                 fingerprint = fingerprint_dataset(sources, cache_dir)
             barrier(context)
         plan = plan_preprocessing(fingerprint, layout, config.tile, spacing=spacing)
+        case_shapes = planned_shapes(fingerprint, plan)
+    tile, step_bytes = plan_tile(config, sizes, plan)
+    plan = replace(plan, working_shape=tile)
     if context.is_main:
-        print(describe_plan(plan), file=sys.stderr)
+        print(describe_plan(plan, case_shapes, tile_note(config, step_bytes)), file=sys.stderr)
     # a case on the working grid: its channels, label, border band and the copies preparing it makes
-    check_memory(math.prod(plan.working_shape) * (channels + 2) * 4 * PREPARATION_COPIES,
+    check_memory(math.prod(plan.working_shape) * (sizes[0] + 2) * 4 * PREPARATION_COPIES,
                  f"a case at the plan's working shape {' x '.join(map(str, plan.working_shape))} (choose a "
                  f"coarser --spacing or a smaller --tile)")
     return plan
+
+
+def plan_tile(config: TrainConfig, sizes: tuple[int, int], plan: PreprocessConfig) -> tuple[Shape3, int]:
+    """The tile of a new run and the estimated bytes of its training step (`memory.training_step_bytes`).
+
+    The plan's working shape (`--tile`, or the largest case rounded up), unless --tile is not given and its
+    step needs more than `--memory-budget`: then the largest tile of its aspect whose step fits, each axis a
+    multiple of the plan's shape multiple and of what the model needs (`input_multiple`), as nnU-Net
+    shrinks its patch to a memory target. A resized plan (LiTS) keeps its cube: every case is resized to it,
+    so a smaller one would change the resolution, not the tiling. sizes: (image channels, target classes)."""
+
+    @functools.cache
+    def step_bytes(tile: Shape3) -> int:
+        return training_step_bytes(model_config(config, sizes, plan, tile), tile, config.batch_size, config.locations)
+
+    default, budget = tuple(plan.working_shape), config.memory_budget * GB
+    if config.tile is not None or plan.fit == "resize" or step_bytes(default) <= budget:
+        return default, step_bytes(default)
+    multiple = math.lcm(plan.shape_multiple, model_config(config, sizes, plan, default).input_multiple)
+    tile = largest_tile(default, multiple, lambda candidate: step_bytes(candidate) <= budget)
+    if tile is None:
+        smallest = (multiple,) * 3
+        locations = " (or --locations)" if isinstance(models.PRESETS[config.model], models.OccupancyConfig) else ""
+        raise OssnetError(f"training: a training step of {config.model} at batch {config.batch_size} needs "
+                          f"~{_gigabytes(step_bytes(smallest))} GB even on the smallest tile "
+                          f"{' x '.join(map(str, smallest))}, over the memory budget {config.memory_budget:g} GB; "
+                          f"raise --memory-budget or lower --batch-size{locations}")
+    return tile, step_bytes(tile)
+
+
+def tile_note(config: TrainConfig, step_bytes: int) -> str:
+    """What chose the plan's tile and what its training step needs (`plan_tile`), for `describe_plan`."""
+    step = f"training step ~{_gigabytes(step_bytes)} GB at batch {config.batch_size}"
+    over = step_bytes > config.memory_budget * GB
+    if config.tile is not None:
+        return f"--tile; {step}{f', over the memory budget {config.memory_budget:g} GB' if over else ''}"
+    if over:  # a resized plan
+        return (f"{step}, over the memory budget {config.memory_budget:g} GB: the cases are resized to this cube; "
+                f"--spacing median trains on tiles")
+    return f"memory budget {config.memory_budget:g} GB: {step}"
+
+
+def _gigabytes(size: float) -> str:
+    """Bytes as GB (2^30), two decimals below 1 GB and one above: 0.62, 9.8, 124.4."""
+    value = size / GB
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"
 
 
 def cache_folder(config: TrainConfig) -> Path:
