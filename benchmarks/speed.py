@@ -62,7 +62,8 @@ from ossnet.training.losses import downscale_label
 
 from accuracy import BUDGETS
 from common import (BRATS_SHAPE, BRATS_WORKING_SHAPE, REPO, Provenance, add_baseline_option, argument_parser,
-                    check_device, children_import, markdown_table, package_source, write_results)
+                    check_device, children_import, markdown_table, occupancy_field, package_source,
+                    write_results)
 import decoder_throughput_child
 from decoder_throughput_child import THROUGHPUT_CALLS, THROUGHPUT_CHUNK, matmul_peak, timed
 

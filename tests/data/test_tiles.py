@@ -1,8 +1,6 @@
 """Tiles of a working grid larger than the model's input: covering layouts for prediction, random tiles for
 training."""
 
-import itertools
-
 import numpy as np
 import pytest
 

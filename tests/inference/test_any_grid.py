@@ -3,7 +3,6 @@ LSA order, and on an oblique grid. The plan brings every scan to the training gr
 decided at the input's own voxels (docs/method.md §2.1, §5.4)."""
 
 import json
-from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
