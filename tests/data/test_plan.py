@@ -21,7 +21,8 @@ from ossnet.data.plan import (
     plan_orientation,
     plan_preprocessing,
 )
-from ossnet.data.preprocess import Geometry, prepare_case
+from ossnet.data.preprocess import Geometry
+from ossnet.data.working import prepare_case
 from ossnet.data.targets import get_target
 from ossnet.errors import OssnetError
 

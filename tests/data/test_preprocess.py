@@ -18,10 +18,8 @@ from ossnet.data.preprocess import (
     PreprocessConfig,
     border_band,
     downscale_volume,
-    nonzero_box,
-    normalize_intensities,
-    prepare_case,
 )
+from ossnet.data.working import nonzero_box, normalize_intensities, prepare_case
 from ossnet.data.targets import get_target
 from ossnet.errors import OssnetError
 

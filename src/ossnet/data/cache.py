@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ossnet.data.preprocess import Geometry, PreparedCase, PreprocessConfig, prepare_case
+from ossnet.data.preprocess import Geometry, PreprocessConfig
+from ossnet.data.working import PreparedCase, prepare_case
 from ossnet.device import check_disk
 from ossnet.errors import CaseError, OssnetError
 

@@ -8,6 +8,8 @@ arrays stay on the files' voxel grid and the first image file's affine and heade
 
 from __future__ import annotations
 
+import gzip
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from ossnet.device import check_disk
 from ossnet.errors import CaseError
 
 # Modality / label affines may differ by this much (mm) from the first image's: writers round.
@@ -36,7 +39,8 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
 class Case:
     """One loaded subject.
 
-    image: (C, X, Y, Z) float32, channels in `channel_names` order.
+    image: (C, X, Y, Z) float32, channels in `channel_names` order; for prediction an `ImageBlocks` that reads
+        its voxels when sliced.
     label: (X, Y, Z) int16 raw values as on disk, or None for unlabelled cases.
     affine: (4, 4) float64 voxel -> world (mm) of the first image file.
     header: nibabel header of the first image file, reused when writing outputs.
@@ -112,6 +116,15 @@ class CaseSource:
         label = self.load_label() if self.label_path is not None else None
         return Case(self.case_id, image, label, affine.astype(np.float64), self.channel_names, images[0].header)
 
+    def open_blocks(self, scratch: Path) -> ImageBlocks:
+        """The image, validated from the headers, to be read block by block (`ImageBlocks`). A gzip-compressed
+        file is decompressed once into the folder `scratch` (which the caller removes), since reading blocks
+        of a .nii.gz means decompressing it from its start each time."""
+        self._open_images()
+        images = [_open(_decompressed(path, scratch) if path.name.endswith(".gz") else path, "image")
+                  for path in self.image_paths]
+        return ImageBlocks(images, self.image_paths)
+
     def load_label(self) -> np.ndarray | None:
         """The validated (X, Y, Z) int16 label, or None without a label file (reads no image voxels)."""
         if self.label_path is None:
@@ -145,6 +158,72 @@ class CaseSource:
             raise CaseError(f"{self.label_path}: label shape {img.shape} != image shape {shape}")
         _check_affine(img.affine, affine, self.label_path, "the image")
         return img
+
+
+class ImageBlocks:
+    """A case's image (C, X, Y, Z) that reads only the voxels asked for: `blocks[c0:c1, x0:x1, y0:y1, z0:z1]` is a
+    float32 (C, ...) array, read through nibabel's array proxies (file reads, no memory map) and validated as
+    `CaseSource.load` validates the whole (NaN / Inf, the float32 range). `channels(order)` reorders them."""
+
+    def __init__(self, images: list[nib.Nifti1Image], paths: tuple[Path, ...],
+                 order: tuple[int, ...] | None = None) -> None:
+        self.images, self.paths = images, paths
+        self.files = [(index, channel) for index, img in enumerate(images)
+                      for channel in (range(img.shape[3]) if img.ndim == 4 else [None])]
+        self.order = tuple(range(len(self.files))) if order is None else tuple(order)
+        self.shape = (len(self.order), *images[0].shape[:3])
+
+    def channels(self, order: tuple[int, ...]) -> ImageBlocks:
+        """The same image with channel i taken from this one's channel `order[i]`."""
+        return ImageBlocks(self.images, self.paths, tuple(self.order[i] for i in order))
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        if len(key) != 4 or not all(isinstance(k, slice) for k in key):
+            raise IndexError(f"image blocks are indexed by slices [c0:c1, x0:x1, y0:y1, z0:z1], got {key}")
+        order, spatial = self.order[key[0]], tuple(key[1:])
+        out = np.empty((len(order), *(len(range(*s.indices(n))) for s, n in zip(spatial, self.shape[1:]))),
+                       dtype=np.float32)
+        for c, source in enumerate(order):
+            index, channel = self.files[source]
+            path, proxy = self.paths[index], self.images[index].dataobj
+            try:
+                data = np.asarray(proxy[spatial if channel is None else (*spatial, channel)])
+            except NIFTI_READ_ERRORS as error:
+                raise CaseError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from error
+            _check_finite(data, path)
+            _check_float32_range(data, path)
+            out[c] = data
+        return out
+
+
+def _decompressed(path: Path, scratch: Path) -> Path:
+    """`path` (.nii.gz) decompressed into the folder `scratch`, after checking its disk has room for the size
+    the header gives (data offset + voxels x bytes per voxel)."""
+    img = _open(path, "image")
+    check_disk(scratch, img.header.get_data_offset() + math.prod(img.shape) * img.get_data_dtype().itemsize,
+               f"decompressing {path}")
+    target = scratch / f"{len(list(scratch.iterdir()))}-{path.name[:-3]}"
+    with gzip.open(path, "rb") as compressed, _writable(target) as out:
+        while True:
+            try:
+                chunk = compressed.read(2**24)
+            except NIFTI_READ_ERRORS as error:
+                raise CaseError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from error
+            if not chunk:
+                break
+            try:
+                out.write(chunk)
+            except OSError as error:
+                raise CaseError(f"{target}: cannot write the decompressed {path.name} ({error.strerror})") from error
+    return target
+
+
+def _writable(path: Path):
+    """`path` opened for writing, or CaseError."""
+    try:
+        return open(path, "wb")
+    except OSError as error:
+        raise CaseError(f"{path}: cannot write ({error.strerror})") from error
 
 
 def _open(path: Path, what: str) -> nib.Nifti1Image:

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from ossnet.atomic import atomic_path
 from ossnet.data.case import spacing_of
 from ossnet.data.cache import file_stamp
-from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3, nonzero_box
+from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3
+from ossnet.data.working import nonzero_box
 from ossnet.data.tiles import TileLayout
 from ossnet.errors import OssnetError
 

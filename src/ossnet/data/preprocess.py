@@ -6,14 +6,15 @@ nonzero box, resampling to a target spacing, centred zero padding / cropping to 
 resize as the LiTS code does), a downscaled global volume for the encoder, the target class map and its
 border band. `Geometry` remembers the map (`working_to_original`), by which outputs are decided on the
 original grid and its affine.
-`data.cache.PreparedCache` stores prepared cases on disk. Choosing a plan for a dataset is `ossnet.data.plan`'s
+`data.working` computes the normalised working grid box by box (`WorkingVolume`) and prepares whole cases
+(`prepare_case`); `data.cache.PreparedCache` stores them on disk. Choosing a plan for a dataset is `ossnet.data.plan`'s
 job.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -24,10 +25,6 @@ from scipy import ndimage
 from ossnet.data.case import spacing_of
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields
-
-if TYPE_CHECKING:
-    from ossnet.data.case import Case
-    from ossnet.data.targets import Target
 
 Fit = Literal["pad", "resize"]
 Normalization = Literal["zscore", "zscore-foreground"]
@@ -277,64 +274,6 @@ class Geometry:
             raise OssnetError(f"geometry: order must be 0 (nearest) or 1 (trilinear), got {order}")
 
 
-def nonzero_box(image: np.ndarray) -> Box:
-    """((start, stop), ...) per spatial axis of the voxels of `image` (C, X, Y, Z) nonzero in any channel;
-    the whole grid when there are none."""
-    occupied = np.any(image != 0, axis=0)
-    box = []
-    for axis in range(3):
-        hits = np.flatnonzero(occupied.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, occupied.shape[axis]))
-    return tuple(box)
-
-
-@dataclass
-class PreparedCase:
-    """A case on the working grid, ready for sampling and the encoder.
-
-    volume: (C, X', Y', Z') float32, normalised (may be a read-only memmap).
-    global_volume: (C, X'/d, Y'/d, Z'/d) float32, trilinear downscale of `volume`.
-    label: (X', Y', Z') uint8 target classes 0..K, None for unlabelled cases.
-    border: (X', Y', Z') bool border band of `label`, None for unlabelled cases.
-    """
-
-    case_id: str
-    volume: np.ndarray
-    global_volume: np.ndarray
-    label: np.ndarray | None
-    border: np.ndarray | None
-    geometry: Geometry
-
-
-def normalize_intensities(image: np.ndarray, normalization: Normalization,
-                          window: tuple[float, float] | None = None, box: Box | None = None) -> np.ndarray:
-    """Per-channel z-score of `image` (C, X, Y, Z) -> float32, after an optional (lo, hi) clip.
-
-    "zscore-foreground" takes the statistics over voxels nonzero in any channel of the unclipped image
-    and leaves the others at 0. A constant channel (zero variance) is only centred. With `box` (the crop
-    of the plan) only the voxels inside it are normalised (statistics of the cropped image, as nnU-Net
-    normalises after cropping); the others are 0.
-    """
-    if box is not None:
-        inside = (slice(None), *(slice(start, stop) for start, stop in box))
-        out = np.zeros(image.shape, dtype=np.float32)
-        out[inside] = normalize_intensities(image[inside], normalization, window)
-        return out
-    foreground = np.any(image != 0, axis=0) if normalization == "zscore-foreground" else None
-    image = np.asarray(image, dtype=np.float32)
-    if window is not None:
-        image = np.clip(image, window[0], window[1])
-    out = np.zeros_like(image)
-    for channel, values in enumerate(image):  # per channel: float64 statistics without a C-fold temp
-        selected = values if foreground is None else values[foreground]
-        if selected.size == 0:
-            continue
-        mean, std = selected.mean(dtype=np.float64), selected.std(dtype=np.float64)
-        normalized = (values - mean) / (std if std > 0 else 1.0)
-        out[channel] = normalized if foreground is None else np.where(foreground, normalized, 0.0)
-    return out
-
-
 def downscale_volume(volume: np.ndarray, factor: int) -> np.ndarray:
     """Trilinear downscale of `volume` (C, X, Y, Z) by an integer factor -> (C, X/f, Y/f, Z/f) float32.
 
@@ -342,7 +281,10 @@ def downscale_volume(volume: np.ndarray, factor: int) -> np.ndarray:
     mean of a 2x2x2 block, as the paper's global volume (256x256x160 -> 128x128x80).
     """
     shape = tuple(n // factor for n in volume.shape[-3:])
-    return _resize_trilinear(np.asarray(volume, dtype=np.float32), shape)
+    lead = volume.shape[:-3]
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).reshape(1, -1, *volume.shape[-3:])
+    resized = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
+    return resized.reshape(*lead, *shape).numpy()
 
 
 def border_band(class_map: np.ndarray, radius: int) -> np.ndarray:
@@ -357,27 +299,6 @@ def border_band(class_map: np.ndarray, radius: int) -> np.ndarray:
     for axis in range(3):
         edge |= ndimage.sobel(occupied, axis=axis) != 0
     return ndimage.maximum_filter(edge, size=2 * radius + 1)
-
-
-def prepare_case(case: Case, config: PreprocessConfig, target: Target) -> PreparedCase:
-    """Normalise, bring to the working grid, downscale, and build the label and its border band (pure).
-
-    Labels are resampled as nnU-Net does (`Geometry.labels_to_working`), except by the LiTS cube resize
-    (`fit="resize"`), which keeps the nearest neighbour of the LiTS code.
-    """
-    box = nonzero_box(case.image) if config.crop_nonzero else None
-    geometry = Geometry.fitted(case.image.shape[1:], case.affine, config, box)
-    normalized = normalize_intensities(case.image, config.normalization, config.intensity_window,
-                                       box=geometry.box if config.crop_nonzero else None)
-    volume = geometry.to_working(normalized, order=1).astype(np.float32, copy=False)
-    label = border = None
-    if case.label is not None:
-        classes = target.apply(case.label)
-        label = (geometry.to_working(classes, order=0) if config.fit == "resize"
-                 else geometry.labels_to_working(classes)).astype(np.uint8, copy=False)
-        border = border_band(label, config.border_radius)
-    return PreparedCase(case.case_id, volume, downscale_volume(volume, config.global_downscale), label,
-                        border, geometry)
 
 
 def reorientation_to(affine: np.ndarray, codes: str) -> Orientation:
@@ -427,26 +348,60 @@ def place(array: np.ndarray, shape: Shape3, offsets: Shape3) -> np.ndarray:
 
 
 def _resize(array: np.ndarray, shape: Shape3, order: int) -> np.ndarray:
-    """Resize of (..., X, Y, Z) to (..., *shape), same field of view: nearest (order 0) or trilinear (1)."""
-    return _resize_nearest(array, shape) if order == 0 else _resize_trilinear(array, shape)
+    """Resize of (..., X, Y, Z) to (..., *shape), same field of view: nearest (order 0, dtype kept) or linear per
+    axis (1, float32), with the samples of `AxisSamples`."""
+    samples = [AxisSamples.of(n, m, 0, m) for n, m in zip(array.shape[-3:], shape)]
+    if order == 1:
+        array = np.asarray(array, dtype=np.float32)
+    return resample_box(array, samples, nearest=order == 0)
 
 
-def _resize_nearest(array: np.ndarray, shape: Shape3) -> np.ndarray:
-    """Nearest-neighbour resize of (..., X, Y, Z) to (..., *shape), same field of view, dtype kept.
+@dataclass(frozen=True)
+class AxisSamples:
+    """Where the output indices [start, stop) of an axis resampled from n_in to n_out voxels take their values:
+    input voxels `low` and `high` (absolute indices) mixed as (1 - weight) low + weight high."""
 
-    Output index w takes input index floor((w + 0.5) * n_in / n_out), the sample centre of the grid
-    the trilinear resize uses (torch "nearest-exact").
-    """
-    indices = [np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
-               for n_in, n_out in zip(array.shape[-3:], shape)]
-    return array[(..., *np.ix_(*indices))]
+    low: np.ndarray
+    high: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, n_in: int, n_out: int, start: int, stop: int) -> AxisSamples:
+        scale = np.float32(n_in / n_out)
+        coords = np.maximum(scale * (np.arange(start, stop, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                            np.float32(0.0))
+        low = np.minimum(np.floor(coords).astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        weight = np.clip(coords - low.astype(np.float32), 0.0, 1.0).astype(np.float32)
+        return cls(low, high, weight)
+
+    @classmethod
+    def identity(cls, start: int, stop: int) -> AxisSamples:
+        """Samples that copy input voxels [start, stop)."""
+        index = np.arange(start, stop, dtype=np.int64)
+        return cls(index, index, np.zeros(stop - start, dtype=np.float32))
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The input voxels these samples read: [first, last + 1)."""
+        return (int(self.low[0]), int(self.high[-1]) + 1) if self.low.size else (0, 0)
 
 
-def _resize_trilinear(array: np.ndarray, shape: Shape3) -> np.ndarray:
-    """Trilinear resize of (..., X, Y, Z) to (..., *shape) with torch (align_corners=False); float kept."""
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    lead = array.shape[:-3]
-    volume = torch.from_numpy(np.ascontiguousarray(array)).reshape(1, -1, *array.shape[-3:])
-    resized = F.interpolate(volume, size=tuple(shape), mode="trilinear", align_corners=False)
-    return resized.reshape(*lead, *shape).numpy()
+def resample_box(block: np.ndarray, samples: list[AxisSamples], nearest: bool = False) -> np.ndarray:
+    """(..., a, b, c) input block holding the spans of `samples` (one per spatial axis) -> the resampled output
+    block: linear per axis, in float32 (or, `nearest`, the nearer input voxel of each sample, dtype kept)."""
+    for axis, sample in enumerate(samples):
+        axis = block.ndim - 3 + axis
+        first = sample.span[0]
+        low = np.take(block, sample.low - first, axis=axis)
+        high = np.take(block, sample.high - first, axis=axis)
+        weight = _along(sample.weight, axis, block.ndim)
+        block = np.where(weight >= 0.5, high, low) if nearest else low + weight * (high - low)
+    return block
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """`values` (n,) shaped to broadcast along `axis` of an `ndim`-dimensional array."""
+    shape = [1] * ndim
+    shape[axis] = values.size
+    return values.reshape(shape)

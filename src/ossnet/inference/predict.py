@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,9 +24,11 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from ossnet.data import (LAYOUT_HELP, Case, CaseSource, LayoutChoice, PreprocessConfig, Target, channel_names_known,
-                         get_target, open_dataset, prepare_case)
-from ossnet.data.preprocess import place
+from ossnet.data import (LAYOUT_HELP, Case, CaseSource, Geometry, LayoutChoice, PreprocessConfig, Target,
+                         WorkingVolume, channel_names_known, get_target, open_dataset)
+from ossnet.data.case import ImageBlocks
+from ossnet.data.preprocess import downscale_volume, place
+from ossnet.data.working import nonzero_box
 from ossnet.device import DEVICE_HELP, check_disk, check_memory, resolve_device
 from ossnet.distributed import DistributedContext, barrier, gather_objects, init_distributed, local_rank, shutdown
 from ossnet.errors import AgreedError, CaseError, CheckpointError, DatasetError, OssnetError
@@ -34,7 +37,7 @@ from ossnet.inference.export import save_nifti, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
 from ossnet.inference.grid import QueryGrid, fine_grid_affine, fine_grid_shape
 from ossnet.inference.volume import segment_volume
-from ossnet.models import load as load_model
+from ossnet.models import OccupancyNetwork, load as load_model
 from ossnet.options import check_fields, option
 
 MeshFormat = Literal["obj", "ply", "stl"]
@@ -152,16 +155,28 @@ class Predictor:
         if order != sorted(order):
             tqdm.write(f"{case.case_id}: channels {list(given)} reordered to the model's {list(expected)}",
                        file=sys.stderr)
-            case = replace(case, image=case.image[order], channel_names=tuple(given[i] for i in order))
+            image = case.image.channels(order) if isinstance(case.image, ImageBlocks) else case.image[order]
+            case = replace(case, image=image, channel_names=tuple(given[i] for i in order))
         return case
 
     def predict_case(self, case: Case, options: PredictOptions) -> CasePrediction:
         """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4, and
-        post-process the class map there (`options.postprocess`; probabilities stay the network's)."""
+        post-process the class map there (`options.postprocess`; probabilities stay the network's).
+
+        `case.image` may be an `ImageBlocks` read lazily: an occupancy network reads the working grid one tile
+        at a time (`data.working.WorkingVolume`), so that only the output grid grows with the scan; a U-Net
+        reads it whole."""
         case = self.check_case(case, options.channels)
         started = time.perf_counter()
-        prepared = prepare_case(case, self.preprocess, self.target)
-        geometry, decode = prepared.geometry, options.decode
+        config, decode = self.preprocess, options.decode
+        box = nonzero_box(case.image) if config.crop_nonzero else None
+        geometry = Geometry.fitted(case.image.shape[1:], case.affine, config, box)
+        volume = global_volume = WorkingVolume.of(case.image, geometry, config)
+        tiled = isinstance(self.model, OccupancyNetwork) and geometry.working_shape != tuple(
+            self.model.config.input_shape)
+        if not tiled:
+            volume = volume[:, :, :, :]
+            global_volume = downscale_volume(volume, config.global_downscale)
         output_shape = fine_grid_shape(geometry.original_shape, decode.scale)
         output_affine = fine_grid_affine(geometry.affine, decode.scale)
         to_working = np.linalg.inv(geometry.working_to_original) @ fine_grid_affine(np.eye(4), decode.scale)
@@ -170,14 +185,13 @@ class Predictor:
         if _is_integer_translation(shift):
             # The input's voxels are (fine) working voxels: segment the working grid, as validation does,
             # and copy the result back exactly.
-            result = segment_volume(self.model, prepared.volume, prepared.global_volume, decode, self.device,
-                                    working)
+            result = segment_volume(self.model, volume, global_volume, decode, self.device, working)
             offsets = tuple(-int(round(t)) for t in shift[:3, 3])
             labels = place(result.labels, output_shape, offsets)
             probabilities = (None if result.probabilities is None else
                              place(np.asarray(result.probabilities, dtype=np.float32), output_shape, offsets))
         else:
-            result = segment_volume(self.model, prepared.volume, prepared.global_volume, decode, self.device,
+            result = segment_volume(self.model, volume, global_volume, decode, self.device,
                                     QueryGrid(output_shape, to_working))
             labels, probabilities = result.labels, result.probabilities
         if options.postprocess == "auto" and self.postprocessing is not None:
@@ -258,9 +272,14 @@ def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path,
                     options: PredictOptions) -> CaseSummary:
     """Segment one case, write its files and print its line; only the summary outlives the call."""
     check_output_room(source.inspect().shape, options, output_dir, predictor.model.config.num_classes)
-    case = source.load()
-    prediction = predictor.predict_case(case, options)
-    write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
+    with tempfile.TemporaryDirectory(prefix=".ossnet-scratch-", dir=output_dir) as scratch:
+        image = source.open_blocks(Path(scratch))
+        first = image.images[0]
+        case = Case(source.case_id, image, None, first.affine.astype(np.float64), source.channel_names, first.header)
+        prediction = predictor.predict_case(case, options)
+        if options.overlay and source.label_path is not None:
+            case = replace(case, label=source.load_label())
+        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
     summary = prediction.summary()
     tqdm.write(summary.describe())
     return summary
@@ -305,7 +324,7 @@ def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Pa
     if "mesh" in paths:
         write_mesh(prediction.labels > 0, prediction.affine, paths["mesh"])
     if "overlay" in paths:
-        image = case.image[0] if same_grid else None
+        image = case.image[:1, :, :, :][0] if same_grid else None
         label = case.label if same_grid and case.label is not None else None
         if image is not None:
             save_overlays(image, paths["overlay"], prediction=target.apply(prediction.labels),

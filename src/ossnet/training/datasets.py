@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from ossnet.data import AugmentConfig, augment_volume
 from ossnet.data.case import spacing_of
 from ossnet.data.cache import PreparedCache
-from ossnet.data.preprocess import PreparedCase, PreprocessConfig, Shape3, downscale_volume
+from ossnet.data.preprocess import PreprocessConfig, Shape3, downscale_volume
+from ossnet.data.working import PreparedCase
 from ossnet.data.tiles import FOREGROUND_FRACTION, cut_tile, random_tile_origin, tile_slices
 from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
 from ossnet.training.losses import downscale_label
