@@ -154,3 +154,37 @@ def test_boolean_overrides_are_written_as_true_or_false(value, expected):
     args = build_parser().parse_args(["train", "--data", "d", "-o", "r", "--override", f"compile={value}",
                                       "--override", "decoder_width=128"])
     assert dict(args.model_overrides) == {"compile": expected, "decoder_width": 128}
+
+
+def test_info_check_prints_the_plan_of_a_default_train_run_and_the_tiles_of_a_scan_longer_than_the_tile(tmp_path,
+                                                                                                       capsys):
+    from ossnet.data import open_dataset
+    from ossnet.distributed import DistributedContext
+    from ossnet.training import TrainConfig
+    from ossnet.training.run_data import plan_run
+
+    data = tmp_path / "d"
+    assert main(["synth", "--layout", "msd", "--cases", "3", "--test-cases", "1", "--shape", "32", "32", "32",
+                 "-o", str(data)]) == 0
+    for channel in sorted((data / "imagesTs").glob("*.nii.gz")):  # the test scan: a longer field of view
+        scan = nib.load(channel)
+        volume = np.asarray(scan.dataobj)
+        nib.save(nib.Nifti1Image(np.concatenate([volume, volume[:24]], axis=0), scan.affine), channel)
+
+    def report(*args) -> dict[str, str]:
+        assert main(["info", *args, str(data)]) == 0
+        return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if not line.startswith(" "))
+
+    headers_only = report()  # the plan at the median spacing needs the voxels
+    assert headers_only["plan"].startswith("--check shows it, its tile and the tiles per case")
+    assert "tiles" not in headers_only
+    lines = report("--check")
+    dataset = open_dataset(data)
+    assert lines["tiles"] == f"per case: 1 x 1 x 1 (3 cases), 2 x 1 x 1 (1 case: {dataset.test_cases[0].case_id})"
+    assert "padded to the tile 32 x 32 x 32 (memory budget 24 GB:" in lines["plan"]
+    assert not (data / ".ossnet-cache").exists()  # the check's own fingerprints, no cache in the dataset
+
+    plan_run(TrainConfig(data=data, run_dir=tmp_path / "run"), dataset.cases, "msd", (4, 1), tmp_path / "cache",
+             DistributedContext())
+    printed = capsys.readouterr().err.strip().splitlines()[-1]
+    assert lines["plan"] == f"`ossnet train` with its defaults (ossnet-c): {printed.removeprefix('plan: ')}"

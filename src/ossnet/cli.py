@@ -136,8 +136,9 @@ def run_synth(args: argparse.Namespace) -> None:
 
 def run_info(args: argparse.Namespace) -> None:
     from ossnet.data import InfoOptions, summarize_dataset
+    from ossnet.training.run_data import default_plan_rows
 
-    summary = summarize_dataset(options_from(args, InfoOptions))
+    summary = summarize_dataset(options_from(args, InfoOptions), plan_rows=default_plan_rows)
     print(summary.report, flush=True)  # the whole report first, then the one error line, if any
     summary.raise_for_failures()
 
@@ -210,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("info", run_info, "check a dataset before training",
          "Detect the layout of a dataset (BraTS, LiTS, MSD/nnU-Net, NIfTI files) and print cases, channels, "
-         "shapes, spacings, orientations, label values and every case that fails to load. After the report, "
+         "shapes, spacings, orientations, label values, the plan and tile `ossnet train` would choose with its "
+         "defaults and how many tiles each case needs (with --check, unless the plan needs no voxels), and every "
+         "case that fails to load. After the report, "
          "exit code 2 when any case fails (with --check also a truncated file or NaN/Inf voxels), so that it "
          "can gate a pipeline.", InfoOptions)
 

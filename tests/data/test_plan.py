@@ -20,6 +20,7 @@ from ossnet.data.plan import (
     fingerprint_dataset,
     plan_orientation,
     plan_preprocessing,
+    tile_counts,
 )
 from ossnet.data.preprocess import Geometry
 from ossnet.data.working import prepare_case
@@ -250,6 +251,7 @@ def test_the_plan_line_says_how_many_tiles_the_largest_case_needs():
     line = describe_plan(plan, [(40, 40, 20), (90, 50, 20), (20, 20, 20)], "memory budget 1 GB: training step ~0.5 GB")
     assert line.endswith("padded to the tile 32 x 32 x 32 (memory budget 1 GB: training step ~0.5 GB); "
                          "the largest case needs 4 x 2 x 1 tiles")
+    assert tile_counts(plan, [(40, 40, 20), (90, 50, 20), (20, 20, 20)]) == [(2, 2, 1), (4, 2, 1), (1, 1, 1)]
     assert describe_plan(plan, [(20, 30, 32)]).endswith("padded to the tile 32 x 32 x 32; the largest case needs "
                                                        "1 x 1 x 1 tile")
     cube = dataset_preprocess_config("lits", [(512, 512, 75), (512, 512, 987)])

@@ -111,3 +111,21 @@ def test_summary_says_why_it_chose_the_layout(tmp_path):
     lits_dataset(tmp_path)
     assert line(summarize_dataset(InfoOptions(tmp_path)).report, "detection").endswith(
         "all 7 NIfTI files fit the lits layout")
+
+
+def test_plan_rows_see_every_case_read_and_come_after_the_label_voxels(tmp_path):
+    lits_dataset(tmp_path)  # volume-2 fails; test-volume-3 is a test case
+    seen = []
+
+    def plan_rows(dataset, cases):
+        seen.append([(case.header.case_id, case.labelled, case.fingerprint is not None) for case in cases])
+        return [("plan", "the plan"), ("tiles", "per case: ...")]
+
+    for check in (False, True):
+        rows = summarize_dataset(InfoOptions(tmp_path, check=check), plan_rows).report.splitlines()
+        start = rows.index(line("\n".join(rows), "label voxels"))
+        assert rows[start + 1:start + 4] == ["plan          the plan", "tiles         per case: ...", line(
+            "\n".join(rows), "check")]
+    headers_only, voxels = seen
+    assert headers_only == [("volume-0", True, False), ("volume-1", True, False), ("test-volume-3", False, False)]
+    assert voxels == [("volume-0", True, True), ("volume-1", True, True), ("test-volume-3", False, True)]

@@ -1,18 +1,21 @@
-"""The tile of a new run: the largest case rounded up, shrunk to the memory budget (docs/method.md §2.1)."""
+"""The tile of a new run: the largest case rounded up, shrunk to the memory budget (docs/method.md §2.1); what
+`ossnet info` says of it."""
 
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from ossnet import models
-from ossnet.data import SynthOptions, dataset_preprocess_config, plan_preprocessing, write_synthetic_dataset
+from ossnet.data import (InfoOptions, SynthOptions, dataset_preprocess_config, plan_preprocessing, summarize_dataset,
+                         write_synthetic_dataset)
 from ossnet.data.plan import CaseFingerprint, DatasetFingerprint, IntensityStatistics
 from ossnet.data.tiles import tiles_of_aspect
 from ossnet.errors import OssnetError
 from ossnet.training import TrainConfig, loop, train
 from ossnet.training.memory import GB, training_step_bytes
-from ossnet.training.run_data import model_config, plan_tile
+from ossnet.training.run_data import default_plan_rows, model_config, plan_tile
 
 BRATS_SIZES = (4, 1)  # image channels, target classes
 
@@ -106,3 +109,30 @@ def test_a_run_under_a_small_budget_trains_on_tiles_of_its_longer_cases(tmp_path
     plan_line = next(line for line in capsys.readouterr().err.splitlines() if "plan:" in line)
     assert re.search(rf"tile 32 x 32 x 32 \(memory budget {budget:g} GB: training step ~[0-9.]+ GB at batch 2\); "
                      r"the largest case needs 3 x 3 x 2 tiles", plan_line)
+
+
+def write_lits_case(root, name: str, shape, label_shape=None):
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), affine), root / f"volume-{name}.nii")
+    if label_shape is not None:
+        nib.save(nib.Nifti1Image(np.zeros(label_shape, np.uint8), affine), root / f"segmentation-{name}.nii")
+
+
+def test_info_plans_lits_from_the_headers_of_the_labelled_cases_that_load(tmp_path):
+    """LiTS trains at its native spacing, so the headers decide the plan: no voxel check needed."""
+    write_lits_case(tmp_path, "0", (32, 32, 20), (32, 32, 20))
+    write_lits_case(tmp_path, "1", (40, 32, 20), (40, 32, 20))
+    write_lits_case(tmp_path, "2", (32, 32, 20), (32, 32, 9))  # its label does not fit: it fails
+    nib.save(nib.Nifti1Image(np.zeros((96, 96, 20), np.float32), np.eye(4)), tmp_path / "test-volume-3.nii")
+    rows = dict(row.split(None, 1) for row in summarize_dataset(InfoOptions(tmp_path), default_plan_rows).report
+                .splitlines() if not row.startswith(" "))
+    assert rows["plan"].startswith("`ossnet train` with its defaults (ossnet-c, from the 2 of 3 labelled cases "
+                                   "that load): cases as stored (no reorientation or resampling), CT window "
+                                   "-200..250, resized to the tile 64 x 64 x 64 (")
+    assert rows["tiles"] == "per case: 1 x 1 x 1 (3 cases)"  # every case, the test scan too, resized to the cube
+
+
+def test_info_plans_nothing_without_a_labelled_case(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "scan.nii")
+    report = summarize_dataset(InfoOptions(tmp_path / "scan.nii", check=True), default_plan_rows).report
+    assert "plan          n/a (no labelled case read; training needs labels)" in report.splitlines()

@@ -309,8 +309,13 @@ def describe_plan(plan: PreprocessConfig, case_shapes: Sequence[Shape3] = (), ti
     shape = " x ".join(map(str, plan.working_shape)) if plan.working_shape else "each case's own"
     line = f"plan: {grid}{crop}{window}, {fit} to the tile {shape}{f' ({tile_note})' if tile_note else ''}"
     if case_shapes and plan.working_shape:
-        grids = [plan.working_shape if plan.fit == "resize" else plan.working_shape_for(case) for case in case_shapes]
-        counts = max((tuple(map(len, TileLayout.covering(grid, plan.working_shape).origins)) for grid in grids),
-                     key=math.prod)
+        counts = max(tile_counts(plan, case_shapes), key=math.prod)
         line += f"; the largest case needs {' x '.join(map(str, counts))} tile{'s' if math.prod(counts) > 1 else ''}"
     return line
+
+
+def tile_counts(plan: PreprocessConfig, case_shapes: Sequence[Shape3]) -> list[Shape3]:
+    """How many tiles of the plan's working shape cover each case per axis (`TileLayout.covering`, docs/method.md
+    §5.6), e.g. (2, 1, 1). case_shapes: as for `describe_plan`; a resized plan fits every case in one tile."""
+    grids = [plan.working_shape if plan.fit == "resize" else plan.working_shape_for(case) for case in case_shapes]
+    return [tuple(map(len, TileLayout.covering(grid, plan.working_shape).origins)) for grid in grids]

@@ -5,7 +5,9 @@ voxels, so at most `max_cases` labels are counted. By default image voxels are n
 file or NaN voxels go unnoticed until training prepares the case; `check=True` loads every case in full
 (`CaseSource.load`: corruption, NaN/Inf, label values), lists those failures too and adds what only the
 voxels tell (the fingerprint's nonzero box and intensity percentiles, `data.plan`). The report says which
-check ran. A case that fails is reported with its reason and the check goes on; `DatasetSummary.
+check ran. Given `plan_rows` (the CLI passes `training.run_data.default_plan_rows`, since `data` does not
+import `training`), it also says what `ossnet train` would plan from the cases read and how many tiles each
+needs. A case that fails is reported with its reason and the check goes on; `DatasetSummary.
 raise_for_failures` then fails as a whole, so that `ossnet info` can gate a pipeline as nnU-Net's dataset
 integrity check does.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from tqdm import tqdm
 
 from ossnet.data.case import CaseHeader, CaseSource, label_value_counts
 from ossnet.data.plan import CaseFingerprint, DatasetFingerprint, fingerprint_case
-from ossnet.data.readers import LAYOUT_HELP, LayoutChoice, open_dataset
+from ossnet.data.readers import LAYOUT_HELP, Dataset, LayoutChoice, open_dataset
 from ossnet.data.targets import TARGET_NAMES
 from ossnet.errors import CaseError, DatasetError
 from ossnet.options import check_fields, option, positive
@@ -44,6 +47,20 @@ class InfoOptions:
 
 
 @dataclass(frozen=True)
+class CheckedCase:
+    """A case `summarize_dataset` read without failure: its header, its fingerprint (voxel check only) and
+    whether it is labelled (a training case) or a test case."""
+
+    header: CaseHeader
+    fingerprint: CaseFingerprint | None
+    labelled: bool
+
+
+# Rows (key, value) of the report on what training would make of the cases read, from the dataset and them.
+PlanRows = Callable[[Dataset, list[CheckedCase]], list[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
 class DatasetSummary:
     """What `summarize_dataset` found: the report `ossnet info` prints and the cases that failed in it."""
 
@@ -60,32 +77,33 @@ class DatasetSummary:
                                f"the report lists each")
 
 
-def summarize_dataset(options: InfoOptions) -> DatasetSummary:
+def summarize_dataset(options: InfoOptions, plan_rows: PlanRows | None = None) -> DatasetSummary:
     """Open `options.path` as a dataset and report on it (see `DatasetSummary.report`), reading the headers of
     every case, the labels of at most `options.max_cases` cases and, with `options.check`, every voxel of every
-    case (slow: the whole dataset). A case that fails is listed and the others are still read."""
+    case (slow: the whole dataset). A case that fails is listed and the others are still read. `plan_rows`,
+    called with the dataset and the cases read, adds its rows after the label voxels."""
     dataset = open_dataset(options.path, options.layout)
     max_cases, check = options.max_cases, options.check
-    headers: list[CaseHeader] = []
-    fingerprints: list[CaseFingerprint] = []
+    checked: list[CheckedCase] = []
     failures: list[str] = []
     voxel_counts: Counter[int] = Counter()
     labels_read = 0
     sources = dataset.cases + dataset.test_cases
-    for source in tqdm(sources, desc="checking cases", unit="case", file=sys.stderr):
+    for index, source in enumerate(tqdm(sources, desc="checking cases", unit="case", file=sys.stderr)):
         count_label = source.label_path is not None and (max_cases is None or labels_read < max_cases)
         try:
             header, label, fingerprint = _read(source, check, count_label)
         except CaseError as error:
             failures.append(f"{source.case_id}: {' '.join(str(error).split())}")  # nibabel's can span lines
             continue
-        headers.append(header)
-        fingerprints += [fingerprint] if fingerprint else []
+        checked.append(CheckedCase(header, fingerprint, labelled=index < len(dataset.cases)))
         if label is not None and count_label:
             values, counts = label_value_counts(label)
             voxel_counts.update(dict(zip(values.tolist(), counts.tolist())))
             labels_read += 1
 
+    headers = [case.header for case in checked]
+    fingerprints = [case.fingerprint for case in checked if case.fingerprint is not None]
     targets = ", ".join(f"{name} (default)" if name == dataset.default_target else name
                         for name in TARGET_NAMES[dataset.layout])
     lines = [
@@ -101,6 +119,7 @@ def summarize_dataset(options: InfoOptions) -> DatasetSummary:
         f"orientations  {_orientations(headers)}",
         *(DatasetFingerprint(dataset.channel_names, tuple(fingerprints)).voxel_lines() if fingerprints else []),
         f"label voxels  {_fractions(voxel_counts, labels_read, len(dataset.cases))}",
+        *(f"{key:13} {value}" for key, value in (plan_rows(dataset, checked) if plan_rows else [])),
         "check         " + ("voxels read (every image and label loaded)" if check else
                             "headers only (image voxels not read: truncated files and NaN go unnoticed)"),
         f"failures      {len(failures)} of {len(sources)} cases",

@@ -4,7 +4,8 @@ cases, and the model sizes they decide.
 A new run splits the dataset (`run_files.choose_split`) and plans its preprocessing from the fingerprint of
 the run's cases, with a tile whose training step fits the memory budget (docs/method.md §2.1); a resumed run
 takes both from its checkpoint, so that it trains on the same arrays. Preprocessed arrays are cached
-(`cache_folder`); under torchrun every rank prepares its share.
+(`cache_folder`); under torchrun every rank prepares its share. `ossnet info` shows the plan a new run with
+the default settings would make, and the tiles each case needs on it (`default_plan_rows`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,9 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ossnet import models
-from ossnet.data import (CaseSource, PreparedCache, PreprocessConfig, Target, dataset_preprocess_config,
-                         describe_plan, fingerprint_dataset, get_target, open_dataset, plan_preprocessing,
-                         planned_shapes)
+from ossnet.data import (CaseSource, CheckedCase, Dataset, DatasetFingerprint, PreparedCache, PreprocessConfig,
+                         Target, dataset_preprocess_config, describe_plan, fingerprint_dataset, get_target,
+                         open_dataset, plan_preprocessing, planned_shapes, tile_counts)
 from ossnet.data.preprocess import Shape3
 from ossnet.data.tiles import largest_tile
 from ossnet.device import check_memory
@@ -108,28 +110,96 @@ def model_config(config: TrainConfig, sizes: tuple[int, int], plan: PreprocessCo
 def plan_run(config: TrainConfig, sources: list[CaseSource], layout: str, sizes: tuple[int, int], cache_dir: Path,
              context: DistributedContext) -> PreprocessConfig:
     """The preprocessing plan from the fingerprint of the run's cases (rank 0 computes it; the others read
-    its cached fingerprints) with its tile (`plan_tile`), printed so that the user sees what every case goes
-    through. sizes: (image channels, target classes)."""
-    spacing = ("native" if layout == "lits" else "median") if config.spacing == "auto" else config.spacing
-    if spacing == "native":  # headers suffice
-        case_shapes = [s.inspect().shape for s in sources]
-        plan = dataset_preprocess_config(layout, case_shapes, config.tile)
+    its cached fingerprints), or from their headers for a native plan, with its tile (`plan_new_run`), printed
+    so that the user sees what every case goes through. sizes: (image channels, target classes)."""
+    if run_spacing(config, layout) == "native":  # headers suffice
+        cases = [s.inspect().shape for s in sources]
     else:
         for main_turn in (True, False):
             if context.is_main == main_turn:
-                fingerprint = fingerprint_dataset(sources, cache_dir)
+                cases = fingerprint_dataset(sources, cache_dir)
             barrier(context)
-        plan = plan_preprocessing(fingerprint, layout, config.tile, spacing=spacing)
-        case_shapes = planned_shapes(fingerprint, plan)
-    tile, step_bytes = plan_tile(config, sizes, plan)
-    plan = replace(plan, working_shape=tile)
+    plan, line = plan_new_run(config, layout, sizes, cases)
     if context.is_main:
-        print(describe_plan(plan, case_shapes, tile_note(config, step_bytes)), file=sys.stderr)
+        print(line, file=sys.stderr)
     # a case on the working grid: its channels, label, border band and the copies preparing it makes
     check_memory(math.prod(plan.working_shape) * (sizes[0] + 2) * 4 * PREPARATION_COPIES,
                  f"a case at the plan's working shape {' x '.join(map(str, plan.working_shape))} (choose a "
                  f"coarser --spacing or a smaller --tile)")
     return plan
+
+
+def run_spacing(config: TrainConfig, layout: str) -> str | tuple[float, float, float]:
+    """`--spacing` of a new run, auto decided: native for LiTS (the paper resizes it to a cube), else median."""
+    if config.spacing != "auto":
+        return config.spacing
+    return "native" if layout == "lits" else "median"
+
+
+def plan_new_run(config: TrainConfig, layout: str, sizes: tuple[int, int],
+                 cases: Sequence[Shape3] | DatasetFingerprint) -> tuple[PreprocessConfig, str]:
+    """The preprocessing plan of a new run on `cases` with its tile (`plan_tile`), and the line `ossnet train`
+    prints of it (`describe_plan`). cases: their fingerprint, or for a native plan (`run_spacing`) their stored
+    shapes (headers) alone. sizes: (image channels, target classes)."""
+    spacing = run_spacing(config, layout)
+    if isinstance(cases, DatasetFingerprint):
+        plan = plan_preprocessing(cases, layout, config.tile, spacing=spacing)
+        case_shapes = planned_shapes(cases, plan)
+    elif spacing == "native":
+        case_shapes = list(cases)
+        plan = dataset_preprocess_config(layout, case_shapes, config.tile)
+    else:
+        raise ValueError(f"plan_new_run: a plan at spacing {spacing} needs the cases' fingerprint, not their shapes")
+    tile, step_bytes = plan_tile(config, sizes, plan)
+    plan = replace(plan, working_shape=tile)
+    return plan, describe_plan(plan, case_shapes, tile_note(config, step_bytes))
+
+
+def default_plan_rows(dataset: Dataset, cases: list[CheckedCase]) -> list[tuple[str, str]]:
+    """`ossnet info`'s rows (`summarize_dataset`'s `plan_rows`): the plan `ossnet train DATA` would make with its
+    default settings from the labelled cases read, as it prints it (`plan_new_run`), and how many tiles each
+    case read needs on that plan (test cases too: prediction tiles them alike). A plan at the median spacing
+    needs the fingerprints, which only the voxel check computes; they are taken from it, so no case is read
+    twice and no fingerprint cache is written into the dataset."""
+    config = TrainConfig(data=dataset.root, run_dir=Path())  # the defaults; no run folder is made
+    spacing = run_spacing(config, dataset.layout)
+    labelled = [case for case in cases if case.labelled]
+    if not labelled:
+        return [("plan", "n/a (no labelled case read; training needs labels)")]
+    if spacing != "native" and labelled[0].fingerprint is None:
+        return [("plan", f"--check shows it, its tile and the tiles per case (--spacing auto is {spacing} for "
+                         f"{dataset.layout}: the plan needs the voxels)")]
+
+    def planned(group: list[CheckedCase]) -> list[Shape3] | DatasetFingerprint:
+        if spacing == "native":
+            return [case.header.shape for case in group]
+        return DatasetFingerprint(dataset.channel_names, tuple(case.fingerprint for case in group))
+
+    try:
+        target = get_target(dataset.layout, config.target, dataset.label_values)
+        plan, line = plan_new_run(config, dataset.layout, (len(dataset.channel_names), len(target.class_names)),
+                                  planned(labelled))
+    except OssnetError as error:
+        return [("plan", f"n/a ({error})")]
+    shapes = planned(cases) if spacing == "native" else planned_shapes(planned(cases), plan)
+    read = (f", from the {len(labelled)} of {len(dataset.cases)} labelled cases that load"
+            if len(labelled) < len(dataset.cases) else "")
+    tiles = _tile_groups([case.header.case_id for case in cases], tile_counts(plan, shapes))
+    return [("plan", f"`ossnet train` with its defaults ({config.model}{read}): {line.removeprefix('plan: ')}"),
+            ("tiles", f"per case: {tiles}")]
+
+
+def _tile_groups(case_ids: list[str], counts: list[Shape3]) -> str:
+    """`1 x 1 x 1 (12 cases), 2 x 1 x 1 (3 cases: a, b, c)`: the cases grouped by their tiles per axis, fewest
+    first, naming the first three of each group that needs more than one tile."""
+    groups: dict[Shape3, list[str]] = {}
+    for case_id, count in sorted(zip(case_ids, counts), key=lambda pair: (math.prod(pair[1]), pair[1])):
+        groups.setdefault(count, []).append(case_id)
+    parts = []
+    for count, ids in groups.items():
+        named = f": {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}" if math.prod(count) > 1 else ""
+        parts.append(f"{' x '.join(map(str, count))} ({len(ids)} case{'s' if len(ids) > 1 else ''}{named})")
+    return ", ".join(parts)
 
 
 def plan_tile(config: TrainConfig, sizes: tuple[int, int], plan: PreprocessConfig) -> tuple[Shape3, int]:
