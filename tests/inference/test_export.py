@@ -1,15 +1,17 @@
 """Specifications of ossnet.inference.export: NIfTI, meshes in world mm, overlay figures."""
 
 import math
+import tracemalloc
 
 import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.openers import Opener
 
 from ossnet.errors import OssnetError
 from ossnet.inference import export
-from ossnet.inference.export import save_nifti, save_overlays, surface_mesh, write_mesh
+from ossnet.inference.export import NiftiSlabWriter, save_nifti, save_overlays, surface_mesh, write_mesh
 
 SPACING = (1.0, 1.5, 2.0)
 SHAPE = (24, 16, 12)  # 24 x 24 x 24 mm
@@ -80,15 +82,116 @@ def test_save_nifti_is_atomic_and_keeps_the_old_file_when_writing_fails(tmp_path
     save_nifti(np.zeros(SHAPE, dtype=bool), oblique_affine(), path)  # overwriting leaves one file
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
 
-    def write_half_then_fail(image, filename):
-        open(filename, "wb").write(b"partial")
-        raise OSError("disk full")
+    class DiskFullAfterTheHeader(Opener):
+        def write(self, data):
+            if self.tell() >= 352:
+                raise OSError("disk full")
+            return super().write(data)
 
-    monkeypatch.setattr(export.nib, "save", write_half_then_fail)
+    monkeypatch.setattr(export, "Opener", DiskFullAfterTheHeader)
     with pytest.raises(OssnetError, match="disk full"):
         save_nifti(np.ones(SHAPE, dtype=bool), oblique_affine(), path)
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
     assert not np.asanyarray(nib.load(path).dataobj).any()
+
+
+VOLUMES = {"3D uint8 mask": (SHAPE, np.uint8), "4D float32 probabilities": ((*SHAPE, 3), np.float32)}
+SLABS = ((0, 2), (2, 9), (9, 12))  # three slabs of different thickness covering the 12 Z slices of SHAPE
+
+
+def volume_of(kind):
+    """A random (X, Y, Z) mask or (X, Y, Z, 3) probabilities, with its NIfTI dtype."""
+    shape, dtype = VOLUMES[kind]
+    values = np.random.default_rng(0).random(shape)
+    return (values > 0.5 if dtype == np.uint8 else values), dtype
+
+
+def write_in_slabs(path, volume, dtype, header=None):
+    with NiftiSlabWriter(path, volume.shape, oblique_affine(), header=header, dtype=dtype) as writer:
+        for z0, z1 in SLABS:
+            writer.write(volume[:, :, z0:z1])
+    return path
+
+
+def nibabel_save(volume, path, header, dtype):
+    """What save_nifti wrote before NiftiSlabWriter: nibabel's own writing of the whole image."""
+    image = nib.Nifti1Image(volume.astype(dtype), oblique_affine(), header=header)
+    image.set_data_dtype(dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header["cal_min"], image.header["cal_max"] = 0.0, 0.0
+    nib.save(image, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("kind", VOLUMES)
+def test_slabs_of_different_thickness_read_back_as_save_nifti_of_the_whole(tmp_path, kind, suffix):
+    volume, dtype = volume_of(kind)
+    header = reference_header(tmp_path)
+    slabs = nib.load(write_in_slabs(tmp_path / f"slabs{suffix}", volume, dtype, header))
+    whole = nib.load(save_nifti(volume, oblique_affine(), tmp_path / f"whole{suffix}", header=header, dtype=dtype))
+    assert slabs.shape == whole.shape == volume.shape
+    assert slabs.get_data_dtype() == whole.get_data_dtype() == dtype
+    np.testing.assert_array_equal(np.asanyarray(slabs.dataobj), np.asanyarray(whole.dataobj))
+    np.testing.assert_allclose(np.asanyarray(slabs.dataobj), volume, rtol=1e-6)
+    np.testing.assert_array_equal(slabs.affine, whole.affine)
+    np.testing.assert_allclose(slabs.affine, oblique_affine(), atol=1e-5)
+    assert slabs.header.binaryblock == whole.header.binaryblock  # every header field, codes and units included
+    assert (int(slabs.header["qform_code"]), int(slabs.header["sform_code"])) == (1, 4)
+    assert (slabs.dataobj.slope, slabs.dataobj.inter) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("kind", VOLUMES)
+@pytest.mark.parametrize("with_header", [False, True])
+def test_slabs_write_the_bytes_nibabel_writes_for_the_whole_image(tmp_path, kind, suffix, with_header):
+    volume, dtype = volume_of(kind)
+    header = reference_header(tmp_path) if with_header else None
+    slabs = write_in_slabs(tmp_path / f"slabs{suffix}", volume, dtype, header)
+    assert slabs.read_bytes() == nibabel_save(volume, tmp_path / f"nibabel{suffix}", header, dtype).read_bytes()
+
+
+@pytest.mark.parametrize("kind", VOLUMES)
+def test_an_exception_inside_the_block_leaves_the_old_file_and_no_temporary_file(tmp_path, kind):
+    volume, dtype = volume_of(kind)
+    path = tmp_path / "out.nii.gz"
+    path.write_bytes(b"previous")
+    with pytest.raises(RuntimeError, match="decoding failed"):
+        with NiftiSlabWriter(path, volume.shape, oblique_affine(), dtype=dtype) as writer:
+            writer.write(volume[:, :, :5])
+            raise RuntimeError("decoding failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+    assert path.read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("kind", VOLUMES)
+@pytest.mark.parametrize("slices, error", [(11, r"11 of 12 slices written"), (13, r"slices 9-12 go past the volume's 12")])
+def test_too_few_or_too_many_slices_raise_and_leave_nothing(tmp_path, kind, slices, error):
+    volume, dtype = volume_of(kind)
+    slabs = ((0, 9), (9, slices))
+    tall = np.concatenate([volume, volume[:, :, :1]], axis=2)  # one slice more than the volume has
+    with pytest.raises(OssnetError, match=error):
+        with NiftiSlabWriter(tmp_path / "out.nii", volume.shape, oblique_affine(), dtype=dtype) as writer:
+            for z0, z1 in slabs:
+                writer.write(tall[:, :, z0:z1])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_writing_in_slabs_holds_about_one_slab_not_the_volume(tmp_path, suffix):
+    shape, thickness = (64, 64, 256), 64
+    volume = np.random.default_rng(0).random(shape, dtype=np.float32)  # the caller's, allocated before tracing
+    slab_bytes = volume[:, :, :thickness].nbytes  # 1 MiB; the volume is 4 MiB
+    tracemalloc.start()
+    try:
+        with NiftiSlabWriter(tmp_path / f"big{suffix}", shape, np.eye(4), dtype=np.float32) as writer:
+            for z0 in range(0, shape[2], thickness):
+                writer.write(volume[:, :, z0:z0 + thickness])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * slab_bytes  # one slab and gzip's state at most, a quarter of the whole
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / f"big{suffix}").dataobj), volume)
 
 
 # --- meshes --------------------------------------------------------------------------------------------------

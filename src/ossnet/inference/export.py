@@ -1,22 +1,27 @@
 """Writing results: NIfTI volumes, surface meshes (.obj / .ply / .stl) and overlay figures.
 
 Every file is written atomically (a hidden temporary file in the target's folder, then `os.replace`), so a
-reader never sees half a file and an interrupted run leaves the previous file intact. Figures use
-matplotlib's object-oriented `Figure` (Agg rendering, no display, no pyplot global state).
+reader never sees half a file and an interrupted run leaves the previous file intact. NIfTI volumes are
+streamed slab by slab along Z (`NiftiSlabWriter`), so an output larger than memory is never held whole.
+Figures use matplotlib's object-oriented `Figure` (Agg rendering, no display, no pyplot global state).
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
+from nibabel.openers import Opener
 from matplotlib.lines import Line2D
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
-from ossnet.atomic import atomic_path
+from ossnet.atomic import PREFIX, atomic_path
 from ossnet.data.case import spacing_of
 from ossnet.errors import OssnetError
 
@@ -35,20 +40,119 @@ def save_nifti(
 ) -> Path:
     """Write `array (X, Y, Z)` or `(X, Y, Z, K)` on the grid `affine (4, 4)` as NIfTI, keeping a reference header.
 
-    `header` (e.g. the input image's) keeps its qform/sform codes, units and orientation fields; pixdim and
-    the qform/sform matrices are set from `affine`; scaling and display range are reset. `dtype` defaults to
-    uint8 for boolean/integer arrays (masks, class maps) and float32 otherwise (probabilities).
+    The whole array is one slab of a `NiftiSlabWriter` (see there for the header). `dtype` defaults to uint8
+    for boolean/integer arrays (masks, class maps) and float32 otherwise (probabilities).
     """
     array = np.asarray(array)
     if dtype is None:
         dtype = np.float32 if array.dtype.kind == "f" else np.uint8
-    image = nib.Nifti1Image(array.astype(dtype), np.asarray(affine, dtype=np.float64), header=header)
+    with NiftiSlabWriter(path, array.shape, affine, header=header, dtype=dtype) as writer:
+        writer.write(array)
+    return Path(path)
+
+
+class NiftiSlabWriter:
+    """Write a `.nii` or `.nii.gz` volume of `shape (X, Y, Z)` or `(X, Y, Z, K)` slab by slab along Z.
+
+        with NiftiSlabWriter(path, (X, Y, Z, K), affine, header, np.float32) as writer:
+            for slab in slabs:  # (X, Y, dz, K), consecutive, in increasing Z
+                writer.write(slab)
+
+    Each `write` continues where the last ended; the slabs must cover exactly the Z slices of `shape`. A
+    (K, X, Y, dz) slab (the layout of `CasePrediction.probabilities`) is passed as `np.moveaxis(slab, 0, -1)`,
+    a view. The header is `header`'s (e.g. the input image's: qform/sform codes, units, orientation fields)
+    with pixdim and the qform/sform matrices set from `affine (4, 4)` as nibabel sets them (it resets the
+    codes to unknown / aligned when `affine` is not the header's), `dtype` as the data type, slope 1 /
+    intercept 0 and no display range: the file has the bytes `nib.save` writes for the whole array.
+
+    NIfTI stores voxels in Fortran order (X fastest), so the slices of a 3D volume are consecutive runs of
+    the file and go straight into it (through gzip for `.nii.gz`, at nibabel's compression level). In a 4D
+    file K is the slowest axis (all of class k before class k + 1): each class is streamed to its own
+    anonymous temporary file in the target's folder, and the classes are appended after the header when the
+    writer closes. The writer converts one (X, Y) plane at a time and never copies a slab.
+
+    The file replaces `path` atomically on a clean exit (`atomic_path`); an exception inside the block, or
+    slabs that do not cover `shape`'s Z slices (OssnetError), leave neither the file nor a temporary file.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, ...], affine: np.ndarray,
+                 header: nib.Nifti1Header | None = None, dtype: np.dtype | type = np.uint8) -> None:
+        self.path = Path(path)
+        if not self.path.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{self.path}: NiftiSlabWriter writes .nii or .nii.gz files")
+        self.shape = tuple(int(n) for n in shape)
+        if len(self.shape) not in (3, 4):
+            raise ValueError(f"NiftiSlabWriter writes (X, Y, Z) or (X, Y, Z, K) volumes, got shape {self.shape}")
+        self.header = nifti_header(self.shape, affine, header, dtype)
+        self.slices_written = 0
+        self._file: Opener | None = None
+        self._streams: list = []  # one per class: the file itself (3D) or the class's temporary file (4D)
+        self._resources: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> NiftiSlabWriter:
+        with contextlib.ExitStack() as resources:
+            temporary = resources.enter_context(atomic_path(self.path))
+            # nibabel's opener, so that a .nii.gz is nibabel's gzip stream: its level, and no file name or
+            # time stamp in the gzip header (gzip.open would record the temporary file's name and the time)
+            self._file = resources.enter_context(Opener(str(temporary), "wb"))
+            self.header.write_to(self._file)
+            self._file.write(bytes(self.header.get_data_offset() - self._file.tell()))
+            if len(self.shape) == 3:
+                self._streams = [self._file]
+            else:
+                self._streams = [resources.enter_context(tempfile.TemporaryFile(prefix=f"{PREFIX}.",
+                                                                                dir=self.path.parent))
+                                 for _ in range(self.shape[3])]
+            self._resources = resources.pop_all()
+        return self
+
+    def write(self, slab: np.ndarray) -> None:
+        """Append `slab (X, Y, dz)` or `(X, Y, dz, K)` (any memory order) at the next Z slices."""
+        slab = np.asarray(slab)
+        if slab.ndim != len(self.shape) or slab.shape[:2] != self.shape[:2] or slab.shape[3:] != self.shape[3:]:
+            raise ValueError(f"{self.path}: a slab of shape {slab.shape} does not fit a volume of {self.shape}")
+        end = self.slices_written + slab.shape[2]
+        if end > self.shape[2]:
+            raise OssnetError(f"{self.path}: slices {self.slices_written}-{end - 1} go past the volume's "
+                              f"{self.shape[2]} slices")
+        disk_dtype = self.header.get_data_dtype()  # with the header's byte order, as nibabel writes it
+        by_class = slab if slab.ndim == 4 else slab[..., np.newaxis]  # (X, Y, dz, K); a 3D volume is one class
+        for z in range(by_class.shape[2]):
+            for stream, plane in zip(self._streams, np.moveaxis(by_class[:, :, z], -1, 0)):
+                stream.write(np.asarray(plane, dtype=disk_dtype).tobytes(order="F"))
+        self.slices_written = end
+
+    def __exit__(self, kind, error, traceback) -> bool | None:
+        resources, self._resources = self._resources, None
+        if kind is not None:
+            return resources.__exit__(kind, error, traceback)
+        with resources:
+            if self.slices_written != self.shape[2]:
+                raise OssnetError(f"{self.path}: {self.slices_written} of {self.shape[2]} slices written")
+            if len(self.shape) == 4:
+                self._append_classes()
+        return None
+
+    def _append_classes(self) -> None:
+        """Copy each class's temporary file, in class order, after the header (a bounded buffer at a time)."""
+        for stream in self._streams:
+            stream.seek(0)
+            shutil.copyfileobj(stream, self._file)
+
+
+def nifti_header(shape: tuple[int, ...], affine: np.ndarray, header: nib.Nifti1Header | None,
+                 dtype: np.dtype | type) -> nib.Nifti1Header:
+    """The single-file header nibabel writes for an array of `shape` and `dtype` on `affine`, from `header`.
+
+    nibabel's image class decides the qform/sform fields (keeping `header`'s codes when `affine` is its
+    affine); it is given a zero-strided stand-in of `shape`, one element in memory, as the data."""
+    stand_in = np.broadcast_to(np.zeros((), dtype=dtype), shape)
+    image = nib.Nifti1Image(stand_in, np.asarray(affine, dtype=np.float64), header=header)
     image.set_data_dtype(dtype)
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0.0, 0.0
-    with atomic_path(path) as temporary:
-        nib.save(image, temporary)
-    return Path(path)
+    image.update_header()
+    return image.header
 
 
 def write_mesh(
