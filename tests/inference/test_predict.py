@@ -185,3 +185,11 @@ def test_multi_class_masks_are_written_in_the_datasets_label_values(tiny_brats, 
         expected = 1.0 if predicted == true == 0 else 2 * min(predicted, true) / (predicted + true)  # both empty: 1
         assert score.dice == pytest.approx(expected)
     assert (truth == 1).any()  # the blobs are oedema (raw 2): class 1 is scored on a real overlap
+
+    # the class probabilities are the 4th NIfTI axis, on the mask's grid and affine
+    predict(checkpoint, case_dir, tmp_path / "with-probabilities",
+            PredictOptions(decode=DecodeOptions(probabilities=True)))
+    probabilities = nib.load(tmp_path / "with-probabilities" / f"{case_dir.name}_prob.nii.gz")
+    assert probabilities.shape == (*mask.shape, 4)
+    assert np.allclose(probabilities.affine, nib.load(tmp_path / "out" / f"{case_dir.name}.nii.gz").affine)
+    assert np.all(np.asarray(probabilities.dataobj).argmax(axis=-1) == winning_class)

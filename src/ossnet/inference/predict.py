@@ -319,8 +319,10 @@ def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Pa
     header = case.header if same_grid else None
     save_nifti(prediction.labels, prediction.affine, paths["mask"], header=header, dtype=prediction.labels.dtype)
     if "probabilities" in paths:
-        save_nifti(prediction.probabilities, prediction.affine, paths["probabilities"], header=header,
-                   dtype=np.float32)
+        # (K, X, Y, Z) class probabilities go to the 4th NIfTI axis: (X, Y, Z, K)
+        probabilities = prediction.probabilities
+        save_nifti(probabilities if probabilities.ndim == 3 else np.moveaxis(probabilities, 0, -1),
+                   prediction.affine, paths["probabilities"], header=header, dtype=np.float32)
     if "mesh" in paths:
         write_mesh(prediction.labels > 0, prediction.affine, paths["mesh"])
     if "overlay" in paths:
