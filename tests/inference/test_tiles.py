@@ -59,3 +59,42 @@ def test_a_scan_four_tiles_wide_is_segmented_whole_with_structures_near_opposite
     for corner in (np.s_[:half, :half, :half], np.s_[half:, half:, half:]):
         assert dice(mask[corner], label[corner]) > 0.7  # each structure found where it is
     assert result.fraction_of_dense < 1.2
+
+
+def smooth_field(points: np.ndarray) -> np.ndarray:
+    """A probability that varies everywhere, at working coordinates (..., 3)."""
+    return 0.5 + 0.45 * np.sin(points @ np.array([0.21, -0.13, 0.17]))
+
+
+@pytest.mark.parametrize("to_working", [
+    np.eye(4),                                                               # the working grid itself
+    np.array([[0, 0, -0.5, 39.75], [0, -0.5, 0, 47.75], [-0.5, 0, 0, 35.75], [0, 0, 0, 1.0]]),  # finer, flipped
+], ids=["working grid", "finer, permuted and flipped"])
+def test_blended_tiles_give_a_field_every_tile_agrees_on_exactly_row_by_row(to_working, monkeypatch):
+    """Where every tile returns the same field, the blend is that field on the whole query grid (the weights sum
+    to 1), whichever way the grid's last axis runs through the rows of tiles."""
+    from types import SimpleNamespace
+
+    import ossnet.inference.tiles as tiles
+    from ossnet.inference.engine import DecodeOptions, SegmentationResult
+    from ossnet.inference.grid import QueryGrid
+
+    working_shape = (40, 48, 36)
+    origins = np.zeros((3, *working_shape), dtype=np.float32)  # each voxel holds its own working index
+    origins[:] = np.stack(np.meshgrid(*[np.arange(n) for n in working_shape], indexing="ij"))
+
+    def one_tile(model, tile, global_tile, options, device, grid):
+        local = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), -1) @ grid.to_working[:3, :3].T
+        points = local + grid.to_working[:3, 3] + tile[:, 0, 0, 0]  # tile voxel 0 is the tile's origin
+        return SegmentationResult(np.zeros(grid.shape, np.uint8), smooth_field(points)[None].astype(np.float32),
+                                  int(np.prod(grid.shape)), 1.0, "dense", {1: int(np.prod(grid.shape))})
+
+    monkeypatch.setattr(tiles, "segment_occupancy", one_tile)
+    model = SimpleNamespace(config=SimpleNamespace(input_shape=(16, 16, 16), num_classes=1, global_downscale=2))
+    shape = (72, 96, 80) if to_working[0, 2] else working_shape
+    grid = QueryGrid(shape, to_working)
+    result = tiles.segment_tiles(model, origins, DecodeOptions(probabilities=True), "cpu", grid)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float64)
+    expected = smooth_field(index @ to_working[:3, :3].T + to_working[:3, 3])
+    assert np.allclose(result.probabilities[0], expected, atol=1e-5)
+    assert np.array_equal(result.labels, (result.probabilities[0] > 0.5).astype(np.uint8))

@@ -17,43 +17,79 @@ import torch
 from tqdm import tqdm
 
 from ossnet.data.tiles import TileLayout, cut_tile
+from ossnet.data.working import WorkingVolume
 from ossnet.inference.engine import DecodeOptions, SegmentationResult, labels_of
 from ossnet.inference.grid import QueryGrid
 from ossnet.inference.occupancy import segment_occupancy
 from ossnet.models import OccupancyNetwork
 
 
-def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor, options: DecodeOptions,
+def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | WorkingVolume, options: DecodeOptions,
                   device: torch.device, grid: QueryGrid) -> SegmentationResult:
     """Segment the working grid of `volume` (C, X', Y', Z'), larger than the model's input shape on some axis,
-    on `grid`: one `segment_occupancy` per tile that reaches a voxel of `grid`, blended."""
+    on `grid`: one `segment_occupancy` per tile that reaches a voxel of `grid`, blended.
+
+    `volume` may be a `data.working.WorkingVolume`, which computes each tile when it is cut. The tiles go in
+    rows along the working axis that runs along `grid`'s last axis, and the blend is held only for the rows
+    not yet finished: memory grows with the class map (a byte per voxel of `grid`) and, if asked for, the
+    probabilities, not with the blend of the whole grid."""
     config = model.config
     layout = TileLayout.covering(tuple(volume.shape[1:]), tuple(config.input_shape))
     axes = _parallel_axes(grid)
-    blended = torch.zeros((config.num_classes, *grid.shape), dtype=torch.float32)
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    probabilities = np.zeros((config.num_classes, *grid.shape), dtype=np.float32) if options.probabilities else None
     stage_queries: Counter[int] = Counter()
     mode = options.mode
     tile_options = replace(options, probabilities=True)
-    for origin in tqdm(layout.tiles(), desc="tiles", unit="tile", leave=False):
-        box, weight = _reach(layout, origin, grid, axes)
-        if box is None:
-            continue
-        start = np.eye(4)
-        start[:3, 3] = [s.start for s in box]
-        to_tile = np.eye(4)
-        to_tile[:3, 3] = -np.asarray(origin, dtype=np.float64)
-        tile, global_tile = cut_tile(volume, origin, layout.tile, config.global_downscale)
-        tile_grid = QueryGrid(tuple(s.stop - s.start for s in box), to_tile @ grid.to_working @ start)
-        result = segment_occupancy(model, tile, global_tile, tile_options, device, tile_grid)
-        blended[(slice(None), *box)] += torch.from_numpy(result.probabilities) * weight
-        stage_queries.update(result.stage_queries)
-        mode = result.mode
+    # the blend of grid slices [pending_start, pending_start + len) along grid's last axis, not yet final
+    pending, pending_start = torch.zeros((config.num_classes, *grid.shape[:2], 0)), 0
+
+    def finish(stop: int) -> None:
+        nonlocal pending, pending_start
+        done, pending = pending[..., :stop - pending_start], pending[..., stop - pending_start:]
+        labels[..., pending_start:stop] = labels_of(done, options.threshold).numpy()
+        if probabilities is not None:
+            probabilities[..., pending_start:stop] = done.numpy()
+        pending_start = stop
+
+    progress = tqdm(total=len(layout), desc="tiles", unit="tile", leave=False)
+    for row in _rows(layout, axes):
+        reached = [(origin, *_reach(layout, origin, grid, axes)) for origin in row]
+        reached = [(origin, box, weight) for origin, box, weight in reached if box is not None]
+        if reached:
+            low, high = reached[0][1][2].start, reached[0][1][2].stop
+            finish(max(low, pending_start))
+            grown = torch.zeros((config.num_classes, *grid.shape[:2], max(high, pending_start + pending.shape[-1])
+                                 - pending_start))
+            grown[..., :pending.shape[-1]] = pending
+            pending = grown
+        for origin, box, weight in reached:
+            start = np.eye(4)
+            start[:3, 3] = [s.start for s in box]
+            to_tile = np.eye(4)
+            to_tile[:3, 3] = -np.asarray(origin, dtype=np.float64)
+            tile, global_tile = cut_tile(volume, origin, layout.tile, config.global_downscale)
+            tile_grid = QueryGrid(tuple(s.stop - s.start for s in box), to_tile @ grid.to_working @ start)
+            result = segment_occupancy(model, tile, global_tile, tile_options, device, tile_grid)
+            rows = slice(box[2].start - pending_start, box[2].stop - pending_start)
+            pending[(slice(None), box[0], box[1], rows)] += torch.from_numpy(result.probabilities) * weight
+            stage_queries.update(result.stage_queries)
+            mode = result.mode
+        progress.update(len(row))
+    progress.close()
+    finish(pending_start + pending.shape[-1])
     queries = sum(stage_queries.values())
-    return SegmentationResult(
-        labels=labels_of(blended, options.threshold).numpy(),
-        probabilities=blended.numpy() if options.probabilities else None,
-        queries=queries, fraction_of_dense=queries / float(np.prod(grid.shape)), mode=mode,
-        stage_queries=dict(stage_queries))
+    return SegmentationResult(labels=labels, probabilities=probabilities, queries=queries,
+                              fraction_of_dense=queries / float(np.prod(grid.shape)), mode=mode,
+                              stage_queries=dict(stage_queries))
+
+
+def _rows(layout: TileLayout, axes: list[tuple[int, float, float]]) -> list[list[tuple[int, int, int]]]:
+    """The tiles in rows: those sharing their origin along the working axis that runs along the grid's last
+    axis, rows in the order that axis runs (so that each row reaches no grid slice before the previous one)."""
+    along = next(a for a, (g, _, _) in enumerate(axes) if g == 2)
+    starts = sorted(layout.origins[along], reverse=axes[along][1] < 0)
+    return [[origin for origin in layout.tiles() if origin[along] == start] for start in starts]
 
 
 def _parallel_axes(grid: QueryGrid) -> list[tuple[int, float, float]]:
