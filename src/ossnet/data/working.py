@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ossnet.data.targets import Target
 
 # Voxels (all channels together) a slab of the statistics pass reads at once.
-SLAB_VOXELS = 2**24
+SLAB_VOXELS = 2**20
 
 
 class ImageArray(Protocol):

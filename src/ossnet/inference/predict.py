@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ossnet.data import (LAYOUT_HELP, Case, CaseSource, Geometry, LayoutChoice, PreprocessConfig, Target,
@@ -44,9 +45,11 @@ MeshFormat = Literal["obj", "ply", "stl"]
 ChannelMatching = Literal["names", "position"]
 
 
-# Bytes per voxel of the output grid that prediction holds at once (labels, probabilities and the engine's
-# lattices, with room to spare): the basis of the memory estimate that refuses a huge --scale up front.
-BYTES_PER_OUTPUT_VOXEL = 24
+# Bytes per voxel of the output grid that prediction holds at once, the basis of the memory estimate that
+# refuses a huge --scale up front: the class map and its copies (placing it, label values, the components of
+# post-processing), with room to spare; with --save-probabilities two float32 copies per class more; a U-Net,
+# which predicts the whole working grid at once, also its input and logits.
+BYTES_PER_OUTPUT_VOXEL = 8
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,7 @@ def _predict_shared(predictor: Predictor, sources: list[CaseSource], output_dir:
 def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path,
                     options: PredictOptions) -> CaseSummary:
     """Segment one case, write its files and print its line; only the summary outlives the call."""
-    check_output_room(source.inspect().shape, options, output_dir, predictor.model.config.num_classes)
+    check_output_room(source.inspect().shape, options, output_dir, predictor.model)
     with tempfile.TemporaryDirectory(prefix=".ossnet-scratch-", dir=output_dir) as scratch:
         image = source.open_blocks(Path(scratch))
         first = image.images[0]
@@ -299,16 +302,20 @@ def _refuse_existing_outputs(sources: list[CaseSource], output_dir: Path, option
                           "pass --overwrite to replace them or choose another -o", reports=context.is_main)
 
 
-def check_output_room(shape: tuple[int, int, int], options: PredictOptions, output_dir: Path, classes: int) -> None:
+def check_output_room(shape: tuple[int, int, int], options: PredictOptions, output_dir: Path,
+                      model: torch.nn.Module) -> None:
     """OssnetError before anything is allocated or written when the output grid of a case of `shape` at
     `options.scale` cannot fit in memory (e.g. --scale 1000), or its files on the disk of `output_dir` (the
     mask at a byte per voxel, probabilities at 4 bytes per voxel and class: uncompressed, an upper bound)."""
+    config = model.config
     grid = fine_grid_shape(shape, options.decode.scale)
     voxels = math.prod(grid)
-    copies = 2 if options.decode.probabilities else 1
+    per_voxel = BYTES_PER_OUTPUT_VOXEL + (8 * config.num_classes if options.decode.probabilities else 0)
+    if not isinstance(model, OccupancyNetwork):
+        per_voxel += 4 * (config.in_channels + 2 * config.num_classes)
     what = f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)"
-    check_memory(voxels * BYTES_PER_OUTPUT_VOXEL * copies, what)
-    check_disk(output_dir, voxels * (1 + (4 * classes if options.decode.probabilities else 0)),
+    check_memory(voxels * per_voxel, what)
+    check_disk(output_dir, voxels * (1 + (4 * config.num_classes if options.decode.probabilities else 0)),
                f"the outputs of {what}")
 
 
