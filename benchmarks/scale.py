@@ -3,12 +3,13 @@
 An OSS-Net C (decoder width 128, as the demo) is trained on one-channel synthetic cases twice its 64^3 tile per
 axis (bright balls in noise, so it trains on random tiles), then segments cubes of growing side with balls near
 opposite corners and at the centre, each cube a fresh `ossnet predict` process: seconds, peak resident memory,
-decoder queries per voxel, tiles, and the Dice against the balls. Training: one epoch on two cases of each size
-in a fresh `ossnet train` process (peak resident memory includes preparing the cases). What this shows is
-where the memory still grows with the scan: prediction and preparation hold the whole volume in float32
-(reading, normalising and resampling are not yet done per tile), while the network's own work is one tile's.
+decoder queries per voxel, tiles, and the Dice against the balls. The baselines predict the same cubes in fresh
+processes: the patch U-Net (MONAI sliding window over its preset patch) and the whole-volume U-Net3D, untrained
+(a dense network's memory and time do not depend on its weights), up to `--unet-sides`. Training: one epoch on
+two cases of each size in a fresh `ossnet train` process (peak resident memory includes preparing the cases,
+which is still done on the whole volume).
 
-    .venv/bin/python benchmarks/scale.py [--quick]
+    .venv/bin/python benchmarks/scale.py [--quick] [--sides 128 256 384 512] [--unet-sides 128 256]
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from dataclasses import asdict
+
 import nibabel as nib
 import numpy as np
 from common import GB, REPO, Provenance, argument_parser, markdown_table, write_results
 
+from ossnet.data import PreprocessConfig
 from ossnet.data.tiles import TileLayout
+from ossnet.models import PRESETS, create, save
 
 TILE = (64, 64, 64)
+PATCH = PRESETS["unet3d-patch"].patch_shape
 MODEL = ("--override", "decoder_width=128")
 AFFINE = np.eye(4)
 # Peak resident memory of the process, printed by the child as its last line.
@@ -62,22 +68,39 @@ def write_dataset(root: Path, shape, cases: int, seed: int) -> Path:
     return root
 
 
-def measured(args: list[str]) -> tuple[float, int, str]:
-    """Run `ossnet ARGS` in a fresh process -> (seconds, peak resident bytes, stdout)."""
+def measured(args: list[str], must: bool = True) -> tuple[float, int | None, str]:
+    """Run `ossnet ARGS` in a fresh process -> (seconds, peak resident bytes, stdout); a failure stops the
+    benchmark when `must`, else it is returned as (seconds, None, its last line of stderr)."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", MEASURED, *map(str, args)], capture_output=True, text=True,
                           cwd=REPO)
     seconds = time.perf_counter() - started
     if done.returncode:
-        raise SystemExit(f"ossnet {' '.join(map(str, args))} failed: {done.stderr.strip().splitlines()[-1]}")
+        last = (done.stderr.strip().splitlines() or ["killed"])[-1]
+        if must:
+            raise SystemExit(f"ossnet {' '.join(map(str, args))} failed: {last}")
+        return seconds, None, last
     peak = int(done.stderr.strip().splitlines()[-1].split()[1])
     return seconds, peak, done.stdout
 
 
+def untrained_unet(path: Path, name: str) -> Path:
+    """A checkpoint of the untrained preset `name` (the patch U-Net keeps its preset patch) on one channel, the
+    64^3 tile as its plan."""
+    model = create(name, in_channels=1, num_classes=1, input_shape=TILE)
+    save(path, model, preprocess=asdict(PreprocessConfig(working_shape=TILE)), layout="msd", target="foreground",
+         label_values=[0, 1], channel_names=["MR"])
+    return path
+
+
 def main() -> None:
-    args = argument_parser(__doc__.split("\n\n")[0]).parse_args()
+    parser = argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--sides", type=int, nargs="+", help="cube sides (default 128 256 384 512; quick 96 128)")
+    parser.add_argument("--unet-sides", type=int, nargs="+", help="sides the U-Nets predict (default 128 256)")
+    args = parser.parse_args()
     provenance = Provenance.collect("cpu")
-    sides = (96, 128) if args.quick else (128, 192, 256)
+    sides = args.sides or ((96, 128) if args.quick else (128, 256, 384, 512))
+    unet_sides = set(args.unet_sides or ((96,) if args.quick else (128, 256)))
     epochs = "4" if args.quick else "30"
     with tempfile.TemporaryDirectory(prefix="ossnet-scale-") as folder:
         root = Path(folder)
@@ -85,8 +108,9 @@ def main() -> None:
         run = root / "run"
         seconds, peak, _ = measured(["train", "--data", data, "-o", run, "--tile", *TILE, "--epochs", epochs,
                                      "--batch-size", "4", "--locations", "8192", "--augment", "none",
-                                     "--device", "cpu", *MODEL])
+                                     "--lr", "1e-2", "--device", "cpu", *MODEL])
         print(f"trained in {seconds:.0f} s, peak {peak / GB:.2f} GB")
+        unets = {name: untrained_unet(root / f"{name}.pt", name) for name in ("unet3d-patch", "unet3d")}
         rows = []
         for side in sides:
             shape = (side, side, side)
@@ -100,6 +124,13 @@ def main() -> None:
             mask = np.asarray(nib.load(out / f"scan-{side}.nii.gz").dataobj) > 0
             dice = 2 * np.count_nonzero(mask & label) / max(1, np.count_nonzero(mask) + np.count_nonzero(label))
             queries = int(stdout.split(" queries")[0].rsplit(" ", 1)[1].replace(",", ""))
+            baselines = {}
+            for name, checkpoint in unets.items():
+                if side in unet_sides:
+                    unet_s, unet_peak, last = measured(["predict", "-c", checkpoint, "-i", scan, "-o",
+                                                        root / f"out-{name}-{side}", "--device", "cpu"], must=False)
+                    baselines[name] = {"seconds": unet_s, "peak_gb": None if unet_peak is None else unet_peak / GB,
+                                       "error": None if unet_peak is not None else last}
             cases = write_dataset(root / f"cases-{side}", shape, 2, seed=side)
             train_s, train_peak, _ = measured(["train", "--data", cases, "-o", root / f"run-{side}", "--tile", *TILE,
                                                "--epochs", "1", "--batch-size", "2", "--locations", "8192",
@@ -108,17 +139,28 @@ def main() -> None:
             rows.append({"side": side, "voxels": side ** 3, "float32_gb": 4 * side ** 3 / GB,
                          "tiles": len(TileLayout.covering(shape, TILE)),
                          "predict_s": predict_s, "predict_peak_gb": predict_peak / GB,
-                         "queries_per_voxel": queries / side ** 3, "dice": dice,
+                         "queries_per_voxel": queries / side ** 3, "dice": dice, "baselines": baselines,
                          "train_epoch_s": train_s, "train_peak_gb": train_peak / GB})
             print(rows[-1], flush=True)
+    def baseline(row: dict, name: str) -> str:
+        result = row["baselines"].get(name)
+        if result is None:
+            return "not run"
+        if result["peak_gb"] is None:
+            return f"failed: {result['error'][:60]}"
+        return f"{result['peak_gb']:.2f} GB, {result['seconds']:.0f} s"
+
     table = markdown_table(
         ["cube", "tiles", "float32 copy (GB)", "predict (s)", "predict peak RSS (GB)", "queries / voxel", "Dice",
-         "train: 1 epoch, 2 cases (s)", "train peak RSS (GB)"],
+         "patch U-Net predict", "U-Net3D predict", "train: 1 epoch, 2 cases (s)", "train peak RSS (GB)"],
         [[f"{r['side']}³", str(r["tiles"]), f"{r['float32_gb']:.3f}", f"{r['predict_s']:.0f}",
           f"{r['predict_peak_gb']:.2f}", f"{r['queries_per_voxel']:.3f}", f"{r['dice']:.3f}",
-          f"{r['train_epoch_s']:.0f}", f"{r['train_peak_gb']:.2f}"] for r in rows])
-    body = (f"OSS-Net C, decoder width 128, tile {' x '.join(map(str, TILE))}, trained {epochs} epochs on 8 cases "
-            f"of 128³ (random tiles); one channel; each figure from a fresh process.\n\n{table}")
+          baseline(r, "unet3d-patch"), baseline(r, "unet3d"), f"{r['train_epoch_s']:.0f}",
+          f"{r['train_peak_gb']:.2f}"] for r in rows])
+    body = (f"OSS-Net C, decoder width 128, tile {' x '.join(map(str, TILE))}, trained {epochs} epochs at lr 1e-2 on "
+            f"8 cases of 128³ (random tiles); one channel; each figure from a fresh process. The U-Nets (patch "
+            f"U-Net by MONAI's sliding window over its preset {PATCH[0]}³ patch, whole-volume U-Net3D) are untrained: their "
+            f"dense prediction costs the same whatever the weights.\n\n{table}")
     write_results("scale", "cpu", args.quick, provenance, body, {"rows": rows})
 
 
