@@ -1,5 +1,9 @@
 """Shared test settings: small, deterministic, single-threaded (CI has 2 cores)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +111,16 @@ def nearest_on_original(geometry, working):
 def pull_to_original():
     """`nearest_on_original` for tests that bring working-grid arrays back onto the original grid."""
     return nearest_on_original
+
+
+def run_on_two_ranks(*command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 COMMAND...` (one thread per rank), its output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, command)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="session")
+def torchrun_two():
+    """`run_on_two_ranks`, for the tests of torchrun's several processes."""
+    return run_on_two_ranks

@@ -1,10 +1,7 @@
 """`predict` on a tiny trained OSS-Net C: the output grid, the affine, finer sampling, meshes, the modes."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -116,14 +113,9 @@ sys.stdout.flush()
 """
 
 
-def torchrun_two(*command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *command], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
-def test_two_ranks_share_a_folders_cases_and_refuse_existing_outputs_once(trained_checkpoint, tiny_brats, tmp_path):
+def test_two_ranks_share_a_folders_cases_and_refuse_existing_outputs_once(trained_checkpoint, tiny_brats, tmp_path,
+                                                                          torchrun_two):
     folder = tmp_path / "cases"
     for case in sorted(p.name for p in tiny_brats.glob("BraTS20_Training_*"))[:3]:
         shutil.copytree(tiny_brats / case, folder / case)

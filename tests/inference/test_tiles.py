@@ -7,8 +7,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch.distributed as dist
 
-from ossnet.inference.predict import predict
+from ossnet.inference.engine import DecodeOptions
+from ossnet.inference.predict import PredictOptions, predict
 from ossnet.metrics import dice
 from ossnet.training import TrainConfig, train
 
@@ -98,3 +100,30 @@ def test_blended_tiles_give_a_field_every_tile_agrees_on_exactly_row_by_row(to_w
     expected = smooth_field(index @ to_working[:3, :3].T + to_working[:3, 3])
     assert np.allclose(result.probabilities[0], expected, atol=1e-5)
     assert np.array_equal(result.labels, (result.probabilities[0] > 0.5).astype(np.uint8))
+
+    # three parts of the grid's last axis (three ranks) are the whole, bit for bit, each from its rows only
+    parts = [tiles.segment_tiles(model, origins, DecodeOptions(probabilities=True), "cpu", grid, (i, 3))
+             for i in range(3)]
+    own = [tiles.part_slices(shape[2], (i, 3)) for i in range(3)]
+    assert np.array_equal(np.concatenate([p.probabilities[..., o] for p, o in zip(parts, own)], -1),
+                          result.probabilities)
+    assert np.array_equal(np.concatenate([p.labels[..., o] for p, o in zip(parts, own)], -1), result.labels)
+    assert min(p.queries for p in parts) < result.queries  # a part at an end skips the rows it is not reached by
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_two_ranks_share_one_scans_tiles_and_write_the_mask_of_one_process(tiled_checkpoint, tmp_path, torchrun_two):
+    image, _ = balls((40, 36, 72), [(8, 8, 10), (30, 26, 60)], [5, 5], np.random.default_rng(1))
+    nib.save(nib.Nifti1Image(image, AFFINE), tmp_path / "long.nii.gz")
+    [one] = predict(tiled_checkpoint, tmp_path / "long.nii.gz", tmp_path / "one",
+                    PredictOptions(decode=DecodeOptions(probabilities=True)))
+    done = torchrun_two("-m", "ossnet", "predict", "-c", str(tiled_checkpoint), "-i", str(tmp_path / "long.nii.gz"),
+                        "-o", str(tmp_path / "two"), "--device", "cpu", "--probabilities")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sum(line.startswith("long:") for line in done.stdout.splitlines()) == 1, done.stdout  # rank 0 writes
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["long.nii.gz", "long_prob.nii.gz"]
+    for name in ("long.nii.gz", "long_prob.nii.gz"):
+        first, second = (nib.load(tmp_path / out / name) for out in ("one", "two"))
+        assert np.array_equal(first.affine, second.affine)
+        np.testing.assert_array_equal(np.asarray(second.dataobj), np.asarray(first.dataobj))
+    assert one.foreground_voxels > 0

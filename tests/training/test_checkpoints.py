@@ -108,15 +108,9 @@ shutdown(context)
 """
 
 
-def test_every_rank_resumes_its_own_random_state_under_torchrun(tmp_path):
-    import os
-    import subprocess
-    import sys
-
+def test_every_rank_resumes_its_own_random_state_under_torchrun(tmp_path, torchrun_two):
     tiny_training_checkpoint(tmp_path / "model.pt")
     (tmp_path / "script.py").write_text(PER_RANK_SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "script.py"), str(tmp_path / "model.pt"), str(tmp_path / "last.pt")],
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun_two(tmp_path / "script.py", tmp_path / "model.pt", tmp_path / "last.pt", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(torch.load(tmp_path / "last.pt", weights_only=True)["rng_state"]) == 2

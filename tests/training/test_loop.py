@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -208,16 +205,13 @@ train(TrainConfig(**json.loads(sys.argv[1])))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
-def test_two_process_torchrun_writes_one_set_of_run_files(dataset, tmp_path):
+def test_two_process_torchrun_writes_one_set_of_run_files(dataset, tmp_path, torchrun_two):
     script = tmp_path / "train_script.py"
     script.write_text(TORCHRUN_SCRIPT)
     settings = {"data": str(dataset), "run_dir": str(tmp_path / "run"), "epochs": 2, "batch_size": 1,
                 "locations": 256, "device": "cpu", "val_every": 2, "tile": SHAPE,
                 "model_overrides": TINY_MODELS["ossnet-c"]}
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         json.dumps(settings)], env=environment, capture_output=True, text=True, timeout=240)
+    completed = torchrun_two(script, json.dumps(settings), timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     run_dir = tmp_path / "run"
     assert {path.name for path in run_dir.iterdir()} == RUN_FILES

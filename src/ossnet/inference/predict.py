@@ -6,15 +6,19 @@ validation. Each case is segmented on the input's own voxel grid (optionally S t
 working grid, so the mask overlays the scan in any viewer; the post-processing then applies there, its
 component volumes in mm³ (docs/method.md §5.5).
 
-Under torchrun the cases are shared among the processes: rank r of N segments cases r, r + N, ... on the GPU
-of its LOCAL_RANK (or the CPU, with gloo) and writes their files; rank 0 alone prints what concerns every case.
-One case is never split: a large scan's tiles (docs/method.md §5.6) are all decoded by the rank that has it.
+Under torchrun (on the GPU of each LOCAL_RANK, or the CPU with gloo) the processes share the work. A folder of
+at least as many cases as ranks is shared by case: rank r of N segments cases r, r + N, ... and writes their
+files. Fewer cases than ranks (one large scan) are shared by tiles: every rank decodes the rows of tiles that
+reach its part of the output grid (`tiles.segment_tiles`), the parts are gathered and rank 0 post-processes and
+writes the case; a scan of one tile is segmented by every rank alike. Either way the masks are those of one
+process, and rank 0 alone prints what concerns every case.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -33,10 +37,11 @@ from ossnet.data.working import nonzero_box
 from ossnet.device import DEVICE_HELP, check_disk, check_memory, resolve_device
 from ossnet.distributed import DistributedContext, barrier, gather_objects, init_distributed, local_rank, shutdown
 from ossnet.errors import AgreedError, CaseError, CheckpointError, DatasetError, OssnetError
-from ossnet.inference.engine import DecodeOptions
+from ossnet.inference.engine import DecodeOptions, SegmentationResult
 from ossnet.inference.export import save_nifti, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
 from ossnet.inference.grid import QueryGrid, fine_grid_affine, fine_grid_shape
+from ossnet.inference.tiles import part_slices
 from ossnet.inference.volume import segment_volume
 from ossnet.models import OccupancyNetwork, load as load_model
 from ossnet.options import check_fields, option
@@ -162,13 +167,15 @@ class Predictor:
             case = replace(case, image=image, channel_names=tuple(given[i] for i in order))
         return case
 
-    def predict_case(self, case: Case, options: PredictOptions) -> CasePrediction:
+    def predict_case(self, case: Case, options: PredictOptions,
+                     context: DistributedContext | None = None) -> CasePrediction:
         """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4, and
         post-process the class map there (`options.postprocess`; probabilities stay the network's).
 
         `case.image` may be an `ImageBlocks` read lazily: an occupancy network reads the working grid one tile
         at a time (`data.working.WorkingVolume`), so that only the output grid grows with the scan; a U-Net
-        reads it whole."""
+        reads it whole. With a `context` of several ranks, every rank must call this for the same case: each
+        decodes the tiles of its part and all return the whole prediction (queries: those of all ranks)."""
         case = self.check_case(case, options.channels)
         started = time.perf_counter()
         config, decode = self.preprocess, options.decode
@@ -188,14 +195,14 @@ class Predictor:
         if _is_integer_translation(shift):
             # The input's voxels are (fine) working voxels: segment the working grid, as validation does,
             # and copy the result back exactly.
-            result = segment_volume(self.model, volume, global_volume, decode, self.device, working)
+            result = _shared(self.model, volume, global_volume, decode, self.device, working, context)
             offsets = tuple(-int(round(t)) for t in shift[:3, 3])
             labels = place(result.labels, output_shape, offsets)
             probabilities = (None if result.probabilities is None else
                              place(np.asarray(result.probabilities, dtype=np.float32), output_shape, offsets))
         else:
-            result = segment_volume(self.model, volume, global_volume, decode, self.device,
-                                    QueryGrid(output_shape, to_working))
+            result = _shared(self.model, volume, global_volume, decode, self.device,
+                             QueryGrid(output_shape, to_working), context)
             labels, probabilities = result.labels, result.probabilities
         if options.postprocess == "auto" and self.postprocessing is not None:
             labels = self.postprocessing.apply(labels, voxel_volume(output_affine))
@@ -204,6 +211,29 @@ class Predictor:
         return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, output_affine,
                               result.queries, result.fraction_of_dense, result.mode,
                               time.perf_counter() - started)
+
+
+def _shared(model: torch.nn.Module, volume: np.ndarray | WorkingVolume, global_volume, decode: DecodeOptions,
+            device: torch.device, grid: QueryGrid, context: DistributedContext | None) -> SegmentationResult:
+    """`segment_volume` on `grid`. With several ranks and a volume segmented by tiles (a `WorkingVolume`, read
+    tile by tile), each rank segments its part of the grid's last axis and the parts are gathered into the
+    whole on every rank (queries: those of all ranks); one tile, or a U-Net, is segmented whole by each."""
+    if context is None or not context.enabled or not isinstance(volume, WorkingVolume):
+        return segment_volume(model, volume, global_volume, decode, device, grid)
+    part = (context.rank, context.world_size)
+    result = segment_volume(model, volume, global_volume, decode, device, grid, part)
+    own = part_slices(grid.shape[2], part)
+    pieces = gather_objects((result.labels[..., own], None if result.probabilities is None else
+                             result.probabilities[..., own], result.queries, result.stage_queries), context)
+    stage_queries: Counter[int] = Counter()
+    for piece in pieces:
+        stage_queries.update(piece[3])
+    queries = sum(piece[2] for piece in pieces)
+    return SegmentationResult(
+        labels=np.concatenate([piece[0] for piece in pieces], axis=-1),
+        probabilities=None if result.probabilities is None else np.concatenate([p[1] for p in pieces], axis=-1),
+        queries=queries, fraction_of_dense=queries / float(np.prod(grid.shape)), mode=result.mode,
+        stage_queries=dict(stage_queries))
 
 
 def _is_integer_translation(voxel_map: np.ndarray) -> bool:
@@ -262,24 +292,30 @@ def _predict_shared(predictor: Predictor, sources: list[CaseSource], output_dir:
     output_dir.mkdir(parents=True, exist_ok=True)
     if context.is_main and options.postprocess == "auto" and predictor.postprocessing is not None:
         tqdm.write(f"post-processing: {predictor.postprocessing.describe(predictor.target.class_names)}")
-    share = sources[context.rank::context.world_size]
-    # closed on the way out, so that an error's line comes after the bar, not before its last redraw
-    with tqdm(share, desc="rank 0's cases" if context.enabled else "cases", unit="case",
-              disable=len(share) == 1 or not context.is_main) as progress:
-        summaries = [_predict_source(predictor, source, output_dir, options) for source in progress]
-    by_rank = gather_objects(summaries, context)
-    return [by_rank[i % context.world_size][i // context.world_size] for i in range(len(sources))]
+    if len(sources) >= context.world_size:  # by case
+        share = sources[context.rank::context.world_size]
+        # closed on the way out, so that an error's line comes after the bar, not before its last redraw
+        with tqdm(share, desc="rank 0's cases" if context.enabled else "cases", unit="case",
+                  disable=len(share) == 1 or not context.is_main) as progress:
+            summaries = [_predict_source(predictor, source, output_dir, options) for source in progress]
+        by_rank = gather_objects(summaries, context)
+        return [by_rank[i % context.world_size][i // context.world_size] for i in range(len(sources))]
+    # by tiles: every rank takes part in every case, rank 0 writes
+    return [_predict_source(predictor, source, output_dir, options, context) for source in sources]
 
 
-def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path,
-                    options: PredictOptions) -> CaseSummary:
-    """Segment one case, write its files and print its line; only the summary outlives the call."""
+def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path, options: PredictOptions,
+                    context: DistributedContext | None = None) -> CaseSummary:
+    """Segment one case, write its files and print its line; only the summary outlives the call. With a
+    `context`, every rank segments its part of the case (`Predictor.predict_case`) and rank 0 writes it."""
     check_output_room(source.inspect().shape, options, output_dir, predictor.model)
     with tempfile.TemporaryDirectory(prefix=".ossnet-scratch-", dir=output_dir) as scratch:
         image = source.open_blocks(Path(scratch))
         first = image.images[0]
         case = Case(source.case_id, image, None, first.affine.astype(np.float64), source.channel_names, first.header)
-        prediction = predictor.predict_case(case, options)
+        prediction = predictor.predict_case(case, options, context)
+        if context is not None and not context.is_main:
+            return prediction.summary()
         if options.overlay and source.label_path is not None:
             case = replace(case, label=source.load_label())
         write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
@@ -291,8 +327,10 @@ def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path,
 def _refuse_existing_outputs(sources: list[CaseSource], output_dir: Path, options: PredictOptions,
                              context: DistributedContext) -> None:
     """AgreedError on every rank when an output file of any case exists, before any rank writes. Each rank looks
-    at its own cases' files (on several machines `output_dir` may be each one's own disk)."""
-    mine = [(index, order, str(path)) for index in range(context.rank, len(sources), context.world_size)
+    at the files it will write (on several machines `output_dir` may be each one's own disk)."""
+    writes = (range(context.rank, len(sources), context.world_size) if len(sources) >= context.world_size
+              else range(len(sources)) if context.is_main else [])  # by case, or rank 0 writes every case
+    mine = [(index, order, str(path)) for index in writes
             for order, path in enumerate(output_paths(output_dir, sources[index].case_id, options).values())
             if path.exists()]
     existing = sorted(found for rank_found in gather_objects(mine, context) for found in rank_found)

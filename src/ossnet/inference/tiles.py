@@ -25,14 +25,18 @@ from ossnet.models import OccupancyNetwork
 
 
 def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | WorkingVolume, options: DecodeOptions,
-                  device: torch.device, grid: QueryGrid) -> SegmentationResult:
+                  device: torch.device, grid: QueryGrid, part: tuple[int, int] = (0, 1)) -> SegmentationResult:
     """Segment the working grid of `volume` (C, X', Y', Z'), larger than the model's input shape on some axis,
     on `grid`: one `segment_occupancy` per tile that reaches a voxel of `grid`, blended.
 
     `volume` may be a `data.working.WorkingVolume`, which computes each tile when it is cut. The tiles go in
     rows along the working axis that runs along `grid`'s last axis, and the blend is held only for the rows
     not yet finished: memory grows with the class map (a byte per voxel of `grid`) and, if asked for, the
-    probabilities, not with the blend of the whole grid."""
+    probabilities, not with the blend of the whole grid.
+
+    part: (i, n), segment only part i of n of `grid`'s last axis (`part_slices`): the rows of tiles that reach
+    it, its labels and probabilities exactly those of the whole (the same tiles are added in the same order);
+    zeros elsewhere. Under torchrun the ranks share a scan this way (`predict`)."""
     config = model.config
     layout = TileLayout.covering(tuple(volume.shape[1:]), tuple(config.input_shape))
     axes = _parallel_axes(grid)
@@ -44,20 +48,29 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | W
     # the blend of grid slices [pending_start, pending_start + len) along grid's last axis, not yet final
     pending, pending_start = torch.zeros((config.num_classes, *grid.shape[:2], 0)), 0
 
+    own = part_slices(grid.shape[2], part)
+
     def finish(stop: int) -> None:
+        """Write the final slices [pending_start, stop) that are this part's, and drop them from the blend."""
         nonlocal pending, pending_start
         done, pending = pending[..., :stop - pending_start], pending[..., stop - pending_start:]
-        labels[..., pending_start:stop] = labels_of(done, options.threshold).numpy()
-        if probabilities is not None:
-            probabilities[..., pending_start:stop] = done.numpy()
+        first, last = max(pending_start, own.start), min(stop, own.stop)
+        if first < last:
+            done = done[..., first - pending_start:last - pending_start]
+            labels[..., first:last] = labels_of(done, options.threshold).numpy()
+            if probabilities is not None:
+                probabilities[..., first:last] = done.numpy()
         pending_start = stop
 
     progress = tqdm(total=len(layout), desc="tiles", unit="tile", leave=False)
     for row in _rows(layout, axes):
         reached = [(origin, *_reach(layout, origin, grid, axes)) for origin in row]
-        reached = [(origin, box, weight) for origin, box, weight in reached if box is not None]
+        reached = [(origin, box, weight) for origin, box, weight in reached
+                   if box is not None and box[2].start < own.stop and box[2].stop > own.start]
         if reached:
             low, high = reached[0][1][2].start, reached[0][1][2].stop
+            if not pending.shape[-1]:
+                pending_start = low
             finish(max(low, pending_start))
             grown = torch.zeros((config.num_classes, *grid.shape[:2], max(high, pending_start + pending.shape[-1])
                                  - pending_start))
@@ -82,6 +95,12 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | W
     return SegmentationResult(labels=labels, probabilities=probabilities, queries=queries,
                               fraction_of_dense=queries / float(np.prod(grid.shape)), mode=mode,
                               stage_queries=dict(stage_queries))
+
+
+def part_slices(length: int, part: tuple[int, int]) -> slice:
+    """Part i of n of an axis of `length` voxels: consecutive, as equal as can be, together the whole axis."""
+    index, count = part
+    return slice(round(index * length / count), round((index + 1) * length / count))
 
 
 def _rows(layout: TileLayout, axes: list[tuple[int, float, float]]) -> list[list[tuple[int, int, int]]]:

@@ -24,12 +24,15 @@ from ossnet.models import ResidualUNet
 @torch.no_grad()
 def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
                    global_volume: np.ndarray | torch.Tensor | None, options: DecodeOptions = DecodeOptions(),
-                   device: torch.device | str = "cpu", grid: QueryGrid | None = None) -> SegmentationResult:
+                   device: torch.device | str = "cpu", grid: QueryGrid | None = None,
+                   part: tuple[int, int] = (0, 1)) -> SegmentationResult:
     """Segment a preprocessed volume (C, X', Y', Z') on `grid` (default: its working grid, `options.scale`
     times finer; predict passes the input's own grid, docs/method.md §5.4), in `options.precision`.
 
     global_volume: (C, X'/d, Y'/d, Z'/d) encoder input (occupancy models only; a working grid larger than the
     model's input shape is segmented by tiles, each encoded from its own downscaled copy, and this is unused).
+    part: (i, n), a tiled volume segments part i of n of the grid's last axis only (`tiles.segment_tiles`); one
+    tile or a U-Net segments the whole grid whatever `part` says.
     Returns labels on `grid` as a numpy uint8 array, probabilities (K, ...) if asked, and the number of
     decoder queries (U-Nets: the voxels of `grid`).
     """
@@ -44,5 +47,5 @@ def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
             tensor = torch.as_tensor(np.array(volume), dtype=torch.float32, device=device)
             return segment_unet(model, tensor, grid, options)
         if working_shape != tuple(model.config.input_shape):
-            return segment_tiles(model, volume, options, device, grid)
+            return segment_tiles(model, volume, options, device, grid, part)
         return segment_occupancy(model, volume, global_volume, options, device, grid)
