@@ -93,6 +93,30 @@ def untrained_unet(path: Path, name: str) -> Path:
     return path
 
 
+def write_table(rows: list[dict], epochs: str, quick: bool, provenance: Provenance) -> None:
+    """The table of the rows so far, written after each cube so that a long run keeps what it measured."""
+    def baseline(row: dict, name: str) -> str:
+        result = row["baselines"].get(name)
+        if result is None:
+            return "not run"
+        if result["peak_gb"] is None:
+            return f"failed: {result['error'][:60]}"
+        return f"{result['peak_gb']:.2f} GB, {result['seconds']:.0f} s"
+
+    table = markdown_table(
+        ["cube", "tiles", "float32 copy (GB)", "predict (s)", "predict peak RSS (GB)", "queries / voxel", "Dice",
+         "patch U-Net predict", "U-Net3D predict", "train: 1 epoch, 2 cases (s)", "train peak RSS (GB)"],
+        [[f"{r['side']}³", str(r["tiles"]), f"{r['float32_gb']:.3f}", f"{r['predict_s']:.0f}",
+          f"{r['predict_peak_gb']:.2f}", f"{r['queries_per_voxel']:.3f}", f"{r['dice']:.3f}",
+          baseline(r, "unet3d-patch"), baseline(r, "unet3d"), f"{r['train_epoch_s']:.0f}",
+          f"{r['train_peak_gb']:.2f}"] for r in rows])
+    body = (f"OSS-Net C, decoder width 128, tile {' x '.join(map(str, TILE))}, trained {epochs} epochs at lr 1e-2 on "
+            f"8 cases of 128³ (random tiles, batch 2); one channel; each figure from a fresh process. The U-Nets "
+            f"(patch U-Net by MONAI's sliding window over its preset {PATCH[0]}³ patch, whole-volume U-Net3D) are "
+            f"untrained: their dense prediction costs the same whatever the weights.\n\n{table}")
+    write_results("scale", "cpu", quick, provenance, body, {"rows": rows})
+
+
 def main() -> None:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--sides", type=int, nargs="+", help="cube sides (default 128 256 384 512; quick 96 128)")
@@ -101,13 +125,13 @@ def main() -> None:
     provenance = Provenance.collect("cpu")
     sides = args.sides or ((96, 128) if args.quick else (128, 256, 384, 512))
     unet_sides = set(args.unet_sides or ((96,) if args.quick else (128, 256)))
-    epochs = "4" if args.quick else "30"
+    epochs = "4" if args.quick else "40"
     with tempfile.TemporaryDirectory(prefix="ossnet-scale-") as folder:
         root = Path(folder)
         data = write_dataset(root / "train", tuple(2 * n for n in TILE), 8, seed=0)
         run = root / "run"
         seconds, peak, _ = measured(["train", "--data", data, "-o", run, "--tile", *TILE, "--epochs", epochs,
-                                     "--batch-size", "4", "--locations", "8192", "--augment", "none",
+                                     "--batch-size", "2", "--locations", "4096", "--augment", "none",
                                      "--lr", "1e-2", "--device", "cpu", *MODEL])
         print(f"trained in {seconds:.0f} s, peak {peak / GB:.2f} GB")
         unets = {name: untrained_unet(root / f"{name}.pt", name) for name in ("unet3d-patch", "unet3d")}
@@ -142,26 +166,7 @@ def main() -> None:
                          "queries_per_voxel": queries / side ** 3, "dice": dice, "baselines": baselines,
                          "train_epoch_s": train_s, "train_peak_gb": train_peak / GB})
             print(rows[-1], flush=True)
-    def baseline(row: dict, name: str) -> str:
-        result = row["baselines"].get(name)
-        if result is None:
-            return "not run"
-        if result["peak_gb"] is None:
-            return f"failed: {result['error'][:60]}"
-        return f"{result['peak_gb']:.2f} GB, {result['seconds']:.0f} s"
-
-    table = markdown_table(
-        ["cube", "tiles", "float32 copy (GB)", "predict (s)", "predict peak RSS (GB)", "queries / voxel", "Dice",
-         "patch U-Net predict", "U-Net3D predict", "train: 1 epoch, 2 cases (s)", "train peak RSS (GB)"],
-        [[f"{r['side']}³", str(r["tiles"]), f"{r['float32_gb']:.3f}", f"{r['predict_s']:.0f}",
-          f"{r['predict_peak_gb']:.2f}", f"{r['queries_per_voxel']:.3f}", f"{r['dice']:.3f}",
-          baseline(r, "unet3d-patch"), baseline(r, "unet3d"), f"{r['train_epoch_s']:.0f}",
-          f"{r['train_peak_gb']:.2f}"] for r in rows])
-    body = (f"OSS-Net C, decoder width 128, tile {' x '.join(map(str, TILE))}, trained {epochs} epochs at lr 1e-2 on "
-            f"8 cases of 128³ (random tiles); one channel; each figure from a fresh process. The U-Nets (patch "
-            f"U-Net by MONAI's sliding window over its preset {PATCH[0]}³ patch, whole-volume U-Net3D) are untrained: their "
-            f"dense prediction costs the same whatever the weights.\n\n{table}")
-    write_results("scale", "cpu", args.quick, provenance, body, {"rows": rows})
+            write_table(rows, epochs, args.quick, provenance)
 
 
 if __name__ == "__main__":
