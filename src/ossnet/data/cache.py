@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from ossnet.data.case import CaseSource
     from ossnet.data.targets import Target
 
-# Bump when the files of a cache entry change meaning, so old entries are not reused.
-CACHE_FORMAT = 2
+# Bump when the files of a cache entry change meaning, so old entries are not reused (3: the working volume
+# computed by `data.working`, statistics streamed and resampling separable, a last-bit change from 2's).
+CACHE_FORMAT = 3
 # Staging and trash folders in a cache older than this (seconds) were left by a killed process.
 ABANDONED_AFTER_S = 3600
 
