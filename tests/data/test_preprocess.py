@@ -285,6 +285,30 @@ def test_cache_misses_then_hits_with_memory_mapped_copies_of_prepare_case(tmp_pa
     assert isinstance(second.volume, np.memmap) and not second.volume.flags.writeable
 
 
+@pytest.mark.parametrize("plan", [
+    PreprocessConfig(working_shape=(8, 8, 8), border_radius=1),  # a case longer than its tile: kept whole
+    PreprocessConfig(working_shape=(16, 16, 16), border_radius=1, orientation="RAS", spacing=(0.7, 1.1, 1.9),
+                     crop_nonzero=True, normalization="zscore-foreground"),
+], ids=["tiles", "reoriented, resampled, cropped"])
+def test_the_cache_writes_the_working_volume_in_slabs_equal_to_prepare_case(tmp_path, plan, monkeypatch):
+    """The cache never holds a case's float image whole: it writes the working volume slab by slab (here slabs
+    of 2 voxels along X'), and the entry is `prepare_case`'s bit for bit."""
+    from ossnet.data import working
+
+    case, target = small_case(), get_target("brats")
+    case.image[:, :2] = 0  # a border for the crop
+    source = write_source(tmp_path, case)
+    expected = prepare_case(source.load(), plan, target)
+    channels, _, y, z = expected.volume.shape
+    monkeypatch.setattr(working, "SLAB_VOXELS", 2 * channels * y * z)
+    assert_same_prepared(PreparedCache(tmp_path / "cache").load(source, plan, target), expected)
+    [entry] = [p for p in (tmp_path / "cache").iterdir()]
+    one_tile = expected.volume.shape[1:] == plan.working_shape  # else each tile is downscaled from itself
+    assert (expected.global_volume is not None) == one_tile
+    assert sorted(p.name for p in entry.iterdir()) == sorted(["border.npy", "label.npy", "meta.json", "volume.npy",
+                                                             *(["global.npy"] if one_tile else [])])  # no scan
+
+
 def test_cache_is_rebuilt_when_a_source_file_changes(tmp_path):
     case, target = small_case(), get_target("brats")
     source = write_source(tmp_path, case)

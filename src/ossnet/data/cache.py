@@ -3,8 +3,10 @@ instead of copies, and a case is preprocessed once per plan."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ossnet.data.preprocess import Geometry, PreprocessConfig
-from ossnet.data.working import PreparedCase, prepare_case
+from ossnet.data.preprocess import Geometry, PreprocessConfig, downscale_volume
+from ossnet.data import working
+from ossnet.data.working import PreparedCase, WorkingVolume, is_one_tile, nonzero_box, prepare_label
 from ossnet.device import check_disk
 from ossnet.errors import CaseError, OssnetError
 
@@ -43,8 +46,6 @@ class PreparedCache:
     `hits` / `misses` count loads served from disk / rebuilt in this process.
     """
 
-    ARRAYS = ("volume", "global", "label", "border")
-
     def __init__(self, cache_dir: Path | str) -> None:
         self.cache_dir = Path(cache_dir)
         self.hits = 0
@@ -69,22 +70,35 @@ class PreparedCache:
             except (OSError, EOFError, ValueError, KeyError, TypeError):  # truncated/missing file, bad JSON
                 _discard(entry, self.cache_dir)
         self.misses += 1
-        self._write(entry, prepare_case(source.load(), config, target))
+        self._write(entry, source, config, target)
         return _read_entry(entry)
 
-    def _write(self, entry: Path, prepared: PreparedCase) -> None:
-        arrays = dict(zip(self.ARRAYS, (prepared.volume, prepared.global_volume, prepared.label, prepared.border)))
-        check_disk(self.cache_dir, sum(a.nbytes for a in arrays.values() if a is not None),
-                   f"the preprocessing cache entry of {prepared.case_id} (choose another --cache-dir, or free space)")
+    def _write(self, entry: Path, source: CaseSource, config: PreprocessConfig, target: Target) -> None:
+        """Prepare the case into a staging folder and rename it to `entry`. The image is read and its working
+        volume (and global volume) written in slabs (`_write_volumes`), never held whole: the arrays equal
+        `prepare_case`'s bit for bit. The label and its border band are prepared whole (a few bytes a voxel)."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _sweep_abandoned(self.cache_dir)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
         try:
-            for name, array in arrays.items():
-                if array is not None:
-                    np.save(staging / f"{name}.npy", array)
-            meta = {"case_id": prepared.case_id, "geometry": prepared.geometry.to_json(),
-                    "labelled": prepared.label is not None}
+            image = source.open_blocks(staging)  # a .nii.gz is decompressed into the staging folder
+            affine = np.asarray(image.images[0].affine, dtype=np.float64)
+            geometry = Geometry.fitted(image.shape[1:], affine, config,
+                                       nonzero_box(image) if config.crop_nonzero else None)
+            voxels = math.prod(geometry.working_shape)
+            check_disk(self.cache_dir, voxels * (4 * image.shape[0] * (1 + config.global_downscale ** -3) + 2),
+                       f"the preprocessing cache entry of {source.case_id} (choose another --cache-dir, or free space)")
+            _write_volumes(staging, WorkingVolume.of(image, geometry, config),
+                           config.global_downscale if is_one_tile(geometry, config) else None)
+            for path in staging.iterdir():
+                if path.suffix != ".npy":
+                    path.unlink()  # the decompressed files
+            if source.label_path is not None:
+                label, border = prepare_label(source.load_label(), geometry, config, target)
+                np.save(staging / "label.npy", label)
+                np.save(staging / "border.npy", border)
+            meta = {"case_id": source.case_id, "geometry": geometry.to_json(),
+                    "labelled": source.label_path is not None, "one_tile": is_one_tile(geometry, config)}
             (staging / "meta.json").write_text(json.dumps(meta))
             os.rename(staging, entry)
         except OSError as error:
@@ -95,17 +109,51 @@ class PreparedCache:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _write_volumes(staging: Path, volume: WorkingVolume, factor: int | None) -> None:
+    """`volume.npy` (C, X', Y', Z') and, given a `factor`, its downscale `global.npy`, computed and written in
+    slabs along X' (of a multiple of `factor` voxels: the downscale of a slab is that of the whole there, the
+    means of 2 x 2 x 2 blocks)."""
+    channels, *shape = volume.shape
+    step = factor or 1
+    depth = max(step, working.SLAB_VOXELS // (channels * shape[1] * shape[2]) // step * step)
+    with contextlib.ExitStack() as files:
+        write_volume = files.enter_context(_npy_writer(staging / "volume.npy", (channels, *shape)))
+        write_global = factor and files.enter_context(
+            _npy_writer(staging / "global.npy", (channels, *(n // factor for n in shape))))
+        for x in range(0, shape[0], depth):
+            block = volume[:, x:x + depth, :, :]
+            write_volume(x, block)
+            if factor:
+                write_global(x // factor, downscale_volume(block, factor))
+
+
+@contextlib.contextmanager
+def _npy_writer(path: Path, shape: tuple[int, ...]):
+    """Yield write(x, block): the float32 (C, dx, ...) `block` into rows x .. x + dx of axis 1 of a `.npy` file of
+    `shape`, by plain file writes (no memory map)."""
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        start, row = file.tell(), math.prod(shape[2:]) * 4
+
+        def write(x: int, block: np.ndarray) -> None:
+            for channel, values in enumerate(np.asarray(block, dtype="<f4")):
+                file.seek(start + (channel * shape[1] + x) * row)
+                file.write(np.ascontiguousarray(values).tobytes())
+
+        yield write
+
+
 def _read_entry(entry: Path) -> PreparedCase:
     """Memory-map an entry's arrays; raises ValueError when a file does not match its metadata."""
     meta = json.loads((entry / "meta.json").read_text())
     geometry = Geometry.from_json(meta["geometry"])
-    arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r")
-              for name in (PreparedCache.ARRAYS if meta["labelled"] else PreparedCache.ARRAYS[:2])}
+    names = ["volume", *(["global"] if meta["one_tile"] else []), *(["label", "border"] if meta["labelled"] else [])]
+    arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in names}
     working = tuple(geometry.working_shape)
-    volume, global_volume = arrays["volume"], arrays["global"]
+    volume, global_volume = arrays["volume"], arrays.get("global")
     maps_ok = all(tuple(arrays[name].shape) == working for name in ("label", "border") if name in arrays)
-    shapes_ok = (maps_ok and volume.ndim == 4 and tuple(volume.shape[1:]) == working
-                 and global_volume.ndim == 4 and global_volume.shape[0] == volume.shape[0])
+    shapes_ok = (maps_ok and volume.ndim == 4 and tuple(volume.shape[1:]) == working and
+                 (global_volume is None or (global_volume.ndim == 4 and global_volume.shape[0] == volume.shape[0])))
     if not shapes_ok:
         raise ValueError(f"{entry}: cached arrays do not match the working shape {working}")
     return PreparedCase(meta["case_id"], volume, global_volume, arrays.get("label"),

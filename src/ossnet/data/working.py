@@ -197,14 +197,15 @@ class PreparedCase:
     """A case on the working grid, ready for sampling and the encoder.
 
     volume: (C, X', Y', Z') float32, normalised (may be a read-only memmap).
-    global_volume: (C, X'/d, Y'/d, Z'/d) float32, trilinear downscale of `volume`.
+    global_volume: (C, X'/d, Y'/d, Z'/d) float32, trilinear downscale of `volume`; None for a case longer than
+        the tile, whose tiles are each encoded from their own downscale (`data.tiles.cut_tile`).
     label: (X', Y', Z') uint8 target classes 0..K, None for unlabelled cases.
     border: (X', Y', Z') bool border band of `label`, None for unlabelled cases.
     """
 
     case_id: str
     volume: np.ndarray
-    global_volume: np.ndarray
+    global_volume: np.ndarray | None
     label: np.ndarray | None
     border: np.ndarray | None
     geometry: Geometry
@@ -214,17 +215,28 @@ def prepare_case(case: Case, config: PreprocessConfig, target: Target) -> Prepar
     """Normalise, bring to the working grid (the whole `WorkingVolume` of the case), downscale, and build the
     label and its border band (pure).
 
-    Labels are resampled as nnU-Net does (`Geometry.labels_to_working`), except by the LiTS cube resize
-    (`fit="resize"`), which keeps the nearest neighbour of the LiTS code.
+    Labels as `prepare_label` prepares them.
     """
     box = nonzero_box(case.image) if config.crop_nonzero else None
     geometry = Geometry.fitted(case.image.shape[1:], case.affine, config, box)
     volume = WorkingVolume.of(case.image, geometry, config)[:, :, :, :]
-    label = border = None
-    if case.label is not None:
-        classes = target.apply(case.label)
-        label = (geometry.to_working(classes, order=0) if config.fit == "resize"
-                 else geometry.labels_to_working(classes)).astype(np.uint8, copy=False)
-        border = border_band(label, config.border_radius)
-    return PreparedCase(case.case_id, volume, downscale_volume(volume, config.global_downscale), label,
-                        border, geometry)
+    label, border = (None, None) if case.label is None else prepare_label(case.label, geometry, config, target)
+    global_volume = downscale_volume(volume, config.global_downscale) if is_one_tile(geometry, config) else None
+    return PreparedCase(case.case_id, volume, global_volume, label, border, geometry)
+
+
+def is_one_tile(geometry: Geometry, config: PreprocessConfig) -> bool:
+    """Whether a case's working grid is one tile (the encoder sees it whole), not longer than the tile."""
+    return config.working_shape is None or tuple(geometry.working_shape) == tuple(config.working_shape)
+
+
+def prepare_label(label: np.ndarray, geometry: Geometry, config: PreprocessConfig,
+                  target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """A case's raw label (X, Y, Z) -> its target classes on the working grid (uint8) and their border band.
+
+    Labels are resampled as nnU-Net does (`Geometry.labels_to_working`), except by the LiTS cube resize
+    (`fit="resize"`), which keeps the nearest neighbour of the LiTS code."""
+    classes = target.apply(label)
+    working = (geometry.to_working(classes, order=0) if config.fit == "resize"
+               else geometry.labels_to_working(classes)).astype(np.uint8, copy=False)
+    return working, border_band(working, config.border_radius)
