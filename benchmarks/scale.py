@@ -35,10 +35,12 @@ TILE = (64, 64, 64)
 PATCH = PRESETS["unet3d-patch"].patch_shape
 MODEL = ("--override", "decoder_width=128")
 AFFINE = np.eye(4)
-# Peak resident memory of the process, printed by the child as its last line.
-MEASURED = ("import resource, sys; "
+# Peak resident memory of the process (VmHWM: ru_maxrss would also count this script's own memory, which the
+# child's address space held until its exec), printed by the child as its last line.
+MEASURED = ("import sys; "
             "from ossnet.cli import main; code = main(sys.argv[1:]); "
-            "print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); "
+            "peak = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+            "print('PEAK_RSS', peak, file=sys.stderr); "
             "sys.exit(code)")
 
 
@@ -121,6 +123,8 @@ def main() -> None:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--sides", type=int, nargs="+", help="cube sides (default 128 256 384 512; quick 96 128)")
     parser.add_argument("--unet-sides", type=int, nargs="+", help="sides the U-Nets predict (default 128 256)")
+    parser.add_argument("--checkpoint", type=Path, help="the OSS-Net C of an earlier run of this script (its "
+                                                        "run folder's best.pt): skip training it")
     args = parser.parse_args()
     provenance = Provenance.collect("cpu")
     sides = args.sides or ((96, 128) if args.quick else (128, 256, 384, 512))
@@ -128,12 +132,14 @@ def main() -> None:
     epochs = "4" if args.quick else "40"
     with tempfile.TemporaryDirectory(prefix="ossnet-scale-") as folder:
         root = Path(folder)
-        data = write_dataset(root / "train", tuple(2 * n for n in TILE), 8, seed=0)
         run = root / "run"
-        seconds, peak, _ = measured(["train", "--data", data, "-o", run, "--tile", *TILE, "--epochs", epochs,
-                                     "--batch-size", "2", "--locations", "4096", "--augment", "none",
-                                     "--lr", "1e-2", "--device", "cpu", *MODEL])
-        print(f"trained in {seconds:.0f} s, peak {peak / GB:.2f} GB")
+        if args.checkpoint is None:
+            data = write_dataset(root / "train", tuple(2 * n for n in TILE), 8, seed=0)
+            seconds, peak, _ = measured(["train", "--data", data, "-o", run, "--tile", *TILE, "--epochs", epochs,
+                                         "--batch-size", "2", "--locations", "4096", "--augment", "none",
+                                         "--lr", "1e-2", "--device", "cpu", *MODEL])
+            print(f"trained in {seconds:.0f} s, peak {peak / GB:.2f} GB")
+        checkpoint = args.checkpoint or run / "best.pt"
         unets = {name: untrained_unet(root / f"{name}.pt", name) for name in ("unet3d-patch", "unet3d")}
         rows = []
         for side in sides:
@@ -143,7 +149,7 @@ def main() -> None:
             scan = root / f"scan-{side}.nii"
             nib.save(nib.Nifti1Image(image, AFFINE), scan)
             out = root / f"out-{side}"
-            predict_s, predict_peak, stdout = measured(["predict", "-c", run / "best.pt", "-i", scan, "-o", out,
+            predict_s, predict_peak, stdout = measured(["predict", "-c", checkpoint, "-i", scan, "-o", out,
                                                          "--device", "cpu"])
             mask = np.asarray(nib.load(out / f"scan-{side}.nii.gz").dataobj) > 0
             dice = 2 * np.count_nonzero(mask & label) / max(1, np.count_nonzero(mask) + np.count_nonzero(label))

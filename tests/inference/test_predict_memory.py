@@ -19,7 +19,7 @@ CHANNELS = 4  # the float32 copy of the image (128 MiB) dwarfs the class map (8 
 TILE = (64, 64, 64)
 
 CHILD = """
-import resource, sys
+import sys
 import numpy as np
 import ossnet.inference.tiles as tiles
 from ossnet.inference.engine import SegmentationResult
@@ -31,11 +31,12 @@ def stand_in(model, tile, global_tile, options, device, grid):
     return SegmentationResult(np.zeros(grid.shape, np.uint8), probabilities, 1, 0.0, "dense", {1: 1})
 
 tiles.segment_occupancy = stand_in
-rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+# VmHWM, not ru_maxrss: after exec the latter also counts the forking parent's (pytest's) resident memory
+status = lambda field: int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 predict(sys.argv[1], sys.argv[4], sys.argv[3], PredictOptions(device="cpu"))  # imports, model: not the scan's (2 tiles)
-before = rss()
+before = status("VmRSS")
 [summary] = predict(sys.argv[1], sys.argv[2], sys.argv[3], PredictOptions(device="cpu"))
-print("GROWTH", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, summary.foreground_voxels)
+print("GROWTH", status("VmHWM") - before, summary.foreground_voxels)
 """
 
 

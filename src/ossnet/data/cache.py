@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +77,13 @@ class PreparedCache:
         """Prepare the case into a staging folder and rename it to `entry`. The image is read and its working
         volume (and global volume) written in slabs (`_write_volumes`), never held whole: the arrays equal
         `prepare_case`'s bit for bit. The label and its border band are prepared whole (a few bytes a voxel)."""
+        header = source.inspect()
+        # an upper bound: the working grid without the crop, and the scan decompressed (at 8 bytes a voxel)
+        uncropped = Geometry.fitted(header.shape, header.affine, replace(config, crop_nonzero=False))
+        channels = len(source.channel_names)
+        check_disk(self.cache_dir, math.prod(uncropped.working_shape) * (4 * channels * (1 + config.global_downscale ** -3)
+                                                                        + 2) + 8 * channels * math.prod(header.shape),
+                   f"the preprocessing cache entry of {source.case_id} (choose another --cache-dir, or free space)")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         _sweep_abandoned(self.cache_dir)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
@@ -85,9 +92,6 @@ class PreparedCache:
             affine = np.asarray(image.images[0].affine, dtype=np.float64)
             geometry = Geometry.fitted(image.shape[1:], affine, config,
                                        nonzero_box(image) if config.crop_nonzero else None)
-            voxels = math.prod(geometry.working_shape)
-            check_disk(self.cache_dir, voxels * (4 * image.shape[0] * (1 + config.global_downscale ** -3) + 2),
-                       f"the preprocessing cache entry of {source.case_id} (choose another --cache-dir, or free space)")
             _write_volumes(staging, WorkingVolume.of(image, geometry, config),
                            config.global_downscale if is_one_tile(geometry, config) else None)
             for path in staging.iterdir():
