@@ -155,9 +155,9 @@ def main() -> None:
             dice = 2 * np.count_nonzero(mask & label) / max(1, np.count_nonzero(mask) + np.count_nonzero(label))
             queries = int(stdout.split(" queries")[0].rsplit(" ", 1)[1].replace(",", ""))
             baselines = {}
-            for name, checkpoint in unets.items():
+            for name, unet in unets.items():
                 if side in unet_sides:
-                    unet_s, unet_peak, last = measured(["predict", "-c", checkpoint, "-i", scan, "-o",
+                    unet_s, unet_peak, last = measured(["predict", "-c", unet, "-i", scan, "-o",
                                                         root / f"out-{name}-{side}", "--device", "cpu"], must=False)
                     baselines[name] = {"seconds": unet_s, "peak_gb": None if unet_peak is None else unet_peak / GB,
                                        "error": None if unet_peak is not None else last}
