@@ -32,6 +32,8 @@ from ossnet.data.tiles import TileLayout
 from ossnet.models import PRESETS, create, save
 
 TILE = (64, 64, 64)
+# Radius (voxels) of every ball, in training cases and predicted cubes alike.
+RADIUS = 12.8
 PATCH = PRESETS["unet3d-patch"].patch_shape
 MODEL = ("--override", "decoder_width=128")
 AFFINE = np.eye(4)
@@ -62,7 +64,7 @@ def write_dataset(root: Path, shape, cases: int, seed: int) -> Path:
         (root / folder).mkdir(parents=True, exist_ok=True)
     for index in range(cases):
         centres = rng.uniform(0.15, 0.85, (3, 3))
-        image, label = balls(shape, centres, shape[0] / 10, rng)
+        image, label = balls(shape, centres, RADIUS, rng)
         nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTr" / f"ball_{index:03d}_0000.nii.gz")
         nib.save(nib.Nifti1Image(label.astype(np.uint8), AFFINE), root / "labelsTr" / f"ball_{index:03d}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"},
@@ -145,7 +147,7 @@ def main() -> None:
         for side in sides:
             shape = (side, side, side)
             rng = np.random.default_rng(side)
-            image, label = balls(shape, [(0.1, 0.1, 0.1), (0.5, 0.5, 0.5), (0.9, 0.9, 0.9)], 6.4, rng)
+            image, label = balls(shape, [(0.1, 0.1, 0.1), (0.5, 0.5, 0.5), (0.9, 0.9, 0.9)], RADIUS, rng)
             scan = root / f"scan-{side}.nii"
             nib.save(nib.Nifti1Image(image, AFFINE), scan)
             out = root / f"out-{side}"
