@@ -221,6 +221,21 @@ def test_a_full_disk_while_writing_masks_is_one_line(checkpoint, dataset, tmp_pa
     assert not [p for p in (tmp_path / "pred").iterdir() if p.name.startswith(atomic.PREFIX)]
 
 
+def test_the_scratch_folder_of_a_killed_prediction_is_swept_by_the_next_write(tmp_path):
+    """A killed `ossnet predict` cannot remove the decompressed scan in its scratch folder; the next write there
+    does, and a running process's folder stays."""
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    orphan = tmp_path / f"{atomic.PREFIX}.{atomic._host()}.{killed.pid}.0123456789ab.scratch"
+    orphan.mkdir()
+    (orphan / "0-scan.nii").write_bytes(b"a decompressed scan")
+    killed.kill()
+    killed.wait()
+    with atomic.scratch_folder(tmp_path) as live:
+        atomic.write_text(tmp_path / "case.txt", "mask")
+        assert not orphan.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.txt"]
+
+
 def test_temporary_files_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     orphan = tmp_path / f"{atomic.PREFIX}.{atomic._host()}.{killed.pid}.0123456789ab.last.pt"

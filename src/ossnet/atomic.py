@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -62,8 +63,25 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def scratch_folder(parent: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder in `parent` for temporary files (e.g. a decompressed scan), removed afterwards;
+    named as the temporary files are, so that a later write into `parent` sweeps it when its process was
+    killed."""
+    folder = Path(parent) / f"{PREFIX}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.scratch"
+    try:
+        folder.mkdir()
+    except OSError as error:
+        raise OssnetError(f"{parent}: cannot make a scratch folder ({error.strerror or error})") from error
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def sweep_stale(folder: Path) -> list[Path]:
-    """Delete the temporary files in `folder` whose writer is gone; returns what was deleted."""
+    """Delete the temporary files (and scratch folders) in `folder` whose writer is gone; returns what was
+    deleted."""
     removed = []
     try:
         candidates = [entry for entry in folder.iterdir() if entry.name.startswith(PREFIX)]
@@ -78,7 +96,7 @@ def sweep_stale(folder: Path) -> list[Path]:
             gone = (not _alive(int(match["pid"])) if match["host"] == host
                     else entry.stat().st_mtime < cutoff)
             if gone:
-                entry.unlink()
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed.append(entry)
         except OSError:
             pass  # removed meanwhile, or not ours to remove

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ossnet.atomic import scratch_folder
 from ossnet.data import (LAYOUT_HELP, Case, CaseSource, Geometry, LayoutChoice, PreprocessConfig, Target,
                          WorkingVolume, channel_names_known, get_target, open_dataset)
 from ossnet.data.case import ImageBlocks
@@ -309,8 +309,8 @@ def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path, 
     """Segment one case, write its files and print its line; only the summary outlives the call. With a
     `context`, every rank segments its part of the case (`Predictor.predict_case`) and rank 0 writes it."""
     check_output_room(source.inspect().shape, options, output_dir, predictor.model)
-    with tempfile.TemporaryDirectory(prefix=".ossnet-scratch-", dir=output_dir) as scratch:
-        image = source.open_blocks(Path(scratch))
+    with scratch_folder(output_dir) as scratch:
+        image = source.open_blocks(scratch)
         first = image.images[0]
         case = Case(source.case_id, image, None, first.affine.astype(np.float64), source.channel_names, first.header)
         prediction = predictor.predict_case(case, options, context)
