@@ -82,6 +82,15 @@ def gather_objects(value, context: DistributedContext) -> list:
     return values
 
 
+def broadcast_object(value, source: int, context: DistributedContext):
+    """Rank `source`'s `value` on every rank (`value` itself on a single process; the others pass None)."""
+    if not context.enabled:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=source)
+    return values[0]
+
+
 def all_reduce_sum(values: list[float], context: DistributedContext, device: torch.device) -> list[float]:
     """Element-wise sums of `values` over all ranks (the values themselves on a single process)."""
     if not context.enabled:

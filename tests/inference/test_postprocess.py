@@ -8,8 +8,9 @@ from scipy import ndimage
 
 from ossnet.cli import main
 from ossnet.data import open_dataset
-from ossnet.inference.postprocess import (ComponentRule, ComponentTable, Postprocessing, decide_postprocessing,
-                                          kept_components)
+from ossnet.inference.outputs import disk_array
+from ossnet.inference.postprocess import (ComponentRule, ComponentTable, Postprocessing, SlabComponents,
+                                          decide_postprocessing)
 from ossnet.inference.predict import PredictOptions, Predictor
 from ossnet.metrics import dice
 
@@ -19,6 +20,11 @@ SHAPE = (40, 40, 40)
 def ball(centre, radius, shape=SHAPE) -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     return ((grid - np.asarray(centre)) ** 2).sum(-1) <= radius ** 2
+
+
+def kept_components(mask: np.ndarray, rule: ComponentRule, voxel_volume: float) -> np.ndarray:
+    """The voxels of the boolean mask that a post-processing of the one `rule` keeps."""
+    return Postprocessing((rule,), dice=0.0, dice_gain=0.0, cases=1).apply(mask.astype(np.uint8), voxel_volume) > 0
 
 
 def tables(predictions, labels, voxel_volume=1.0):
@@ -167,3 +173,39 @@ def test_a_checkpoint_without_a_decision_predicts_as_before(trained_checkpoint, 
     auto = predictor.predict_case(case, PredictOptions()).labels
     raw = Predictor(trained_checkpoint).predict_case(case, PredictOptions(postprocess="none")).labels
     assert np.array_equal(auto, raw)
+
+
+def test_components_are_joined_across_slabs_where_they_touch_only_by_a_corner(monkeypatch):
+    import ossnet.inference.outputs as outputs
+    monkeypatch.setattr(outputs, "SLAB_BYTES", 8 * 12 * 12 * 2)  # slabs of 2 slices
+    class_map = np.zeros((12, 12, 9), np.uint8)
+    class_map[2, 2, 0:2], class_map[3, 3, 2:5] = 1, 1  # one component: slices 1 and 2 touch by a corner
+    class_map[8, 8, 0:6] = 1  # a larger one across three slabs
+    class_map[8, 2, 7] = 1  # an island
+    components = SlabComponents.of(class_map, 1)
+    assert sorted(components.sizes.tolist()) == [1, 5, 6] and components.depth == 2
+    kept = kept_components(class_map > 0, ComponentRule("min-volume", 3.0), 1.0)
+    assert kept.sum() == 11 and not kept[8, 2, 7]
+    largest = np.zeros_like(class_map, dtype=bool)
+    largest[8, 8, 0:6] = True
+    assert np.array_equal(kept_components(class_map > 0, ComponentRule("largest"), 1.0), largest)
+
+
+def test_a_class_map_on_disk_is_post_processed_as_the_same_map_in_memory(tmp_path, monkeypatch):
+    import ossnet.inference.outputs as outputs
+    monkeypatch.setattr(outputs, "SLAB_BYTES", 8 * 40 * 40 * 3)
+    rng = np.random.default_rng(3)
+    class_map = (ndimage.binary_dilation(rng.random(SHAPE) > 0.995, iterations=2) * rng.integers(1, 3, SHAPE)
+                 ).astype(np.uint8)
+    on_disk = disk_array(tmp_path / "labels.zarr", SHAPE, np.uint8)
+    on_disk[...] = class_map
+    rules = Postprocessing((ComponentRule("min-volume", 20.0), ComponentRule("largest")), 0.5, 0.1, 1)
+    expected = class_map.copy()
+    for k, rule in enumerate(rules.rules, start=1):  # the whole map's components, by scipy
+        components, count = ndimage.label(class_map == k, np.ones((3, 3, 3)))
+        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        expected[(class_map == k) & ~np.concatenate([[True], rule.keeps(sizes.astype(float))])[components]] = 0
+    assert not np.array_equal(expected, class_map)
+    assert np.array_equal(rules.apply(class_map.copy(), 1.0), expected)
+    rules.apply(on_disk, 1.0)
+    assert np.array_equal(on_disk[...], expected)

@@ -1,8 +1,8 @@
-"""`ossnet predict` of a scan much larger than its tile holds no whole-volume float copy: in a subprocess, its
-peak memory grows by less than the scan's float32 size (about a third of it here; a single float32 copy of the
-image would pass the bound by itself) (docs/method.md §5.6). The network's work is one
-tile's and is not under test here: a stand-in decodes each tile, so that the data path alone is measured
-(reading the files block by block, normalising, resampling, blending, writing)."""
+"""`ossnet predict` of a scan much larger than its tile holds neither a whole-volume float copy of the scan nor its
+output grid: in a subprocess, its peak memory grows by less than the scan's float32 size, and by less than a
+byte per voxel of a much larger output grid (docs/method.md §5.6). The network's work is one tile's and is not
+under test here: a stand-in decodes each tile, so that the data path alone is measured (reading the files
+block by block, normalising, resampling, blending, post-processing, writing)."""
 
 import subprocess
 import sys
@@ -10,8 +10,10 @@ from dataclasses import asdict
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from ossnet.data import PreprocessConfig
+from ossnet.inference.postprocess import ComponentRule, Postprocessing
 from ossnet.models import create, save
 
 SCAN = (128, 128, 512)
@@ -23,6 +25,7 @@ import sys
 import numpy as np
 import ossnet.inference.tiles as tiles
 from ossnet.inference.engine import SegmentationResult
+from ossnet.inference.engine import DecodeOptions
 from ossnet.inference.predict import PredictOptions, predict
 
 def stand_in(model, tile, global_tile, options, device, grid):
@@ -33,27 +36,47 @@ def stand_in(model, tile, global_tile, options, device, grid):
 tiles.segment_occupancy = stand_in
 # VmHWM, not ru_maxrss: after exec the latter also counts the forking parent's (pytest's) resident memory
 status = lambda field: int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
-predict(sys.argv[1], sys.argv[4], sys.argv[3], PredictOptions(device="cpu"))  # imports, model: not the scan's (2 tiles)
+options = PredictOptions(device="cpu", decode=DecodeOptions(scale=float(sys.argv[5])))
+predict(sys.argv[1], sys.argv[4], sys.argv[3], options)  # imports, model: not the scan's (2 tiles)
 before = status("VmRSS")
-[summary] = predict(sys.argv[1], sys.argv[2], sys.argv[3], PredictOptions(device="cpu"))
+[summary] = predict(sys.argv[1], sys.argv[2], sys.argv[3], options)
 print("GROWTH", status("VmHWM") - before, summary.foreground_voxels)
 """
 
 
-def test_predicting_a_scan_larger_than_its_tile_never_holds_its_float32_copy(tmp_path):
-    model = create("ossnet-c", input_shape=TILE, in_channels=CHANNELS, num_classes=1, encoder_channels=(4, 8),
+def peak_growth(folder, shape: tuple[int, int, int], channels: int, scale: float = 1.0) -> int:
+    """Bytes by which predicting a random int16 scan of `shape` and `channels` at `scale` with a model of 64³
+    tiles (post-processing: keep the largest component) raises the child's peak memory; checks the mask."""
+    model = create("ossnet-c", input_shape=TILE, in_channels=channels, num_classes=1, encoder_channels=(4, 8),
                    decoder_width=16, decoder_blocks=1)
-    save(tmp_path / "model.pt", model, preprocess=asdict(PreprocessConfig(working_shape=TILE)), layout="nifti",
-         target="foreground", label_values=[0, 1], channel_names=[f"channel-{c}" for c in range(CHANNELS)])
-    scan = np.random.default_rng(0).integers(0, 1000, (*SCAN, CHANNELS), dtype=np.int16)
-    nib.save(nib.Nifti1Image(scan, np.eye(4)), tmp_path / "scan.nii")
-    nib.save(nib.Nifti1Image(scan[:96, :64, :64], np.eye(4)), tmp_path / "warm-up.nii")
-    done = subprocess.run([sys.executable, "-c", CHILD, tmp_path / "model.pt", tmp_path / "scan.nii",
-                           tmp_path / "out", tmp_path / "warm-up.nii"], capture_output=True, text=True)
+    largest = Postprocessing((ComponentRule("largest"),), dice=0.5, dice_gain=0.1, cases=1).to_dict()
+    save(folder / "model.pt", model, preprocess=asdict(PreprocessConfig(working_shape=TILE)), layout="nifti",
+         target="foreground", label_values=[0, 1], channel_names=[f"channel-{c}" for c in range(channels)],
+         postprocessing=largest)
+    scan = np.random.default_rng(0).integers(0, 1000, (*shape, channels), dtype=np.int16)
+    nib.save(nib.Nifti1Image(scan, np.eye(4)), folder / "scan.nii")
+    nib.save(nib.Nifti1Image(scan[:64, :64, :96], np.eye(4)), folder / "warm-up.nii")  # 2 tiles
+    done = subprocess.run([sys.executable, "-c", CHILD, folder / "model.pt", folder / "scan.nii", folder / "out",
+                           folder / "warm-up.nii", str(scale)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     growth, foreground = map(int, done.stdout.split("GROWTH")[1].split())
+    mask = np.asarray(nib.load(folder / "out" / "scan.nii.gz").dataobj)
+    output = tuple(int(n * scale) for n in shape)
+    # the stand-in's foreground is every other slice of each tile: separate slabs, of which "largest" keeps one
+    assert mask.shape == output and foreground == int(mask.sum()) > 0
+    assert ndimage.label(mask, np.ones((3, 3, 3)))[1] == 1
+    assert sorted(p.name for p in (folder / "out").iterdir()) == ["scan.nii.gz", "warm-up.nii.gz"]  # no scratch
+    return growth
+
+
+def test_predicting_a_scan_larger_than_its_tile_never_holds_its_float32_copy(tmp_path):
+    growth = peak_growth(tmp_path, SCAN, CHANNELS)
     float32_copy = 4 * CHANNELS * int(np.prod(SCAN))
     assert growth < float32_copy, f"grew by {growth / 2**20:.0f} MiB, the float32 copy is {float32_copy / 2**20:.0f}"
-    mask = np.asarray(nib.load(tmp_path / "out" / "scan.nii.gz").dataobj)
-    assert mask.shape == SCAN and foreground == int(mask.sum()) == int(np.prod(SCAN)) // 2  # every other slice
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan.nii.gz", "warm-up.nii.gz"]  # no scratch
+
+
+def test_predicting_a_finer_output_grid_than_memory_would_hold_writes_it_slab_by_slab(tmp_path):
+    # 64 x 64 x 4096 at --scale 2: an output grid of 134 M voxels, whose uint8 class map alone is 128 MiB
+    growth = peak_growth(tmp_path, (64, 64, 4096), 1, scale=2.0)
+    class_map = 128 * 128 * 8192
+    assert growth < class_map, f"grew by {growth / 2**20:.0f} MiB, the class map is {class_map / 2**20:.0f}"

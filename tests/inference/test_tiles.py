@@ -10,7 +10,8 @@ import pytest
 import torch.distributed as dist
 
 from ossnet.inference.engine import DecodeOptions
-from ossnet.inference.predict import PredictOptions, predict
+from ossnet.data import Case
+from ossnet.inference.predict import PredictOptions, Predictor, predict
 from ossnet.metrics import dice
 from ossnet.training import TrainConfig, train
 
@@ -61,6 +62,17 @@ def test_a_scan_four_tiles_wide_is_segmented_whole_with_structures_near_opposite
     for corner in (np.s_[:half, :half, :half], np.s_[half:, half:, half:]):
         assert dice(mask[corner], label[corner]) > 0.7  # each structure found where it is
     assert result.fraction_of_dense < 1.2
+
+
+def test_a_scan_of_several_tiles_segmented_into_zarr_on_disk_equals_the_same_in_memory(tiled_checkpoint, tmp_path):
+    image, _ = balls((40, 36, 40), [(8, 8, 10), (30, 26, 30)], [5, 5], np.random.default_rng(2))
+    case = Case("c", image[None], None, AFFINE, ("MR",), None)
+    predictor, options = Predictor(tiled_checkpoint), PredictOptions(decode=DecodeOptions(probabilities=True))
+    in_memory = predictor.predict_case(case, options)
+    on_disk = predictor.predict_case(case, options, scratch=tmp_path)
+    assert not in_memory.output.is_on_disk() and on_disk.output.is_on_disk()
+    assert in_memory.labels.any() and np.array_equal(on_disk.labels, in_memory.labels)
+    assert np.array_equal(on_disk.probabilities, in_memory.probabilities)
 
 
 def smooth_field(points: np.ndarray) -> np.ndarray:

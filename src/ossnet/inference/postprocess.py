@@ -17,12 +17,16 @@ decided independently: a rule changes only its class's voxels (into background, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ossnet.inference.outputs import Array, slab_depth
 
 from ossnet.options import check_fields, finite
 
@@ -74,14 +78,20 @@ class Postprocessing:
     dice_gain: float
     cases: int
 
-    def apply(self, class_map: np.ndarray, voxel_volume: float) -> np.ndarray:
-        """(X, Y, Z) class map 0..K with voxels of `voxel_volume` mm³ -> the post-processed class map (a copy
-        where a rule removes something)."""
+    def apply(self, class_map: Array, voxel_volume: float) -> Array:
+        """Post-process the (X, Y, Z) class map 0..K (numpy or Zarr, `inference.outputs`) of voxels of
+        `voxel_volume` mm³ in place, slab by slab along Z (`SlabComponents`: a Zarr class map is never read
+        whole, and both kinds give the same mask); returns `class_map`."""
         for k, rule in enumerate(self.rules, start=1):
-            if rule.kind != "none":
-                removed = (class_map == k) & ~kept_components(class_map == k, rule, voxel_volume)
-                if removed.any():
-                    class_map = np.where(removed, 0, class_map).astype(class_map.dtype)
+            if rule.kind == "none":
+                continue
+            components = SlabComponents.of(class_map, k)
+            keep = np.concatenate([[True], rule.keeps(components.sizes * voxel_volume)])  # 0: not of class k
+            if keep.all():
+                continue
+            for z, labelled in components.slabs(class_map):
+                values = np.asarray(class_map[..., z])
+                class_map[..., z] = np.where(keep[labelled], values, 0).astype(values.dtype)
         return class_map
 
     @property
@@ -115,12 +125,72 @@ def voxel_volume(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(affine[:3, :3])))
 
 
-def kept_components(mask: np.ndarray, rule: ComponentRule, voxel_volume: float) -> np.ndarray:
-    """The voxels of the boolean mask (X, Y, Z) that `rule` keeps (voxels of `voxel_volume` mm³)."""
-    if rule.kind == "none" or not mask.any():
-        return mask
-    components, sizes = _components(mask)
-    return np.concatenate([[False], rule.keeps(sizes * voxel_volume)])[components]
+@dataclass(frozen=True)
+class SlabComponents:
+    """The connected components of one class of a class map, labelled slab by slab along Z.
+
+    Each slab is labelled by `scipy.ndimage.label` (26-connected), its labels numbered after the previous
+    slabs'; components of consecutive slabs that touch across their boundary planes (by a face, an edge or a
+    corner) are joined (`scipy.sparse.csgraph.connected_components`). Only the slabs' label counts and the
+    boundary planes are kept, so memory is one slab's (int64 labels, about `SLAB_BYTES`); `slabs` labels them
+    again to apply a rule.
+
+    depth: Z slices per slab; component: (N + 1,) the component 0..M of each slab label (0: background), in
+    the order of their first slab label; sizes: (M,) voxels per component."""
+
+    k: int
+    depth: int
+    component: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, class_map: Array, k: int) -> SlabComponents:
+        depth = slab_depth(class_map.shape, 8)
+        counts: list[int] = []  # voxels per slab label, labels 1, 2, ... of all slabs
+        pairs, previous = [], None
+        for z in range(0, class_map.shape[2], depth):
+            labelled, found = _label_slab(class_map, k, slice(z, z + depth), len(counts))
+            counts.extend(np.bincount(labelled.ravel(), minlength=len(counts) + found + 1)[len(counts) + 1:].tolist())
+            if previous is not None:
+                pairs.append(_touching(previous, labelled[..., 0]))
+            previous = labelled[..., -1]
+        edges = np.concatenate(pairs, axis=1) if pairs else np.zeros((2, 0), dtype=np.int64)
+        nodes = len(counts) + 1
+        graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(nodes, nodes))
+        found, component = connected_components(graph, directed=False)  # node 0 (background) is component 0
+        sizes = np.bincount(component[1:], weights=np.asarray(counts, dtype=np.float64), minlength=found)[1:]
+        return cls(k, depth, component, np.rint(sizes).astype(np.int64))
+
+    def slabs(self, class_map: Array) -> Iterator[tuple[slice, np.ndarray]]:
+        """(Z slices, the component 0..M of each of their voxels) of `class_map`, the one `of` labelled."""
+        first = 0
+        for z in range(0, class_map.shape[2], self.depth):
+            z = slice(z, min(z + self.depth, class_map.shape[2]))
+            labelled, found = _label_slab(class_map, self.k, z, first)
+            first += found
+            yield z, self.component[labelled]
+
+
+def _label_slab(class_map: Array, k: int, z: slice, first: int) -> tuple[np.ndarray, int]:
+    """(X, Y, dz) int64 labels of the 26-connected components of class `k` in Z slices `z`, numbered from
+    first + 1 (0 elsewhere), and their number."""
+    labelled, found = ndimage.label(np.asarray(class_map[..., z]) == k, CONNECTIVITY, output=np.int64)
+    labelled[labelled > 0] += first
+    return labelled, found
+
+
+def _touching(last: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """(2, P) distinct pairs of labels of the (X, Y) planes `last` and `first` (consecutive slices) whose
+    voxels touch by a face, an edge or a corner."""
+    X, Y = last.shape
+    found = []
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            a = last[max(dx, 0):X + min(dx, 0), max(dy, 0):Y + min(dy, 0)]
+            b = first[max(-dx, 0):X + min(-dx, 0), max(-dy, 0):Y + min(-dy, 0)]
+            both = (a > 0) & (b > 0)
+            found.append(np.stack([a[both], b[both]]))
+    return np.unique(np.concatenate(found, axis=1), axis=1)
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

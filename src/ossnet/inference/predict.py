@@ -29,18 +29,20 @@ import torch
 from tqdm import tqdm
 
 from ossnet.atomic import scratch_folder
-from ossnet.data import (LAYOUT_HELP, Case, CaseSource, Geometry, LayoutChoice, PreprocessConfig, Target,
+from ossnet.data import (LAYOUT_HELP, Case, CaseHeader, CaseSource, Geometry, LayoutChoice, PreprocessConfig, Target,
                          WorkingVolume, channel_names_known, get_target, open_dataset)
 from ossnet.data.case import ImageBlocks
 from ossnet.data.preprocess import downscale_volume, place
 from ossnet.data.working import nonzero_box
 from ossnet.device import DEVICE_HELP, check_disk, check_memory, resolve_device
-from ossnet.distributed import DistributedContext, barrier, gather_objects, init_distributed, local_rank, shutdown
+from ossnet.distributed import (DistributedContext, barrier, broadcast_object, gather_objects, init_distributed,
+                                local_rank, shutdown)
 from ossnet.errors import AgreedError, CaseError, CheckpointError, DatasetError, OssnetError
 from ossnet.inference.engine import DecodeOptions, SegmentationResult
-from ossnet.inference.export import save_nifti, save_overlays, write_mesh
+from ossnet.inference.export import NiftiSlabWriter, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
 from ossnet.inference.grid import QueryGrid, fine_grid_affine, fine_grid_shape
+from ossnet.inference.outputs import OutputArrays, slab_depth
 from ossnet.inference.tiles import part_slices
 from ossnet.inference.volume import segment_volume
 from ossnet.models import OccupancyNetwork, load as load_model
@@ -50,10 +52,11 @@ MeshFormat = Literal["obj", "ply", "stl"]
 ChannelMatching = Literal["names", "position"]
 
 
-# Bytes per voxel of the output grid that prediction holds at once, the basis of the memory estimate that
-# refuses a huge --scale up front: the class map and its copies (placing it, label values, the components of
-# post-processing), with room to spare; with --save-probabilities two float32 copies per class more; a U-Net,
-# which predicts the whole working grid at once, also its input and logits.
+# Bytes per voxel of the output grid that prediction holds in memory where it holds the grid whole (a case of
+# one tile or a U-Net, whose working grid is one piece, and --mesh / --overlay, which need the whole mask): the
+# class map and its copies (placing it, label values, the components of post-processing), with room to spare;
+# with --save-probabilities two float32 copies per class more; a U-Net also its input and logits. A case of
+# several tiles holds only the blend of a row of tiles (`tiles.segment_tiles`) and writes the rest to disk.
 BYTES_PER_OUTPUT_VOXEL = 8
 
 
@@ -84,23 +87,45 @@ class PredictOptions:
 class CasePrediction:
     """One case's result on the original voxel grid (S times finer when scale != 1).
 
-    labels: (X, Y, Z) mask in the dataset's label values (`Target.to_label_values`: binary 0 / 1, BraTS
-    regions 0 / 1 / 2 / 4); probabilities: (X, Y, Z) foreground (binary) or (K, X, Y, Z) float32, one
-    channel per class in the target's class order.
+    output: the post-processed class map 0..K and, if asked for, the (K, X, Y, Z) float32 probabilities, one
+    channel per class in the target's class order (`outputs.OutputArrays`: numpy, or Zarr in predict's scratch
+    folder for a case of several tiles); read them whole (`labels`, `probabilities`) or slab by slab.
     """
 
     case_id: str
-    labels: np.ndarray
-    probabilities: np.ndarray | None
+    output: OutputArrays
+    target: Target
     affine: np.ndarray
     queries: int
     fraction_of_dense: float
     mode: str
     seconds: float
 
+    def label_values(self, z: slice = slice(None)) -> np.ndarray:
+        """The mask's Z slices `z` (X, Y, dz) in the dataset's label values (`Target.to_label_values`: binary
+        0 / 1, BraTS regions 0 / 1 / 2 / 4)."""
+        return self.target.to_label_values(np.asarray(self.output.labels[..., z]))
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The whole (X, Y, Z) mask in label values."""
+        return self.label_values()
+
+    def probability_values(self, z: slice = slice(None)) -> np.ndarray | None:
+        """Z slices `z` of the probabilities: (X, Y, dz) of the foreground (binary) or (K, X, Y, dz)."""
+        if self.output.probabilities is None:
+            return None
+        values = np.asarray(self.output.probabilities[..., z])
+        return values[0] if values.shape[0] == 1 else values
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        return self.probability_values()
+
     def summary(self) -> CaseSummary:
-        return CaseSummary(self.case_id, self.queries, self.fraction_of_dense, self.mode, self.seconds,
-                           int((self.labels > 0).sum()))
+        foreground = sum(int(np.count_nonzero(np.asarray(self.output.labels[..., z])))
+                         for z in self.output.slabs())
+        return CaseSummary(self.case_id, self.queries, self.fraction_of_dense, self.mode, self.seconds, foreground)
 
 
 @dataclass(frozen=True)
@@ -167,73 +192,87 @@ class Predictor:
             case = replace(case, image=image, channel_names=tuple(given[i] for i in order))
         return case
 
-    def predict_case(self, case: Case, options: PredictOptions,
-                     context: DistributedContext | None = None) -> CasePrediction:
+    def predict_case(self, case: Case, options: PredictOptions, context: DistributedContext | None = None,
+                     scratch: Path | None = None) -> CasePrediction:
         """Segment `case` on its own voxel grid (S times finer with `decode.scale`), docs/method.md §5.4, and
         post-process the class map there (`options.postprocess`; probabilities stay the network's).
 
         `case.image` may be an `ImageBlocks` read lazily: an occupancy network reads the working grid one tile
-        at a time (`data.working.WorkingVolume`), so that only the output grid grows with the scan; a U-Net
-        reads it whole. With a `context` of several ranks, every rank must call this for the same case: each
-        decodes the tiles of its part and all return the whole prediction (queries: those of all ranks)."""
+        at a time (`data.working.WorkingVolume`); a U-Net reads it whole. A case of several tiles is decoded
+        into Zarr arrays in the folder `scratch` when one is given (`outputs.OutputArrays.on_disk`, so that
+        memory does not grow with the output grid), else in memory. With a `context` of several ranks, every
+        rank must call this for the same case: each decodes the tiles of its part, and rank 0's output is the
+        whole prediction (queries: those of all ranks); the other ranks' outputs hold only their parts."""
         case = self.check_case(case, options.channels)
         started = time.perf_counter()
         config, decode = self.preprocess, options.decode
         box = nonzero_box(case.image) if config.crop_nonzero else None
         geometry = Geometry.fitted(case.image.shape[1:], case.affine, config, box)
-        volume = global_volume = WorkingVolume.of(case.image, geometry, config)
-        tiled = isinstance(self.model, OccupancyNetwork) and geometry.working_shape != tuple(
-            self.model.config.input_shape)
-        if not tiled:
-            volume = volume[:, :, :, :]
-            global_volume = downscale_volume(volume, config.global_downscale)
+        volume = WorkingVolume.of(case.image, geometry, config)
         output_shape = fine_grid_shape(geometry.original_shape, decode.scale)
         output_affine = fine_grid_affine(geometry.affine, decode.scale)
         to_working = np.linalg.inv(geometry.working_to_original) @ fine_grid_affine(np.eye(4), decode.scale)
-        working = QueryGrid.working(geometry.working_shape, decode.scale)
-        shift = np.linalg.inv(working.to_working) @ to_working  # output voxel -> (fine) working voxel
-        if _is_integer_translation(shift):
-            # The input's voxels are (fine) working voxels: segment the working grid, as validation does,
-            # and copy the result back exactly.
-            result = _shared(self.model, volume, global_volume, decode, self.device, working, context)
-            offsets = tuple(-int(round(t)) for t in shift[:3, 3])
-            labels = place(result.labels, output_shape, offsets)
-            probabilities = (None if result.probabilities is None else
-                             place(np.asarray(result.probabilities, dtype=np.float32), output_shape, offsets))
+        output_grid = QueryGrid(output_shape, to_working)
+        classes = self.model.config.num_classes
+        if is_tiled(self.model, geometry):
+            # tiles are decoded on the output grid itself, whose voxels each tile's grid takes
+            output = (OutputArrays.on_disk(scratch, output_shape, classes, decode.probabilities) if scratch
+                      else OutputArrays.in_memory(output_shape, classes, decode.probabilities))
+            result = _shared(self.model, volume, decode, self.device, output_grid, output, context)
         else:
-            result = _shared(self.model, volume, global_volume, decode, self.device,
-                             QueryGrid(output_shape, to_working), context)
-            labels, probabilities = result.labels, result.probabilities
-        if options.postprocess == "auto" and self.postprocessing is not None:
-            labels = self.postprocessing.apply(labels, voxel_volume(output_affine))
-        if probabilities is not None and probabilities.shape[0] == 1:
-            probabilities = probabilities[0]
-        return CasePrediction(case.case_id, self.target.to_label_values(labels), probabilities, output_affine,
-                              result.queries, result.fraction_of_dense, result.mode,
-                              time.perf_counter() - started)
+            volume = volume[:, :, :, :]
+            global_volume = downscale_volume(volume, config.global_downscale)
+            working = QueryGrid.working(geometry.working_shape, decode.scale)
+            shift = np.linalg.inv(working.to_working) @ to_working  # output voxel -> (fine) working voxel
+            if _is_integer_translation(shift):
+                # The input's voxels are (fine) working voxels: segment the working grid, as validation does,
+                # and copy the result back exactly.
+                result = segment_volume(self.model, volume, global_volume, decode, self.device, working)
+                offsets = tuple(-int(round(t)) for t in shift[:3, 3])
+                output = OutputArrays(place(result.labels, output_shape, offsets), None if result.probabilities
+                                      is None else place(result.probabilities, output_shape, offsets))
+            else:
+                result = segment_volume(self.model, volume, global_volume, decode, self.device, output_grid)
+                output = OutputArrays(result.labels, result.probabilities)
+        if options.postprocess == "auto" and self.postprocessing is not None and (context is None or
+                                                                                 context.is_main):
+            self.postprocessing.apply(output.labels, voxel_volume(output_affine))
+        return CasePrediction(case.case_id, output, self.target, output_affine, result.queries,
+                              result.fraction_of_dense, result.mode, time.perf_counter() - started)
 
 
-def _shared(model: torch.nn.Module, volume: np.ndarray | WorkingVolume, global_volume, decode: DecodeOptions,
-            device: torch.device, grid: QueryGrid, context: DistributedContext | None) -> SegmentationResult:
-    """`segment_volume` on `grid`. With several ranks and a volume segmented by tiles (a `WorkingVolume`, read
-    tile by tile), each rank segments its part of the grid's last axis and the parts are gathered into the
-    whole on every rank (queries: those of all ranks); one tile, or a U-Net, is segmented whole by each."""
-    if context is None or not context.enabled or not isinstance(volume, WorkingVolume):
-        return segment_volume(model, volume, global_volume, decode, device, grid)
+def is_tiled(model: torch.nn.Module, geometry: Geometry) -> bool:
+    """Whether a case of `geometry` is segmented by tiles: an occupancy network whose tile (input shape) is not
+    the case's working shape."""
+    return isinstance(model, OccupancyNetwork) and tuple(geometry.working_shape) != tuple(model.config.input_shape)
+
+
+def _shared(model: OccupancyNetwork, volume: WorkingVolume, decode: DecodeOptions, device: torch.device,
+            grid: QueryGrid, output: OutputArrays, context: DistributedContext | None) -> SegmentationResult:
+    """`segment_volume` of a volume of several tiles on `grid` into `output`. With several ranks each segments
+    its part of the grid's last axis, and rank 0 receives the others' parts slab by slab (queries: those of
+    all ranks); the other ranks' `output` keeps only their own part."""
+    if context is None or not context.enabled:
+        return segment_volume(model, volume, None, decode, device, grid, out=output)
     part = (context.rank, context.world_size)
-    result = segment_volume(model, volume, global_volume, decode, device, grid, part)
-    own = part_slices(grid.shape[2], part)
-    pieces = gather_objects((result.labels[..., own], None if result.probabilities is None else
-                             result.probabilities[..., own], result.queries, result.stage_queries), context)
+    result = segment_volume(model, volume, None, decode, device, grid, part, output)
+    depth = slab_depth(grid.shape, 4 * model.config.num_classes)
+    for rank in range(1, context.world_size):
+        own = part_slices(grid.shape[2], (rank, context.world_size))
+        for z in range(own.start, own.stop, depth):
+            z = slice(z, min(z + depth, own.stop))
+            piece = broadcast_object((output.labels[..., z], None if output.probabilities is None else
+                                      output.probabilities[..., z]) if context.rank == rank else None, rank, context)
+            if context.is_main:
+                output.labels[..., z] = piece[0]
+                if piece[1] is not None:
+                    output.probabilities[..., z] = piece[1]
     stage_queries: Counter[int] = Counter()
-    for piece in pieces:
-        stage_queries.update(piece[3])
-    queries = sum(piece[2] for piece in pieces)
-    return SegmentationResult(
-        labels=np.concatenate([piece[0] for piece in pieces], axis=-1),
-        probabilities=None if result.probabilities is None else np.concatenate([p[1] for p in pieces], axis=-1),
-        queries=queries, fraction_of_dense=queries / float(np.prod(grid.shape)), mode=result.mode,
-        stage_queries=dict(stage_queries))
+    for queries in gather_objects(result.stage_queries, context):
+        stage_queries.update(queries)
+    queries = sum(stage_queries.values())
+    return replace(result, queries=queries, fraction_of_dense=queries / float(np.prod(grid.shape)),
+                   stage_queries=dict(stage_queries))
 
 
 def _is_integer_translation(voxel_map: np.ndarray) -> bool:
@@ -307,19 +346,23 @@ def _predict_shared(predictor: Predictor, sources: list[CaseSource], output_dir:
 def _predict_source(predictor: Predictor, source: CaseSource, output_dir: Path, options: PredictOptions,
                     context: DistributedContext | None = None) -> CaseSummary:
     """Segment one case, write its files and print its line; only the summary outlives the call. With a
-    `context`, every rank segments its part of the case (`Predictor.predict_case`) and rank 0 writes it."""
-    check_output_room(source.inspect().shape, options, output_dir, predictor.model)
+    `context`, every rank segments its part of the case (`Predictor.predict_case`), rank 0 writes it and
+    every rank returns its summary."""
+    check_output_room(source.inspect(), options, output_dir, predictor)
     with scratch_folder(output_dir) as scratch:
         image = source.open_blocks(scratch)
         first = image.images[0]
         case = Case(source.case_id, image, None, first.affine.astype(np.float64), source.channel_names, first.header)
-        prediction = predictor.predict_case(case, options, context)
-        if context is not None and not context.is_main:
-            return prediction.summary()
+        prediction = predictor.predict_case(case, options, context, scratch)
+        if context is not None and context.enabled:
+            summary = broadcast_object(prediction.summary() if context.is_main else None, 0, context)
+            if not context.is_main:
+                return summary
+        else:
+            summary = prediction.summary()
         if options.overlay and source.label_path is not None:
             case = replace(case, label=source.load_label())
-        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options), predictor.target)
-    summary = prediction.summary()
+        write_prediction(case, prediction, output_paths(output_dir, case.case_id, options))
     tqdm.write(summary.describe())
     return summary
 
@@ -340,40 +383,68 @@ def _refuse_existing_outputs(sources: list[CaseSource], output_dir: Path, option
                           "pass --overwrite to replace them or choose another -o", reports=context.is_main)
 
 
-def check_output_room(shape: tuple[int, int, int], options: PredictOptions, output_dir: Path,
-                      model: torch.nn.Module) -> None:
-    """OssnetError before anything is allocated or written when the output grid of a case of `shape` at
-    `options.scale` cannot fit in memory (e.g. --scale 1000), or its files on the disk of `output_dir` (the
-    mask at a byte per voxel, probabilities at 4 bytes per voxel and class: uncompressed, an upper bound)."""
-    config = model.config
-    grid = fine_grid_shape(shape, options.decode.scale)
+def check_output_room(header: CaseHeader, options: PredictOptions, output_dir: Path, predictor: Predictor) -> None:
+    """OssnetError before anything is allocated or written when the output grid of a case (its `header`) at
+    `options.scale` cannot fit in memory (e.g. --scale 1000), or its files and the scratch arrays on the disk
+    of `output_dir` (the mask at a byte per voxel, probabilities at 4 bytes per voxel and class, a case of
+    several tiles also its scratch class map, probabilities and, for post-processing, int32 components:
+    uncompressed, an upper bound).
+
+    In memory: a case of several tiles holds the blend of a row of tiles, twice (`tiles.segment_tiles`: at
+    most two tiles' reach of the output grid's last axis) and the grid whole only for --mesh or --overlay;
+    any other case `BYTES_PER_OUTPUT_VOXEL`. The geometry is estimated without cropping to the nonzero box
+    (an upper bound of the working grid)."""
+    model, config = predictor.model, predictor.model.config
+    geometry = Geometry.fitted(header.shape, header.affine, predictor.preprocess)
+    grid = fine_grid_shape(header.shape, options.decode.scale)
     voxels = math.prod(grid)
-    per_voxel = BYTES_PER_OUTPUT_VOXEL + (8 * config.num_classes if options.decode.probabilities else 0)
+    classes = config.num_classes if options.decode.probabilities else 0
+    tiled = is_tiled(model, geometry)
+    whole = not tiled or options.mesh or options.overlay
+    per_voxel = BYTES_PER_OUTPUT_VOXEL + 8 * classes if whole else 0
     if not isinstance(model, OccupancyNetwork):
         per_voxel += 4 * (config.in_channels + 2 * config.num_classes)
+    needed = voxels * per_voxel
+    if tiled:
+        to_working = np.linalg.inv(geometry.working_to_original) @ fine_grid_affine(np.eye(4), options.decode.scale)
+        along = int(np.argmax(np.abs(to_working[:3, 2])))  # the working axis along the output's last axis
+        reach = math.ceil(config.input_shape[along] / max(abs(to_working[along, 2]), 1e-9))
+        needed += 2 * 4 * config.num_classes * grid[0] * grid[1] * min(grid[2], 2 * reach)
     what = f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)"
-    check_memory(voxels * per_voxel, what)
-    check_disk(output_dir, voxels * (1 + (4 * config.num_classes if options.decode.probabilities else 0)),
-               f"the outputs of {what}")
+    check_memory(needed, what)
+    files = voxels * (1 + 4 * classes)
+    scratch = voxels * (1 + 4 * classes + 4) if tiled else 0
+    check_disk(output_dir, files + scratch, f"the outputs of {what}")
 
 
-def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path], target: Target) -> None:
-    """Write the files of one case; each file is written atomically by the export functions. The overlay
-    outlines the `target`'s classes of the prediction and of the case's label."""
-    same_grid = prediction.labels.shape == case.image.shape[1:]
+def write_prediction(case: Case, prediction: CasePrediction, paths: dict[str, Path]) -> None:
+    """Write the files of one case, the NIfTI files slab by slab along Z from the prediction's arrays; each
+    file is written atomically by the export functions. The overlay outlines the target's classes of the
+    prediction and of the case's label."""
+    output, target = prediction.output, prediction.target
+    same_grid = output.shape == tuple(case.image.shape[1:])
     header = case.header if same_grid else None
-    save_nifti(prediction.labels, prediction.affine, paths["mask"], header=header, dtype=prediction.labels.dtype)
+    mask_type = prediction.label_values(slice(0, 0)).dtype
+    with NiftiSlabWriter(paths["mask"], output.shape, prediction.affine, header=header, dtype=mask_type) as mask:
+        for z in output.slabs():
+            mask.write(prediction.label_values(z))
     if "probabilities" in paths:
         # (K, X, Y, Z) class probabilities go to the 4th NIfTI axis: (X, Y, Z, K)
-        probabilities = prediction.probabilities
-        save_nifti(probabilities if probabilities.ndim == 3 else np.moveaxis(probabilities, 0, -1),
-                   prediction.affine, paths["probabilities"], header=header, dtype=np.float32)
+        classes = output.probabilities.shape[0]
+        shape = output.shape if classes == 1 else (*output.shape, classes)
+        with NiftiSlabWriter(paths["probabilities"], shape, prediction.affine, header=header,
+                             dtype=np.float32) as probabilities:
+            for z in output.slabs():
+                values = prediction.probability_values(z)
+                probabilities.write(values if classes == 1 else np.moveaxis(values, 0, -1))
+    if "mesh" in paths or "overlay" in paths:
+        labels = prediction.labels
     if "mesh" in paths:
-        write_mesh(prediction.labels > 0, prediction.affine, paths["mesh"])
+        write_mesh(labels > 0, prediction.affine, paths["mesh"])
     if "overlay" in paths:
         image = case.image[:1, :, :, :][0] if same_grid else None
         label = case.label if same_grid and case.label is not None else None
         if image is not None:
-            save_overlays(image, paths["overlay"], prediction=target.apply(prediction.labels),
+            save_overlays(image, paths["overlay"], prediction=target.apply(labels),
                           label=None if label is None else target.apply(label), title=case.case_id,
                           affine=case.affine)

@@ -21,18 +21,21 @@ from ossnet.data.working import WorkingVolume
 from ossnet.inference.engine import DecodeOptions, SegmentationResult, labels_of
 from ossnet.inference.grid import QueryGrid
 from ossnet.inference.occupancy import segment_occupancy
+from ossnet.inference.outputs import OutputArrays
 from ossnet.models import OccupancyNetwork
 
 
 def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | WorkingVolume, options: DecodeOptions,
-                  device: torch.device, grid: QueryGrid, part: tuple[int, int] = (0, 1)) -> SegmentationResult:
+                  device: torch.device, grid: QueryGrid, part: tuple[int, int] = (0, 1),
+                  out: OutputArrays | None = None) -> SegmentationResult:
     """Segment the working grid of `volume` (C, X', Y', Z'), larger than the model's input shape on some axis,
     on `grid`: one `segment_occupancy` per tile that reaches a voxel of `grid`, blended.
 
     `volume` may be a `data.working.WorkingVolume`, which computes each tile when it is cut. The tiles go in
     rows along the working axis that runs along `grid`'s last axis, and the blend is held only for the rows
-    not yet finished: memory grows with the class map (a byte per voxel of `grid`) and, if asked for, the
-    probabilities, not with the blend of the whole grid.
+    not yet finished, and each finished slice goes to `out` (zeroed arrays on `grid`, default in memory; Zarr
+    arrays on disk keep the memory independent of the grid's size): the labels and probabilities returned
+    are `out`'s.
 
     part: (i, n), segment only part i of n of `grid`'s last axis (`part_slices`): the rows of tiles that reach
     it, its labels and probabilities exactly those of the whole (the same tiles are added in the same order);
@@ -40,8 +43,8 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | W
     config = model.config
     layout = TileLayout.covering(tuple(volume.shape[1:]), tuple(config.input_shape))
     axes = _parallel_axes(grid)
-    labels = np.zeros(grid.shape, dtype=np.uint8)
-    probabilities = np.zeros((config.num_classes, *grid.shape), dtype=np.float32) if options.probabilities else None
+    out = out or OutputArrays.in_memory(grid.shape, config.num_classes, options.probabilities)
+    labels, probabilities = out.labels, out.probabilities
     stage_queries: Counter[int] = Counter()
     mode = options.mode
     tile_options = replace(options, probabilities=True)
