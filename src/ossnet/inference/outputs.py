@@ -51,8 +51,7 @@ class OutputArrays:
     def slabs(self) -> Iterator[slice]:
         """Consecutive slices of the Z axis covering it, each about SLAB_BYTES of probabilities (or labels)."""
         per_voxel = 4 * self.probabilities.shape[0] if self.probabilities is not None else 1
-        depth = slab_depth(self.shape, per_voxel)
-        return (slice(z, min(z + depth, self.shape[2])) for z in range(0, self.shape[2], depth))
+        return z_slabs(self.shape[2], slab_depth(self.shape, per_voxel))
 
     def is_on_disk(self) -> bool:
         return isinstance(self.labels, zarr.Array)
@@ -62,6 +61,11 @@ def slab_depth(shape: tuple[int, ...], bytes_per_voxel: int) -> int:
     """Z slices of (X, Y) planes of `shape` (its last three axes) that make about SLAB_BYTES: at least 1, at
     most all."""
     return min(shape[-1], max(1, SLAB_BYTES // (bytes_per_voxel * shape[-3] * shape[-2])))
+
+
+def z_slabs(length: int, depth: int) -> Iterator[slice]:
+    """Consecutive slices of `depth` (the last one shorter) covering an axis of `length`."""
+    return (slice(z, min(z + depth, length)) for z in range(0, length, depth))
 
 
 def disk_array(path: Path, shape: tuple[int, ...], dtype) -> zarr.Array:

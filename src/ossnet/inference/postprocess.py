@@ -26,8 +26,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ossnet.inference.outputs import Array, slab_depth
-
+from ossnet.inference.outputs import Array, slab_depth, z_slabs
 from ossnet.options import check_fields, finite
 
 RuleKind = Literal["none", "largest", "min-volume"]
@@ -148,8 +147,8 @@ class SlabComponents:
         depth = slab_depth(class_map.shape, 8)
         counts: list[int] = []  # voxels per slab label, labels 1, 2, ... of all slabs
         pairs, previous = [], None
-        for z in range(0, class_map.shape[2], depth):
-            labelled, found = _label_slab(class_map, k, slice(z, z + depth), len(counts))
+        for z in z_slabs(class_map.shape[2], depth):
+            labelled, found = _label_slab(class_map, k, z, len(counts))
             counts.extend(np.bincount(labelled.ravel(), minlength=len(counts) + found + 1)[len(counts) + 1:].tolist())
             if previous is not None:
                 pairs.append(_touching(previous, labelled[..., 0]))
@@ -164,8 +163,7 @@ class SlabComponents:
     def slabs(self, class_map: Array) -> Iterator[tuple[slice, np.ndarray]]:
         """(Z slices, the component 0..M of each of their voxels) of `class_map`, the one `of` labelled."""
         first = 0
-        for z in range(0, class_map.shape[2], self.depth):
-            z = slice(z, min(z + self.depth, class_map.shape[2]))
+        for z in z_slabs(class_map.shape[2], self.depth):
             labelled, found = _label_slab(class_map, self.k, z, first)
             first += found
             yield z, self.component[labelled]

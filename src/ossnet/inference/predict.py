@@ -42,7 +42,7 @@ from ossnet.inference.engine import DecodeOptions, SegmentationResult
 from ossnet.inference.export import NiftiSlabWriter, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
 from ossnet.inference.grid import QueryGrid, fine_grid_affine, fine_grid_shape
-from ossnet.inference.outputs import OutputArrays, slab_depth
+from ossnet.inference.outputs import OutputArrays, slab_depth, z_slabs
 from ossnet.inference.tiles import part_slices
 from ossnet.inference.volume import segment_volume
 from ossnet.models import OccupancyNetwork, load as load_model
@@ -259,8 +259,8 @@ def _shared(model: OccupancyNetwork, volume: WorkingVolume, decode: DecodeOption
     depth = slab_depth(grid.shape, 4 * model.config.num_classes)
     for rank in range(1, context.world_size):
         own = part_slices(grid.shape[2], (rank, context.world_size))
-        for z in range(own.start, own.stop, depth):
-            z = slice(z, min(z + depth, own.stop))
+        for z in z_slabs(own.stop - own.start, depth):
+            z = slice(own.start + z.start, own.start + z.stop)
             piece = broadcast_object((output.labels[..., z], None if output.probabilities is None else
                                       output.probabilities[..., z]) if context.rank == rank else None, rank, context)
             if context.is_main:
@@ -387,8 +387,7 @@ def check_output_room(header: CaseHeader, options: PredictOptions, output_dir: P
     """OssnetError before anything is allocated or written when the output grid of a case (its `header`) at
     `options.scale` cannot fit in memory (e.g. --scale 1000), or its files and the scratch arrays on the disk
     of `output_dir` (the mask at a byte per voxel, probabilities at 4 bytes per voxel and class, a case of
-    several tiles also its scratch class map, probabilities and, for post-processing, int32 components:
-    uncompressed, an upper bound).
+    several tiles also its scratch class map and probabilities: uncompressed, an upper bound).
 
     In memory: a case of several tiles holds the blend of a row of tiles, twice (`tiles.segment_tiles`: at
     most two tiles' reach of the output grid's last axis) and the grid whole only for --mesh or --overlay;
@@ -413,7 +412,7 @@ def check_output_room(header: CaseHeader, options: PredictOptions, output_dir: P
     what = f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)"
     check_memory(needed, what)
     files = voxels * (1 + 4 * classes)
-    scratch = voxels * (1 + 4 * classes + 4) if tiled else 0
+    scratch = files if tiled else 0
     check_disk(output_dir, files + scratch, f"the outputs of {what}")
 
 

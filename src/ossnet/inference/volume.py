@@ -36,8 +36,8 @@ def segment_volume(model: torch.nn.Module, volume: np.ndarray | torch.Tensor,
     tile or a U-Net segments the whole grid whatever `part` says.
     out: where a tiled volume's labels and probabilities go (`outputs.OutputArrays` on `grid`, e.g. on disk);
     one tile or a U-Net returns numpy arrays whatever `out` says.
-    Returns labels on `grid` as a numpy uint8 array, probabilities (K, ...) if asked, and the number of
-    decoder queries (U-Nets: the voxels of `grid`).
+    Returns labels on `grid` as a uint8 array (numpy, or `out`'s), probabilities (K, ...) if asked, and the
+    number of decoder queries (U-Nets: the voxels of `grid`).
     """
     device = torch.device(device)
     check_precision(options.precision, device)
