@@ -1,6 +1,7 @@
 """Specification of the working grid computed box by box: any box equals the whole grid there, bit for bit,
-whatever the plan does (crop, reorientation, resampling, padding); statistics streamed in slabs equal those
-of the whole image; a case's files are read block by block."""
+whatever the plan does (crop, reorientation, resampling, padding), for the image; statistics
+streamed in slabs equal those of the whole image; a case's files are read block by block, and a label checked
+in slabs fails as the whole label does."""
 
 import nibabel as nib
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ossnet.data import case as case_module
 from ossnet.data import working
 from ossnet.data.case import CaseSource
 from ossnet.data.preprocess import Geometry, PreprocessConfig
@@ -96,3 +98,47 @@ def test_image_blocks_refuse_nan_voxels_in_the_block_they_read(tmp_path):
     assert np.isfinite(blocks[:, :4, :, :]).all()
     with pytest.raises(CaseError, match="NaN or Inf"):
         blocks[:, 4:8, :, :]
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_label_blocks_read_the_label_file_as_load_label_reads_it(tmp_path, suffix, dtype, monkeypatch):
+    label = np.zeros((12, 10, 8), np.int16)
+    label[3:9, 2:8, 1:6], label[5:7, 4:6, 2:4] = 2, 4
+    nib.save(nib.Nifti1Image(image((1, 12, 10, 8))[0], np.eye(4)), tmp_path / f"image{suffix}")
+    nib.save(nib.Nifti1Image(label.astype(dtype), np.eye(4)), tmp_path / f"label{suffix}")
+    source = CaseSource("case", (tmp_path / f"image{suffix}",), tmp_path / f"label{suffix}", ("image",), (0, 1, 2, 4))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(case_module, "LABEL_SLAB_VOXELS", 12 * 10 * 3)  # the check reads 3 slices at a time
+    blocks = source.open_label_blocks(scratch)
+    whole = source.load_label()
+    assert blocks.shape == label.shape and whole.dtype == np.int16
+    assert blocks[:, :, :].dtype == np.int16 and np.array_equal(blocks[:, :, :], whole)
+    assert np.array_equal(blocks[2:9, 1:4, 3:8], label[2:9, 1:4, 3:8])
+    assert len(list(scratch.iterdir())) == (1 if suffix == ".nii.gz" else 0)  # decompressed once
+
+
+def bad_labels():
+    nan, fractions, huge, unexpected = (np.zeros((6, 5, 8), np.float32) for _ in range(4))
+    nan[1, 1, 0], nan[2, 3, 5], nan[4, 4, 7] = np.nan, np.inf, np.nan
+    fractions[0, 0, 1], fractions[3, 2, 4], fractions[5, 4, 7] = 2.5, 0.25, 7.75
+    fractions[1, 1, 6], fractions[2, 2, 2], fractions[4, 0, 3] = 0.5, 0.75, 1.125
+    huge[0, 0, 0], huge[5, 4, 7] = -40000, 40000
+    unexpected[1, 2, 3], unexpected[2, 3, 7], unexpected[0, 0, 0] = 5, 3, 2
+    return {"nan": nan, "fractions": fractions, "int16 range": huge, "unexpected values": unexpected}
+
+
+@pytest.mark.parametrize("name", bad_labels())
+def test_the_label_checked_in_slabs_fails_with_the_message_of_the_whole_label(tmp_path, name, monkeypatch):
+    """Problems spread over several slabs are counted and listed as over the whole label."""
+    nib.save(nib.Nifti1Image(image((1, 6, 5, 8))[0], np.eye(4)), tmp_path / "image.nii")
+    nib.save(nib.Nifti1Image(bad_labels()[name], np.eye(4)), tmp_path / "label.nii")
+    source = CaseSource("case", (tmp_path / "image.nii",), tmp_path / "label.nii", ("image",), (0, 1, 2))
+    with pytest.raises(CaseError) as whole:
+        source.load_label()
+    monkeypatch.setattr(case_module, "LABEL_SLAB_VOXELS", 6 * 5 * 3)  # slabs of 3, 3 and 2 slices
+    with pytest.raises(CaseError) as slabs:
+        source.open_label_blocks(tmp_path)
+    assert str(slabs.value) == str(whole.value)
+    assert "\n" not in str(whole.value)

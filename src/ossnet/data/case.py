@@ -25,6 +25,9 @@ from ossnet.errors import CaseError
 # Modality / label affines may differ by this much (mm) from the first image's: writers round.
 AFFINE_TOLERANCE_MM = 1e-3
 
+# Voxels a slab of the label check reads at once.
+LABEL_SLAB_VOXELS = 2**22
+
 # What nibabel, gzip and zlib raise on a damaged file, on the header or on reading the data.
 NIFTI_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 
@@ -133,6 +136,18 @@ class CaseSource:
         img = self._open_label(first.shape[:3], first.affine)
         return integer_label(_read_voxels(img, self.label_path), self.label_path, self.label_values)
 
+    def open_label_blocks(self, scratch: Path) -> LabelBlocks:
+        """The label, to be read block by block (`LabelBlocks`), after checking its header against the image's
+        and its values, read in slabs, as `load_label` checks them (the same `CaseError`s). A gzip-compressed
+        file is decompressed once into the folder `scratch` (which the caller removes)."""
+        first = self._open_images()[0]
+        self._open_label(first.shape[:3], first.affine)
+        path = self.label_path
+        labels = LabelBlocks(_open(_decompressed(path, scratch) if path.name.endswith(".gz") else path, "label"),
+                             path)
+        labels.check(self.label_values)
+        return labels
+
     def _open_images(self) -> list[nib.Nifti1Image]:
         what = (self.channel_names if len(self.image_paths) == len(self.channel_names)
                 else ["image"] * len(self.image_paths))
@@ -196,6 +211,31 @@ class ImageBlocks:
         return out
 
 
+class LabelBlocks:
+    """A case's raw label (X, Y, Z) that reads only the voxels asked for: `labels[x0:x1, y0:y1, z0:z1]` is an int16
+    array, read through nibabel's array proxy (file reads, no memory map) as `CaseSource.load_label` reads the
+    whole. `check` validates every value; the blocks themselves are only cast."""
+
+    def __init__(self, image: nib.Nifti1Image, path: Path) -> None:
+        self.image, self.path = image, path
+        self.shape = tuple(image.shape[:3])
+
+    def check(self, allowed: tuple[int, ...] | None) -> None:
+        """Read the label in slabs along its last axis (about `LABEL_SLAB_VOXELS` voxels each) and raise the
+        `CaseError` `integer_label` raises for the whole label, if any."""
+        values = LabelValues(self.path, allowed)
+        x, y, z = self.shape
+        depth = max(1, LABEL_SLAB_VOXELS // max(1, x * y))
+        for start in range(0, z, depth):
+            values.add(_read_voxels(self.image, self.path, (slice(None), slice(None), slice(start, start + depth))))
+        values.check()
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        if len(key) != 3 or not all(isinstance(k, slice) for k in key):
+            raise IndexError(f"label blocks are indexed by slices [x0:x1, y0:y1, z0:z1], got {key}")
+        return _read_voxels(self.image, self.path, tuple(key)).astype(np.int16, copy=False)
+
+
 def _decompressed(path: Path, scratch: Path) -> Path:
     """`path` (.nii.gz) decompressed into the folder `scratch`, after checking its disk has room for the size
     the header gives (data offset + voxels x bytes per voxel)."""
@@ -237,8 +277,9 @@ def _open(path: Path, what: str) -> nib.Nifti1Image:
         raise CaseError(f"{path}: cannot read {what} file ({error})") from error
 
 
-def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """Scaled voxel data; truncated or corrupt files fail here, after a readable header.
+def _read_voxels(img: nib.Nifti1Image, path: Path, box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Scaled voxel data, all of it or the block `box` (slices of the array proxy: only that block is read);
+    truncated or corrupt files fail here, after a readable header.
 
     Integers stay integers; float64 files are read as float64, so that values beyond float32's range are
     reported for what they are instead of as the Inf a float32 cast makes of them; other data as float32.
@@ -246,8 +287,11 @@ def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         dtype = img.get_data_dtype()
         if np.issubdtype(dtype, np.integer) and not _has_scaling(img):
-            return np.asarray(img.dataobj)
-        return img.get_fdata(dtype=np.float64 if dtype == np.float64 else np.float32, caching="unchanged")
+            return np.asarray(img.dataobj if box is None else img.dataobj[box])
+        if box is None:
+            return img.get_fdata(dtype=np.float64 if dtype == np.float64 else np.float32, caching="unchanged")
+        # the proxy scales a block in float64 (as get_fdata does), then casts as get_fdata does
+        return np.asarray(img.dataobj[box]).astype(np.float64 if dtype == np.float64 else np.float32, copy=False)
     except NIFTI_READ_ERRORS as error:
         raise CaseError(f"{path}: file is truncated or corrupt ({type(error).__name__}: {error})") from error
 
@@ -287,23 +331,54 @@ def _check_float32_range(data: np.ndarray, path: Path) -> None:
 
 def integer_label(data: np.ndarray, path: Path, allowed: tuple[int, ...] | None = None) -> np.ndarray:
     """(X, Y, Z) int16 from label voxels of any dtype, rejecting NaN / Inf, fractions, values outside int16
-    and, when `allowed` is given, values not in it. `path` names the file in the `CaseError`."""
-    if not np.issubdtype(data.dtype, np.integer):
-        _check_finite(data, path)
-        fractional = np.unique(data[data != np.round(data)])
-        if fractional.size:
-            raise CaseError(f"{path}: label has non-integer values, e.g. {fractional[:5].tolist()}")
-    info = np.iinfo(np.int16)
-    if data.size and (data.min() < info.min or data.max() > info.max):
-        raise CaseError(f"{path}: label values span {data.min()}..{data.max()}, outside the int16 range")
-    label = data.astype(np.int16, copy=False)
-    if allowed is not None:
-        values, _ = label_value_counts(label)
-        unexpected = sorted(set(values.tolist()) - set(allowed))
-        if unexpected:
-            raise CaseError(f"{path}: label values {unexpected} are not among the dataset's "
-                            f"{sorted(allowed)}")
-    return label
+    and, when `allowed` is given, values not in it (`LabelValues`). `path` names the file in the `CaseError`."""
+    values = LabelValues(path, allowed)
+    values.add(data)
+    values.check()
+    return data.astype(np.int16, copy=False)
+
+
+class LabelValues:
+    """What `integer_label` checks of a label, gathered block by block (`add`) and judged once (`check`), so that
+    a label read in blocks fails with the message its whole array would give."""
+
+    def __init__(self, path: Path, allowed: tuple[int, ...] | None) -> None:
+        self.path, self.allowed = path, allowed
+        self.voxels = self.not_finite = 0
+        self.fractional = np.zeros(0)  # the smallest few distinct non-integer values
+        self.low = self.high = None
+        self.values: set[int] = set()
+
+    def add(self, data: np.ndarray) -> None:
+        """Take in one block of label voxels (any dtype)."""
+        self.voxels += data.size
+        if not np.issubdtype(data.dtype, np.integer):
+            self.not_finite += data.size - int(np.count_nonzero(np.isfinite(data)))
+            self.fractional = np.unique(np.concatenate([self.fractional, data[data != np.round(data)]]))[:5]
+        if not data.size:
+            return
+        low, high = data.min(), data.max()
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
+        info = np.iinfo(np.int16)
+        if self.allowed is not None and info.min <= low and high <= info.max and np.all(np.isfinite([low, high])):
+            self.values |= set(label_value_counts(data.astype(np.int16))[0].tolist())
+
+    def check(self) -> None:
+        """Raise the `CaseError` of the first problem found, in the order `integer_label` checks them."""
+        path = self.path
+        if self.not_finite:
+            raise CaseError(f"{path}: {self.not_finite} of {self.voxels} voxels are NaN or Inf")
+        if self.fractional.size:
+            raise CaseError(f"{path}: label has non-integer values, e.g. {self.fractional.tolist()}")
+        info = np.iinfo(np.int16)
+        if self.low is not None and (self.low < info.min or self.high > info.max):
+            raise CaseError(f"{path}: label values span {self.low}..{self.high}, outside the int16 range")
+        if self.allowed is not None:
+            unexpected = sorted(self.values - set(self.allowed))
+            if unexpected:
+                raise CaseError(f"{path}: label values {unexpected} are not among the dataset's "
+                                f"{sorted(self.allowed)}")
 
 
 def label_value_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
