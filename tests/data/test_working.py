@@ -1,5 +1,5 @@
 """Specification of the working grid computed box by box: any box equals the whole grid there, bit for bit,
-whatever the plan does (crop, reorientation, resampling, padding), for the image; statistics
+whatever the plan does (crop, reorientation, resampling, padding), for the image and for the label; statistics
 streamed in slabs equal those of the whole image; a case's files are read block by block, and a label checked
 in slabs fails as the whole label does."""
 
@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from ossnet.data import case as case_module
 from ossnet.data import working
 from ossnet.data.case import CaseSource
-from ossnet.data.preprocess import Geometry, PreprocessConfig
-from ossnet.data.working import AxisSamples, IntensityStatistics, WorkingVolume, nonzero_box, resample_box
+from ossnet.data.preprocess import Geometry, PreprocessConfig, border_band
+from ossnet.data.targets import get_target
+from ossnet.data.working import (AxisSamples, IntensityStatistics, WorkingLabel, WorkingVolume, nonzero_box,
+                                 prepare_label, resample_box)
 from ossnet.errors import CaseError
 
 OBLIQUE = np.array([[0.0, -1.2, 0.1, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.2, 2.5, 7.5], [0, 0, 0, 1]])
@@ -100,11 +102,59 @@ def test_image_blocks_refuse_nan_voxels_in_the_block_they_read(tmp_path):
         blocks[:, 4:8, :, :]
 
 
+LABEL_PLANS = {**PLANS,
+               "crop, reorient, upsample": PreprocessConfig(shape_multiple=4, crop_nonzero=True, orientation="LPS",
+                                                            spacing=(0.45, 0.6, 0.5)),
+               # weights of exactly 1/2: one-hot likelihoods tie, and the lower class must win
+               "halved": PreprocessConfig(shape_multiple=2, spacing=tuple(2 * nib.affines.voxel_sizes(OBLIQUE))),
+               "resize": PreprocessConfig(working_shape=(16, 8, 24), fit="resize")}
+
+
+def raw_label(shape=(14, 12, 10), seed=2):
+    """Blobs of BraTS values 1, 2, 4 over background, with voxel-sized specks: many resampling ties."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.int16)
+    label[3:10, 2:9, 1:8] = 2
+    label[5:9, 4:8, 3:6] = 1
+    label[6:8, 5:7, 4:5] = 4
+    specks = rng.random(shape) < 0.1
+    label[specks] = rng.choice(np.array([0, 1, 2, 4], np.int16), int(specks.sum()))
+    return label
+
+
+def todays_label(label, geometry, config, target):
+    """The label and border band as the whole-array chain makes them (before labels were computed box by box)."""
+    classes = target.apply(label)
+    whole = (geometry.to_working(classes, order=0) if config.fit == "resize"
+             else geometry.labels_to_working(classes)).astype(np.uint8, copy=False)
+    return whole, border_band(whole, config.border_radius)
+
+
+@pytest.mark.parametrize("target", ["wt", "regions"])
+@pytest.mark.parametrize("plan", LABEL_PLANS.values(), ids=LABEL_PLANS.keys())
+def test_every_box_of_the_working_label_is_the_whole_label_chain_there_bit_for_bit(plan, target):
+    array, label, target = image((2, 14, 12, 10)), raw_label(), get_target("brats", target)
+    box = nonzero_box(array) if plan.crop_nonzero else None
+    geometry = Geometry.fitted(array.shape[1:], OBLIQUE, plan, box)
+    expected, expected_band = todays_label(label, geometry, plan, target)
+    assert geometry.resamples == (plan.spacing is not None or plan.fit == "resize")
+    assert len(np.unique(expected)) > 1
+    labels = WorkingLabel(label, geometry, plan, target)
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        start = [int(rng.integers(0, n)) for n in expected.shape]
+        stop = [int(rng.integers(a + 1, n + 1)) for a, n in zip(start, expected.shape)]
+        block = labels.block(tuple(zip(start, stop)))
+        assert block.dtype == np.uint8
+        assert np.array_equal(block, expected[tuple(slice(a, b) for a, b in zip(start, stop))])
+    whole, band = prepare_label(label, geometry, plan, target)
+    assert whole.tobytes() == expected.tobytes() and band.tobytes() == expected_band.tobytes()
+
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
 def test_label_blocks_read_the_label_file_as_load_label_reads_it(tmp_path, suffix, dtype, monkeypatch):
-    label = np.zeros((12, 10, 8), np.int16)
-    label[3:9, 2:8, 1:6], label[5:7, 4:6, 2:4] = 2, 4
+    label = raw_label((12, 10, 8))
     nib.save(nib.Nifti1Image(image((1, 12, 10, 8))[0], np.eye(4)), tmp_path / f"image{suffix}")
     nib.save(nib.Nifti1Image(label.astype(dtype), np.eye(4)), tmp_path / f"label{suffix}")
     source = CaseSource("case", (tmp_path / f"image{suffix}",), tmp_path / f"label{suffix}", ("image",), (0, 1, 2, 4))

@@ -162,23 +162,89 @@ class WorkingVolume:
 
     def block(self, box: Box) -> np.ndarray:
         """(C, *box shape) float32 normalised voxels of the working grid inside `box` ((start, stop) per axis)."""
-        geometry = self.geometry
         out = np.zeros((self.shape[0], *(b - a for a, b in box)), dtype=np.float32)
+        source = BoxSource.of(self.geometry, box)
+        if source is None:
+            return out
+        block = _reorient(self.statistics.apply(_read(self.image, source.original)), self.geometry.reorientation)
+        if self.geometry.resamples:
+            block = resample_box(block, source.samples)
+        out[(slice(None), *source.target)] = block
+        return out
+
+
+class LabelArray(Protocol):
+    """(X, Y, Z) raw integer label that can be sliced: a numpy array or `case.LabelBlocks`."""
+
+    shape: tuple[int, int, int]
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray: ...
+
+
+class WorkingLabel:
+    """The target class map (X', Y', Z') uint8 of a case on its working grid, computed on demand box by box.
+
+    label: the case's raw label (X, Y, Z) (`case.LabelBlocks` or an array); `target.apply` makes its classes.
+    Resampled as nnU-Net resamples labels (`Geometry.labels_to_working`: each class's one-hot mask linearly, then
+    the most likely class, ties and padding to the lower class), or by the nearest voxel for the LiTS cube
+    resize (`fit="resize"`, `Geometry.to_working(order=0)`). Both compute each working voxel from its own
+    samples (`AxisSamples`), so a box equals the whole map there, and reads no more than the box's `BoxSource`.
+    """
+
+    def __init__(self, label: LabelArray, geometry: Geometry, config: PreprocessConfig, target: Target) -> None:
+        self.label, self.geometry, self.target = label, geometry, target
+        self.nearest = config.fit == "resize"
+        self.shape = tuple(geometry.working_shape)
+
+    def block(self, box: Box) -> np.ndarray:
+        """(*box shape) uint8 target classes of the working grid inside `box` ((start, stop) per axis); 0 in the
+        padding."""
+        out = np.zeros(tuple(b - a for a, b in box), dtype=np.uint8)
+        source = BoxSource.of(self.geometry, box)
+        if source is None:
+            return out
+        raw = np.asarray(self.label[tuple(slice(a, b) for a, b in source.original)])
+        classes = _reorient(self.target.apply(raw), self.geometry.reorientation)
+        if self.geometry.resamples:
+            classes = (resample_box(classes, source.samples, nearest=True) if self.nearest
+                       else _most_likely_class(classes, source.samples, self.target.num_classes))
+        out[source.target] = classes
+        return out
+
+
+def _most_likely_class(classes: np.ndarray, samples: list[AxisSamples], num_classes: int) -> np.ndarray:
+    """The class 0..K whose one-hot mask, resampled linearly by `samples`, is largest (the first on ties)."""
+    best = resample_box((classes == 0).astype(np.float32), samples)
+    best_class = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, num_classes + 1):
+        likelihood = resample_box((classes == k).astype(np.float32), samples)
+        better = likelihood > best
+        best_class[better], best[better] = k, likelihood[better]
+    return best_class
+
+
+@dataclass(frozen=True)
+class BoxSource:
+    """What a box of the working grid is computed from: the `original` box of the original grid it reads, the
+    per-axis `samples` that resample it once reoriented (identity samples on an axis that is not resampled),
+    and the `target` slices of the box that the result fills (the rest is padding)."""
+
+    original: Box
+    samples: list[AxisSamples]
+    target: tuple[slice, slice, slice]
+
+    @classmethod
+    def of(cls, geometry: Geometry, box: Box) -> BoxSource | None:
+        """The source of `box` ((start, stop) per working axis) by `geometry`; None when it is all padding."""
         # the resampled grid's part of the box, where it is not padding
         inside = [(max(a - o, 0), min(b - o, r)) for (a, b), o, r in zip(box, geometry.offsets,
                                                                           geometry.resampled_shape)]
         if any(a >= b for a, b in inside):
-            return out
-        samples = [AxisSamples.of(n, r, a, b) if n != r else None
+            return None
+        samples = [AxisSamples.of(n, r, a, b) if n != r else AxisSamples.identity(a, b)
                    for n, r, (a, b) in zip(geometry.reoriented_shape, geometry.resampled_shape, inside)]
-        spans = [s.span if s is not None else span for s, span in zip(samples, inside)]
-        block = self.statistics.apply(_read(self.image, _original_box(geometry, spans)))
-        block = _reorient(block, geometry.reorientation)
-        if geometry.resamples:
-            block = resample_box(block, [s or AxisSamples.identity(a, b) for s, (a, b) in zip(samples, inside)])
         target = tuple(slice(a + o - w, b + o - w) for (a, b), o, (w, _) in zip(inside, geometry.offsets, box))
-        out[(slice(None), *target)] = block
-        return out
+        return cls(_original_box(geometry, [s.span for s in samples]), samples, target)
 
 
 def _original_box(geometry: Geometry, spans: list[tuple[int, int]]) -> Box:
@@ -230,13 +296,9 @@ def is_one_tile(geometry: Geometry, config: PreprocessConfig) -> bool:
     return config.working_shape is None or tuple(geometry.working_shape) == tuple(config.working_shape)
 
 
-def prepare_label(label: np.ndarray, geometry: Geometry, config: PreprocessConfig,
+def prepare_label(label: LabelArray, geometry: Geometry, config: PreprocessConfig,
                   target: Target) -> tuple[np.ndarray, np.ndarray]:
-    """A case's raw label (X, Y, Z) -> its target classes on the working grid (uint8) and their border band.
-
-    Labels are resampled as nnU-Net does (`Geometry.labels_to_working`), except by the LiTS cube resize
-    (`fit="resize"`), which keeps the nearest neighbour of the LiTS code."""
-    classes = target.apply(label)
-    working = (geometry.to_working(classes, order=0) if config.fit == "resize"
-               else geometry.labels_to_working(classes)).astype(np.uint8, copy=False)
+    """A case's raw label (X, Y, Z) -> its target classes on the working grid (uint8, the whole `WorkingLabel`)
+    and their border band."""
+    working = WorkingLabel(label, geometry, config, target).block(tuple((0, n) for n in geometry.working_shape))
     return working, border_band(working, config.border_radius)
