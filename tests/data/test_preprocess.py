@@ -12,14 +12,16 @@ import pytest
 from scipy import ndimage
 
 from ossnet.data.case import Case, CaseSource
+from ossnet.data import cache as cache_module
 from ossnet.data.cache import PreparedCache
 from ossnet.data.preprocess import (
     Geometry,
     PreprocessConfig,
     border_band,
+    border_band_rows,
     downscale_volume,
 )
-from ossnet.data.working import nonzero_box, normalize_intensities, prepare_case
+from ossnet.data.working import is_one_tile, nonzero_box, normalize_intensities, prepare_case
 from ossnet.data.targets import get_target
 from ossnet.errors import OssnetError
 
@@ -222,6 +224,32 @@ def test_border_band_ignores_boundaries_between_foreground_classes():
     assert np.array_equal(border_band(classes, 2), border_band(classes > 0, 2))
 
 
+def banded_label(shape=(40, 34, 30), seed=4):
+    """Blobs that touch both ends of axis 0 (where `reflect` decides the band), one in the middle, and specks in
+    one corner; far from all of them there is no band even at radius 6."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    label[16:24, :8, :8] = rng.random((8, 8, 8)) < 0.1
+    label[:4, 3:9, 2:7] = 1
+    label[-3:, 8:15, 4:11] = 2
+    label[17:22, 2:12, 3:9] = 1
+    return label
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 6])
+@pytest.mark.parametrize("depth", [1, 2, 5, 40])
+def test_the_border_band_in_slabs_with_their_halo_is_the_whole_band_bit_for_bit(tmp_path, radius, depth):
+    """Slabs thinner than the radius included, from an array and from a memory-mapped `.npy` file."""
+    label = banded_label()
+    whole = border_band(label, radius)
+    assert whole.any() and not whole.all()
+    np.save(tmp_path / "label.npy", label)
+    for source in (label, np.load(tmp_path / "label.npy", mmap_mode="r")):
+        slabs = [border_band_rows(source, x, x + depth, radius) for x in range(0, label.shape[0], depth)]
+        assert all(slab.dtype == bool for slab in slabs)
+        assert np.concatenate(slabs).tobytes() == whole.tobytes()
+
+
 # ---------------------------------------------------------------- prepare_case and the cache
 
 
@@ -289,13 +317,16 @@ def test_cache_misses_then_hits_with_memory_mapped_copies_of_prepare_case(tmp_pa
     PreprocessConfig(working_shape=(8, 8, 8), border_radius=1),  # a case longer than its tile: kept whole
     PreprocessConfig(working_shape=(16, 16, 16), border_radius=1, orientation="RAS", spacing=(0.7, 1.1, 1.9),
                      crop_nonzero=True, normalization="zscore-foreground"),
-], ids=["tiles", "reoriented, resampled, cropped"])
-def test_the_cache_writes_the_working_volume_in_slabs_equal_to_prepare_case(tmp_path, plan, monkeypatch):
-    """The cache never holds a case's float image whole: it writes the working volume slab by slab (here slabs
-    of 2 voxels along X'), and the entry is `prepare_case`'s bit for bit."""
+    PreprocessConfig(shape_multiple=4, border_radius=3, orientation="LPS", spacing=(1.3, 0.6, 0.9)),
+    PreprocessConfig(working_shape=(16, 8, 24), border_radius=2, fit="resize"),
+], ids=["tiles", "reoriented, resampled, cropped", "wide band", "resize"])
+def test_the_cache_writes_volume_label_and_border_in_slabs_equal_to_prepare_case(tmp_path, plan, monkeypatch):
+    """The cache never holds a case's float image, label or band whole: it writes the working volume slab by slab
+    (here slabs of 2 voxels along X'), the label in slabs of 4 and the band in slabs of max(4, 2 (radius + 1)),
+    each from the label's rows around it, and the entry is `prepare_case`'s bit for bit."""
     from ossnet.data import working
 
-    case, target = small_case(), get_target("brats")
+    case, target = small_case(), get_target("brats", "regions")
     case.image[:, :2] = 0  # a border for the crop
     source = write_source(tmp_path, case)
     expected = prepare_case(source.load(), plan, target)
@@ -303,7 +334,7 @@ def test_the_cache_writes_the_working_volume_in_slabs_equal_to_prepare_case(tmp_
     monkeypatch.setattr(working, "SLAB_VOXELS", 2 * channels * y * z)
     assert_same_prepared(PreparedCache(tmp_path / "cache").load(source, plan, target), expected)
     [entry] = [p for p in (tmp_path / "cache").iterdir()]
-    one_tile = expected.volume.shape[1:] == plan.working_shape  # else each tile is downscaled from itself
+    one_tile = is_one_tile(expected.geometry, plan)  # else each tile is downscaled from itself
     assert (expected.global_volume is not None) == one_tile
     assert sorted(p.name for p in entry.iterdir()) == sorted(["border.npy", "label.npy", "meta.json", "volume.npy",
                                                              *(["global.npy"] if one_tile else [])])  # no scan
@@ -355,15 +386,15 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, damage):
 def test_failed_write_leaves_no_entry_behind(tmp_path, monkeypatch):
     source, target = write_source(tmp_path, small_case()), get_target("brats")
     cache = PreparedCache(tmp_path / "cache")
-    saved, real_save = [], np.save
+    opened, real_writer = [], cache_module.npy_writer
 
-    def save_then_crash(path, array):
-        saved.append(path)
-        if len(saved) == 2:
+    def crash_on_the_second_file(path, shape, dtype):
+        opened.append(path)
+        if len(opened) == 2:
             raise OSError("disk full")
-        real_save(path, array)
+        return real_writer(path, shape, dtype)
 
-    monkeypatch.setattr(np, "save", save_then_crash)
+    monkeypatch.setattr(cache_module, "npy_writer", crash_on_the_second_file)
     with pytest.raises(OssnetError, match="disk full"):
         cache.load(source, SMALL, target)
     monkeypatch.undo()

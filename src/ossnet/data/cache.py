@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ossnet.data.preprocess import Geometry, PreprocessConfig, downscale_volume
 from ossnet.data import working
-from ossnet.data.working import PreparedCase, WorkingVolume, is_one_tile, nonzero_box, prepare_label
+from ossnet.data.npy import npy_writer
+from ossnet.data.preprocess import Geometry, PreprocessConfig, border_band_rows, downscale_volume
+from ossnet.data.working import PreparedCase, WorkingLabel, WorkingVolume, is_one_tile, nonzero_box
 from ossnet.device import check_disk
 from ossnet.errors import CaseError, OssnetError
 
@@ -75,10 +76,11 @@ class PreparedCache:
 
     def _write(self, entry: Path, source: CaseSource, config: PreprocessConfig, target: Target) -> None:
         """Prepare the case into a staging folder and rename it to `entry`. The image is read and its working
-        volume (and global volume) written in slabs (`_write_volumes`), never held whole: the arrays equal
-        `prepare_case`'s bit for bit. The label and its border band are prepared whole (a few bytes a voxel)."""
+        volume (and global volume) written in slabs (`_write_volumes`), and so are the label and its border band
+        (`_write_label`), never held whole: the arrays equal `prepare_case`'s bit for bit."""
         header = source.inspect()
-        # an upper bound: the working grid without the crop, and the scan decompressed (at 8 bytes a voxel)
+        # an upper bound: the working grid without the crop, and the scan decompressed (at 8 bytes a voxel; the
+        # label is decompressed after the scan is deleted)
         uncropped = Geometry.fitted(header.shape, header.affine, replace(config, crop_nonzero=False))
         channels = len(source.channel_names)
         check_disk(self.cache_dir, math.prod(uncropped.working_shape) * (4 * channels * (1 + config.global_downscale ** -3)
@@ -94,13 +96,11 @@ class PreparedCache:
                                        nonzero_box(image) if config.crop_nonzero else None)
             _write_volumes(staging, WorkingVolume.of(image, geometry, config),
                            config.global_downscale if is_one_tile(geometry, config) else None)
-            for path in staging.iterdir():
-                if path.suffix != ".npy":
-                    path.unlink()  # the decompressed files
+            _remove_scratch(staging)
             if source.label_path is not None:
-                label, border = prepare_label(source.load_label(), geometry, config, target)
-                np.save(staging / "label.npy", label)
-                np.save(staging / "border.npy", border)
+                _write_label(staging, WorkingLabel(source.open_label_blocks(staging), geometry, config, target),
+                             config.border_radius)
+                _remove_scratch(staging)
             meta = {"case_id": source.case_id, "geometry": geometry.to_json(),
                     "labelled": source.label_path is not None, "one_tile": is_one_tile(geometry, config)}
             (staging / "meta.json").write_text(json.dumps(meta))
@@ -121,9 +121,9 @@ def _write_volumes(staging: Path, volume: WorkingVolume, factor: int | None) -> 
     step = factor or 1
     depth = max(step, working.SLAB_VOXELS // (channels * shape[1] * shape[2]) // step * step)
     with contextlib.ExitStack() as files:
-        write_volume = files.enter_context(_npy_writer(staging / "volume.npy", (channels, *shape)))
+        write_volume = files.enter_context(npy_writer(staging / "volume.npy", (channels, *shape), np.float32))
         write_global = factor and files.enter_context(
-            _npy_writer(staging / "global.npy", (channels, *(n // factor for n in shape))))
+            npy_writer(staging / "global.npy", (channels, *(n // factor for n in shape)), np.float32))
         for x in range(0, shape[0], depth):
             block = volume[:, x:x + depth, :, :]
             write_volume(x, block)
@@ -131,20 +131,26 @@ def _write_volumes(staging: Path, volume: WorkingVolume, factor: int | None) -> 
                 write_global(x // factor, downscale_volume(block, factor))
 
 
-@contextlib.contextmanager
-def _npy_writer(path: Path, shape: tuple[int, ...]):
-    """Yield write(x, block): the float32 (C, dx, ...) `block` into rows x .. x + dx of axis 1 of a `.npy` file of
-    `shape`, by plain file writes (no memory map)."""
-    with open(path, "wb") as file:
-        np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": shape})
-        start, row = file.tell(), math.prod(shape[2:]) * 4
+def _write_label(staging: Path, label: WorkingLabel, radius: int) -> None:
+    """`label.npy` (X', Y', Z') uint8, computed and written in slabs along X', then `border.npy`, its border band,
+    in slabs computed from the rows of the written file around them (`border_band_rows`)."""
+    shape = label.shape
+    depth = max(1, working.SLAB_VOXELS // (shape[1] * shape[2]))
+    with npy_writer(staging / "label.npy", shape, np.uint8) as write:
+        for x in range(0, shape[0], depth):
+            write(x, label.block(((x, min(x + depth, shape[0])), (0, shape[1]), (0, shape[2]))))
+    written = np.load(staging / "label.npy", mmap_mode="r")  # read by plain reads, never touched as a map
+    depth = max(depth, 2 * (radius + 1))  # each slab reads its halo too: at most twice its rows
+    with npy_writer(staging / "border.npy", shape, bool) as write:
+        for x in range(0, shape[0], depth):
+            write(x, border_band_rows(written, x, x + depth, radius))
 
-        def write(x: int, block: np.ndarray) -> None:
-            for channel, values in enumerate(np.asarray(block, dtype="<f4")):
-                file.seek(start + (channel * shape[1] + x) * row)
-                file.write(np.ascontiguousarray(values).tobytes())
 
-        yield write
+def _remove_scratch(staging: Path) -> None:
+    """Delete the decompressed source files from the staging folder, keeping the entry's `.npy` files."""
+    for path in staging.iterdir():
+        if path.suffix != ".npy":
+            path.unlink()
 
 
 def _read_entry(entry: Path) -> PreparedCase:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ossnet.data.case import spacing_of
+from ossnet.data.npy import read_box
 from ossnet.errors import OssnetError
 from ossnet.options import check_fields
 
@@ -299,6 +300,18 @@ def border_band(class_map: np.ndarray, radius: int) -> np.ndarray:
     for axis in range(3):
         edge |= ndimage.sobel(occupied, axis=axis) != 0
     return ndimage.maximum_filter(edge, size=2 * radius + 1)
+
+
+def border_band_rows(class_map: np.ndarray, start: int, stop: int, radius: int) -> np.ndarray:
+    """Rows start .. stop of axis 0 of `border_band(class_map, radius)`, (stop - start, Y, Z) bool, computed from
+    the rows of `class_map` (X, Y, Z) within radius + 1 of them alone (read by `npy.read_box`, so a memory-mapped
+    map is read, not mapped in): the band reaches `radius` voxels from an edge voxel, and an edge voxel is decided
+    by its neighbours one voxel away. Where that halo meets the ends of axis 0 they are the map's own ends, whose
+    `reflect` handling is the whole band's."""
+    halo = radius + 1
+    first, last = max(0, start - halo), min(class_map.shape[0], stop + halo)
+    rows = read_box(class_map, (slice(first, last), slice(None), slice(None)))
+    return border_band(rows, radius)[start - first:stop - first]
 
 
 def reorientation_to(affine: np.ndarray, codes: str) -> Orientation:
