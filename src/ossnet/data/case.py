@@ -26,7 +26,7 @@ from ossnet.errors import CaseError
 AFFINE_TOLERANCE_MM = 1e-3
 
 # Voxels a slab of the label check reads at once.
-LABEL_SLAB_VOXELS = 2**22
+LABEL_SLAB_VOXELS = 2**20
 
 # What nibabel, gzip and zlib raise on a damaged file, on the header or on reading the data.
 NIFTI_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
