@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ossnet.data.tiles import (FOREGROUND_FRACTION, OVERLAP_FRACTION, TileLayout, axis_origins, largest_tile,
-                               random_tile_origin, tiles_of_aspect)
+                               ForegroundVoxels, random_tile_origin, tiles_of_aspect)
 
 
 @pytest.mark.parametrize("length, tile", [(64, 64), (65, 64), (256, 64), (300, 96), (100, 7)])
@@ -79,7 +79,7 @@ def test_a_share_of_training_tiles_is_centred_on_foreground():
     rng = np.random.default_rng(2)
     hits = 0
     for _ in range(300):
-        origin = random_tile_origin(grid, tile, label, rng.random() < FOREGROUND_FRACTION, rng)
+        origin = random_tile_origin(grid, tile, ForegroundVoxels(label), rng.random() < FOREGROUND_FRACTION, rng)
         hits += label[tuple(slice(o, o + t) for o, t in zip(origin, tile))].any()
     assert 0.3 < hits / 300 < 0.5  # a third centred on it, and a few uniform tiles that happen to reach it
 
@@ -110,3 +110,17 @@ def test_the_largest_fitting_tile_is_found_in_a_few_tries():
     assert len(tried) <= np.ceil(np.log2(len(candidates) + 1))
     assert largest_tile((256, 256, 160), 32, lambda tile: False) is None
     assert largest_tile((256, 256, 160), 32, lambda tile: True) == (256, 256, 160)
+
+
+def test_the_kth_foreground_voxel_is_that_of_flatnonzero_read_one_plane_at_a_time(tmp_path, monkeypatch):
+    from ossnet.data import working
+
+    label = (np.random.default_rng(3).random((13, 9, 7)) < 0.05).astype(np.uint8) * 2
+    label[5] = 0  # an empty plane
+    np.save(tmp_path / "label.npy", label)
+    monkeypatch.setattr(working, "SLAB_VOXELS", 9 * 7 * 4)  # counted in slabs of 4 planes
+    expected = np.argwhere(label)  # C order, as np.flatnonzero
+    for source in (label, np.load(tmp_path / "label.npy", mmap_mode="r")):
+        voxels = ForegroundVoxels(source)
+        assert len(voxels) == len(expected) and [voxels[k] for k in range(len(voxels))] == list(map(tuple, expected))
+    assert len(ForegroundVoxels(np.zeros((3, 4, 5), np.uint8))) == 0

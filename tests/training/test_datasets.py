@@ -122,3 +122,38 @@ def test_a_training_tile_comes_with_its_own_global_volume():
     windows = [volume[:, x:x + 16] for x in range(17)]
     assert any(np.array_equal(item["global_volume"].numpy(), downscale_volume(w, 2)) for w in windows)
     assert item["coords"].abs().max() <= 1.0
+
+
+def test_tiles_read_from_a_cache_entry_are_those_of_its_arrays_in_memory(tmp_path):
+    """`EpochSamples.draw` reads a mapped entry by file reads (`npy.read_box`): the same tiles, the same draws."""
+    import nibabel as nib
+
+    from ossnet.data import CaseSource, PreparedCache, PreprocessConfig, get_target
+    from ossnet.training.datasets import VolumeSamples
+
+    rng = np.random.default_rng(5)
+    label = np.zeros((12, 10, 7), np.int16)
+    label[3:8, 2:7, 1:5], label[4:6, 3:5, 2:4] = 2, 4
+    nib.save(nib.Nifti1Image(rng.normal(size=label.shape).astype(np.float32), np.eye(4)), tmp_path / "image.nii")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "label.nii")
+    source = CaseSource("case", (tmp_path / "image.nii",), tmp_path / "label.nii", ("image",))
+    target = get_target("brats", "regions")
+    plan = PreprocessConfig(working_shape=(8, 8, 8), border_radius=1)
+    mapped = PreparedCache(tmp_path / "cache").load(source, plan, target)
+    assert isinstance(mapped.volume, np.memmap) and mapped.volume.shape[1:] != (8, 8, 8)
+    in_memory = SimpleNamespace(**{name: np.array(getattr(mapped, name)) for name in ("volume", "label", "border")},
+                                global_volume=None)
+
+    class Cases(list):
+        preprocess = plan
+
+    samples = [PatchSamples(Cases([case]), seed=3, patch_shape=(4, 4, 4), tile=(8, 8, 8))
+               for case in (mapped, in_memory)]
+    volumes = [VolumeSamples(Cases([case]), seed=3, tile=(8, 8, 8)) for case in (mapped, in_memory)]
+    for epoch in range(12):
+        for pair in (samples, volumes):
+            for dataset in pair:
+                dataset.epoch = epoch
+            first, second = (dataset[0] for dataset in pair)
+            assert first.keys() == second.keys()
+            assert all(torch.equal(first[key], second[key]) for key in first)

@@ -40,9 +40,13 @@ def npy_writer(path: Path, shape: tuple[int, ...], dtype: np.dtype | str):
 def read_box(array: np.ndarray, key: tuple[slice, ...]) -> np.ndarray:
     """`array[key]` (one plain slice per axis) as a new in-memory array. A whole `.npy` file memory-mapped by
     `np.load(mmap_mode="r")` is read from its file by plain reads, one run of whole last-axis rows per index of
-    the other axes but the last two, so that no page of the map is touched; any other array is sliced."""
-    if len(key) != array.ndim or any(not isinstance(k, slice) or k.step not in (None, 1) for k in key):
-        raise IndexError(f"read_box takes one plain slice per axis of a {array.ndim}-dimensional array, got {key}")
+    the other axes but the last two, so that no page of the map is touched; a numpy array is sliced and copied,
+    anything else sliceable (`data.working.WorkingVolume`) sliced."""
+    if len(key) != len(array.shape) or any(not isinstance(k, slice) or k.step not in (None, 1) for k in key):
+        raise IndexError(f"read_box takes one plain slice per axis of a {len(array.shape)}-dimensional array, "
+                         f"got {key}")
+    if not isinstance(array, np.ndarray):
+        return np.asarray(array[key])
     if not _is_whole_file(array) or array.ndim < 2:
         return np.array(array[key])
     box = [k.indices(n)[:2] for k, n in zip(key, array.shape)]

@@ -4,7 +4,7 @@ The plan's working shape is the *tile*, the grid the model is built for. A case 
 one tile, exactly as the paper pads BraTS. A case longer than the tile on an axis keeps all of that axis (the
 working grid is the case, rounded up to the shape multiple) and is covered by tiles:
 - training draws one random tile per item (`random_tile_origin`: a share `FOREGROUND_FRACTION` centred on a
-  foreground voxel, as nnU-Net oversamples foreground patches, the rest centred on any voxel), and samples its
+  foreground voxel (`ForegroundVoxels`), as nnU-Net oversamples foreground patches, the rest centred on any voxel), and samples its
   locations inside it;
 - prediction covers the grid with `TileLayout.covering`: per axis, tiles evenly spaced from one end to the
   other, neighbours overlapping by at least `OVERLAP_FRACTION` of the tile. Each location is decoded by the
@@ -26,6 +26,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from ossnet.data import working
+from ossnet.data.npy import read_box
 from ossnet.data.preprocess import Shape3, downscale_volume
 
 # Least overlap of two neighbouring prediction tiles, as a share of the tile (each axis).
@@ -122,15 +124,41 @@ def _ramp(coords: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.clip((coords - (centre - width / 2)) / width, 0.0, 1.0)
 
 
-def random_tile_origin(grid: Shape3, tile: Shape3, label: np.ndarray | None, foreground: bool,
+class ForegroundVoxels:
+    """The foreground (nonzero) voxels of a class map (X, Y, Z), in C order, without holding their indices: the
+    map is counted per X plane once (read in slabs by `npy.read_box`, so a memory-mapped map stays unmapped), and
+    `voxels[k]`, the (x, y, z) of `np.flatnonzero(label)[k]`, reads the one plane that holds it."""
+
+    def __init__(self, label: np.ndarray) -> None:
+        self.label = label
+        _, y, z = label.shape
+        depth = max(1, working.SLAB_VOXELS // max(1, y * z))
+        counts = [np.count_nonzero(read_box(label, (slice(x, x + depth), slice(None), slice(None))), axis=(1, 2))
+                  for x in range(0, label.shape[0], depth)]
+        self.before = np.cumsum(np.concatenate([[0], *counts]))  # foreground voxels before each plane (and all)
+
+    def __len__(self) -> int:
+        return int(self.before[-1])
+
+    def __getitem__(self, k: int) -> Shape3:
+        if not 0 <= k < len(self):
+            raise IndexError(f"foreground voxel {k} of {len(self)}")
+        x = int(np.searchsorted(self.before, k, side="right")) - 1
+        plane = read_box(self.label, (slice(x, x + 1), slice(None), slice(None)))[0]
+        y, z = np.unravel_index(np.flatnonzero(plane)[k - self.before[x]], plane.shape)
+        return x, int(y), int(z)
+
+
+def random_tile_origin(grid: Shape3, tile: Shape3, foreground_voxels: ForegroundVoxels | None, foreground: bool,
                        rng: np.random.Generator) -> Shape3:
     """The first voxel of a random tile (or patch) of `tile` shape in a grid of `grid` shape: centred on a
-    random foreground voxel of `label` when `foreground` (and it has one), else on any voxel of the grid, then
-    moved inside the grid (an axis shorter than the tile starts at 0). Centring on any voxel, rather than
-    placing the origin uniformly, draws the tiles at the grid's edges as often as the voxels they hold."""
+    random one of the `foreground_voxels` of its label when `foreground` (and it has one), else on any voxel of
+    the grid, then moved inside the grid (an axis shorter than the tile starts at 0). Centring on any voxel,
+    rather than placing the origin uniformly, draws the tiles at the grid's edges as often as the voxels they
+    hold."""
     centre = None
-    if foreground and label is not None and (voxels := np.flatnonzero(label)).size:
-        centre = np.unravel_index(voxels[rng.integers(voxels.size)], label.shape)
+    if foreground and foreground_voxels is not None and len(foreground_voxels):
+        centre = foreground_voxels[int(rng.integers(len(foreground_voxels)))]
     if centre is None:
         centre = tuple(int(rng.integers(0, n)) for n in grid)
     return tuple(int(min(max(c - t // 2, 0), max(0, n - t))) for c, t, n in zip(centre, tile, grid))
@@ -142,9 +170,9 @@ def tile_slices(origin: Shape3, tile: Shape3) -> tuple[slice, slice, slice]:
 
 
 def cut_tile(volume: np.ndarray, origin: Shape3, tile: Shape3, global_downscale: int) -> tuple[np.ndarray, np.ndarray]:
-    """The tile at `origin` of a working-grid volume (C, X', Y', Z') as an in-memory float32 array, and its
-    own global volume (the tile downscaled, as the encoder sees a case of the tile's shape)."""
-    cut = np.asarray(volume[(slice(None), *tile_slices(origin, tile))], dtype=np.float32)
+    """The tile at `origin` of a working-grid volume (C, X', Y', Z') as an in-memory float32 array (`npy.read_box`:
+    read from the file of a memory-mapped volume), and its own global volume (the tile downscaled, as the encoder sees a case of the tile's shape)."""
+    cut = np.asarray(read_box(volume, (slice(None), *tile_slices(origin, tile))), dtype=np.float32)
     return cut, downscale_volume(cut, global_downscale)
 
 

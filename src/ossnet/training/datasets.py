@@ -1,7 +1,7 @@
-"""What a training step reads, built inside DataLoader workers from the memory-mapped preprocessing cache.
+"""What a training step reads, built inside DataLoader workers from the preprocessing cache.
 
 No dataset is ever held in memory: `PreparedCases` memory-maps a case's cached arrays when a worker
-first asks for it, and each item reads only what one step needs. The four item kinds match the model
+first asks for it, and each item reads only what one step needs, by file reads (`EpochSamples.draw`). The four item kinds match the model
 families: sampled locations with their patches (occupancy networks), whole volumes (3D U-Net), random
 patches (3D U-Net with a patch shape) and axial slices (2D U-Net). Random draws come from
 `case_rng(seed, epoch, case index)`.
@@ -19,7 +19,8 @@ from ossnet.data.case import spacing_of
 from ossnet.data.cache import PreparedCache
 from ossnet.data.preprocess import PreprocessConfig, Shape3, downscale_volume
 from ossnet.data.working import PreparedCase
-from ossnet.data.tiles import FOREGROUND_FRACTION, cut_tile, random_tile_origin, tile_slices
+from ossnet.data.npy import read_box
+from ossnet.data.tiles import FOREGROUND_FRACTION, ForegroundVoxels, cut_tile, random_tile_origin, tile_slices
 from ossnet.models import OccupancyConfig, extract_patches, voxel_to_normalized
 from ossnet.training.losses import downscale_label
 from ossnet.training.sampling import case_rng, sample_locations
@@ -77,6 +78,7 @@ class EpochSamples(Dataset):
                  tile: Shape3 | None = None) -> None:
         self.cases, self.seed, self.augment, self.epoch = cases, seed, augment, 0
         self.tile = None if tile is None else tuple(tile)
+        self._foreground: dict[int, ForegroundVoxels] = {}  # per case, counted once in each process
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -86,15 +88,21 @@ class EpochSamples(Dataset):
 
     def draw(self, index: int) -> tuple[np.random.Generator, TrainingArrays]:
         """The item's generator, and its case's arrays (one tile of them) after augmentation (the cached
-        arrays without either)."""
+        arrays without either). The arrays are read into memory (`npy.read_box`): a tile's box only, and of a
+        case of the tile's shape the whole, never through the cache's memory maps, whose touched pages would
+        stay in the process's resident memory epoch after epoch."""
         case, rng = self.cases[index], self.rng(index)
-        arrays = TrainingArrays(case.volume, case.global_volume, case.label, case.border)
+        whole = lambda array: None if array is None else read_box(array, (slice(None),) * array.ndim)
         if self.tile is not None and tuple(case.label.shape) != self.tile:
-            origin = random_tile_origin(case.label.shape, self.tile, case.label, rng.random() < FOREGROUND_FRACTION,
-                                        rng)
+            if index not in self._foreground:
+                self._foreground[index] = ForegroundVoxels(case.label)
+            origin = random_tile_origin(case.label.shape, self.tile, self._foreground[index],
+                                        rng.random() < FOREGROUND_FRACTION, rng)
             window = tile_slices(origin, self.tile)
             volume, global_volume = cut_tile(case.volume, origin, self.tile, self.cases.preprocess.global_downscale)
-            arrays = TrainingArrays(volume, global_volume, case.label[window], case.border[window])
+            arrays = TrainingArrays(volume, global_volume, read_box(case.label, window), read_box(case.border, window))
+        else:
+            arrays = TrainingArrays(*(whole(a) for a in (case.volume, case.global_volume, case.label, case.border)))
         if self.augment is None:
             return rng, arrays
         spacing = spacing_of(case.geometry.working_affine())
@@ -159,7 +167,8 @@ class PatchSamples(EpochSamples):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng, case = self.draw(index)
         volume, label = pad_to_patch(case.volume, case.label, self.patch_shape)
-        start = random_tile_origin(label.shape, self.patch_shape, label, rng.random() < FOREGROUND_FRACTION, rng)
+        start = random_tile_origin(label.shape, self.patch_shape, ForegroundVoxels(label),
+                                   rng.random() < FOREGROUND_FRACTION, rng)
         window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_shape))
         return {"volume": _tensor(volume[(slice(None), *window)]), "label": _tensor(label[window]).long()}
 
