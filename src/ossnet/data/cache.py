@@ -1,5 +1,6 @@
-"""The on-disk cache of prepared cases: `.npy` files memory-mapped on load, so DataLoader workers share pages
-instead of copies, and a case is preprocessed once per plan."""
+"""The on-disk cache of prepared cases: `.npy` files, written slab by slab, so that a case is preprocessed once
+per plan and never held whole. They are memory-mapped on load (cheap to hand to DataLoader workers); training
+reads its tiles from them by file reads (`data.npy.read_box`)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ nonzero box, resampling to a target spacing, centred zero padding / cropping to 
 resize as the LiTS code does), a downscaled global volume for the encoder, the target class map and its
 border band. `Geometry` remembers the map (`working_to_original`), by which outputs are decided on the
 original grid and its affine.
-`data.working` computes the normalised working grid box by box (`WorkingVolume`) and prepares whole cases
-(`prepare_case`); `data.cache.PreparedCache` stores them on disk. Choosing a plan for a dataset is `ossnet.data.plan`'s
+`data.working` computes the normalised working grid and the class map box by box (`WorkingVolume`,
+`WorkingLabel`) and prepares whole cases (`prepare_case`); `data.cache.PreparedCache` stores them on disk. Choosing a plan for a dataset is `ossnet.data.plan`'s
 job.
 """
 

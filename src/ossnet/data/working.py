@@ -1,10 +1,12 @@
-"""A case's normalised image on the working grid, computed block by block (docs/method.md §2.1, §5.6).
+"""A case's normalised image and its target classes on the working grid, computed block by block (docs/method.md
+§2.1, §5.6).
 
 The plan's chain (`preprocess.Geometry`: crop, reorientation, resampling, padding) maps every working voxel to
 a few original ones, so any box of the working grid can be computed from a box of the original image alone:
 `WorkingVolume[:, x0:x1, y0:y1, z0:z1]` reads that original box (through an `ImageBlocks` of the case's files,
 or from an array in memory), normalises it with statistics measured once over the whole image
-(`IntensityStatistics`, streamed in slabs), reorients it, resamples it and places it. Training prepares a whole
+(`IntensityStatistics`, streamed in slabs), reorients it, resamples it and places it; `WorkingLabel` does the
+same for the label (`case.LabelBlocks`), with the target's classes resampled as nnU-Net resamples labels. Training prepares a whole
 case this way (`preprocess.prepare_case`); prediction reads one tile at a time, so that its memory does not
 grow with the scan.
 
