@@ -6,8 +6,8 @@ opposite corners and at the centre, each cube a fresh `ossnet predict` process: 
 decoder queries per voxel, tiles, and the Dice against the balls. The baselines predict the same cubes in fresh
 processes: the patch U-Net (MONAI sliding window over its preset patch) and the whole-volume U-Net3D, untrained
 (a dense network's memory and time do not depend on its weights), up to `--unet-sides`. Training: one epoch on
-two cases of each size in a fresh `ossnet train` process (peak resident memory includes preparing the cases,
-which is still done on the whole volume).
+two cases of each size in a fresh `ossnet train` process (peak resident memory includes fingerprinting the
+cases for the plan, which still reads each case whole; preparing them is done in slabs).
 
     .venv/bin/python benchmarks/scale.py [--quick] [--sides 128 256 384 512] [--unet-sides 128 256]
 """

@@ -24,7 +24,8 @@ from ossnet.data.case import CaseSource
 # VmHWM, not ru_maxrss: after exec the latter also counts the forking parent's (pytest's) resident memory
 status = lambda field: int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 folder, plan = Path(sys.argv[1]), PreprocessConfig(**eval(sys.argv[2]))
-source = lambda name: CaseSource(name, (folder / f"{name}.nii",), folder / f"{name}-label.nii", ("image",), (0, 1, 2, 4))
+source = lambda name: CaseSource(name, (folder / f"{name}.nii",), folder / f"{name}-label.nii", ("image",),
+                                 (0, 1, 2, 4))
 cache, target = PreparedCache(folder / "cache"), get_target("brats", "regions")
 cache.load(source("warm-up"), plan, target)  # imports and first calls: not the case's
 before = status("VmRSS")

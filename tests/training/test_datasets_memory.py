@@ -25,7 +25,8 @@ folder = Path(sys.argv[1])
 class Cases(list):
     preprocess = PreprocessConfig(working_shape=(64, 64, 64))
 
-case = type("Case", (), {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("volume", "label", "border")})
+case = type("Case", (), {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                         for name in ("volume", "label", "border")})
 case.global_volume = None
 samples = VolumeSamples(Cases([case]), seed=0, tile=(64, 64, 64))
 samples[0]  # imports, first calls, the case's foreground counted: not the epochs'

@@ -7,7 +7,8 @@ resize as the LiTS code does), a downscaled global volume for the encoder, the t
 border band. `Geometry` remembers the map (`working_to_original`), by which outputs are decided on the
 original grid and its affine.
 `data.working` computes the normalised working grid and the class map box by box (`WorkingVolume`,
-`WorkingLabel`) and prepares whole cases (`prepare_case`); `data.cache.PreparedCache` stores them on disk. Choosing a plan for a dataset is `ossnet.data.plan`'s
+`WorkingLabel`) and prepares whole cases (`prepare_case`); `data.cache.PreparedCache` stores them on disk.
+Choosing a plan for a dataset is `ossnet.data.plan`'s
 job.
 """
 
@@ -243,7 +244,8 @@ class Geometry:
     def labels_to_working(self, class_map: np.ndarray) -> np.ndarray:
         """(X, Y, Z) integer class map 0..K -> (X', Y', Z') of its dtype, the way nnU-Net resamples labels:
         each class's one-hot mask linearly, then the most likely class (ties and padding: the lower class).
-        Exact when nothing is resampled (then it is `to_working(class_map, 0)`)."""
+        Exact when nothing is resampled (then it is `to_working(class_map, 0)`). The whole array at once;
+        `data.working.WorkingLabel` computes the same map box by box (what preparing a case uses)."""
         if not self.resamples:
             return self.to_working(class_map, order=0)
         best_class = np.zeros(self.working_shape, dtype=class_map.dtype)

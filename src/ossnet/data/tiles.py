@@ -4,8 +4,8 @@ The plan's working shape is the *tile*, the grid the model is built for. A case 
 one tile, exactly as the paper pads BraTS. A case longer than the tile on an axis keeps all of that axis (the
 working grid is the case, rounded up to the shape multiple) and is covered by tiles:
 - training draws one random tile per item (`random_tile_origin`: a share `FOREGROUND_FRACTION` centred on a
-  foreground voxel (`ForegroundVoxels`), as nnU-Net oversamples foreground patches, the rest centred on any voxel), and samples its
-  locations inside it;
+  foreground voxel (`ForegroundVoxels`), as nnU-Net oversamples foreground patches, the rest centred on any
+  voxel), and samples its locations inside it;
 - prediction covers the grid with `TileLayout.covering`: per axis, tiles evenly spaced from one end to the
   other, neighbours overlapping by at least `OVERLAP_FRACTION` of the tile. Each location is decoded by the
   tile it is most central in; only in a band `BLEND` voxels wide around the middle of each overlap are both
@@ -171,7 +171,8 @@ def tile_slices(origin: Shape3, tile: Shape3) -> tuple[slice, slice, slice]:
 
 def cut_tile(volume: np.ndarray, origin: Shape3, tile: Shape3, global_downscale: int) -> tuple[np.ndarray, np.ndarray]:
     """The tile at `origin` of a working-grid volume (C, X', Y', Z') as an in-memory float32 array (`npy.read_box`:
-    read from the file of a memory-mapped volume), and its own global volume (the tile downscaled, as the encoder sees a case of the tile's shape)."""
+    read from the file of a memory-mapped volume), and its own global volume (the tile downscaled, as the encoder
+    sees a case of the tile's shape)."""
     cut = np.asarray(read_box(volume, (slice(None), *tile_slices(origin, tile))), dtype=np.float32)
     return cut, downscale_volume(cut, global_downscale)
 

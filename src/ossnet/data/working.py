@@ -1,19 +1,19 @@
-"""A case's normalised image and its target classes on the working grid, computed block by block (docs/method.md
-§2.1, §5.6).
+"""A case's normalised image and its target classes on the working grid, computed block by block (docs/method.md §2.1,
+§5.6).
 
-The plan's chain (`preprocess.Geometry`: crop, reorientation, resampling, padding) maps every working voxel to
-a few original ones, so any box of the working grid can be computed from a box of the original image alone:
-`WorkingVolume[:, x0:x1, y0:y1, z0:z1]` reads that original box (through an `ImageBlocks` of the case's files,
-or from an array in memory), normalises it with statistics measured once over the whole image
-(`IntensityStatistics`, streamed in slabs), reorients it, resamples it and places it; `WorkingLabel` does the
-same for the label (`case.LabelBlocks`), with the target's classes resampled as nnU-Net resamples labels. Training prepares a whole
-case this way (`preprocess.prepare_case`); prediction reads one tile at a time, so that its memory does not
+The plan's chain (`preprocess.Geometry`: crop, reorientation, resampling, padding) maps every working voxel to a few
+original ones, so any box of the working grid can be computed from a box of the original image alone:
+`WorkingVolume[:, x0:x1, y0:y1, z0:z1]` reads that original box (through an `ImageBlocks` of the case's files, or from
+an array in memory), normalises it with statistics measured once over the whole image (`IntensityStatistics`, streamed
+in slabs), reorients it, resamples it and places it; `WorkingLabel` does the same for the label (`case.LabelBlocks`),
+with the target's classes resampled as nnU-Net resamples labels. Training prepares a whole case this way
+(`prepare_case`, and `data.cache` slab by slab); prediction reads one tile at a time, so that its memory does not
 grow with the scan.
 
 Resampling is separable linear interpolation with the sample positions of torch's `interpolate(...,
-align_corners=False)`: output index r of n' takes the input coordinate c = (r + 0.5) n / n' - 0.5 (clamped to
-0 below), between input voxels floor(c) and floor(c) + 1 (clamped to n - 1 above). The weights of an output
-voxel depend only on its own index, so a box computes exactly the voxels the whole grid has there.
+align_corners=False)`: output index r of n' takes the input coordinate c = (r + 0.5) n / n' - 0.5 (clamped to 0
+below), between input voxels floor(c) and floor(c) + 1 (clamped to n - 1 above). The weights of an output voxel depend
+only on its own index, so a box computes exactly the voxels the whole grid has there.
 """
 
 from __future__ import annotations

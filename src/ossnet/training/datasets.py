@@ -1,9 +1,9 @@
 """What a training step reads, built inside DataLoader workers from the preprocessing cache.
 
 No dataset is ever held in memory: `PreparedCases` memory-maps a case's cached arrays when a worker
-first asks for it, and each item reads only what one step needs, by file reads (`EpochSamples.draw`). The four item kinds match the model
-families: sampled locations with their patches (occupancy networks), whole volumes (3D U-Net), random
-patches (3D U-Net with a patch shape) and axial slices (2D U-Net). Random draws come from
+first asks for it, and each item reads only what one step needs, by file reads (`EpochSamples.draw`). The
+four item kinds match the model families: sampled locations with their patches (occupancy networks), whole
+volumes (3D U-Net), random patches (3D U-Net with a patch shape) and axial slices (2D U-Net). Random draws come from
 `case_rng(seed, epoch, case index)`.
 """
 
