@@ -26,10 +26,12 @@ Array = Union[np.ndarray, zarr.Array]
 
 @dataclass
 class OutputArrays:
-    """labels: (X, Y, Z) uint8 class map; probabilities: (K, X, Y, Z) float32 or None; numpy or Zarr arrays."""
+    """labels: (X, Y, Z) uint8 class map; probabilities: (K, X, Y, Z) float32 or None; numpy or Zarr arrays;
+    folder: where Zarr arrays are (None in memory), for the scratch arrays of whoever computes them."""
 
     labels: Array
     probabilities: Array | None
+    folder: Path | None = None
 
     @classmethod
     def in_memory(cls, shape: tuple[int, int, int], classes: int, probabilities: bool) -> OutputArrays:
@@ -42,7 +44,7 @@ class OutputArrays:
         """Zeroed Zarr arrays in `folder` (created), chunked in slabs along Z (`slab_depth`)."""
         labels = disk_array(folder / "labels.zarr", shape, np.uint8)
         return cls(labels, disk_array(folder / "probabilities.zarr", (classes, *shape), np.float32)
-                   if probabilities else None)
+                   if probabilities else None, folder)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -54,7 +56,7 @@ class OutputArrays:
         return z_slabs(self.shape[2], slab_depth(self.shape, per_voxel))
 
     def is_on_disk(self) -> bool:
-        return isinstance(self.labels, zarr.Array)
+        return self.folder is not None
 
 
 def slab_depth(shape: tuple[int, ...], bytes_per_voxel: int) -> int:

@@ -38,6 +38,7 @@ from ossnet.device import DEVICE_HELP, check_disk, check_memory, resolve_device
 from ossnet.distributed import (DistributedContext, barrier, broadcast_object, gather_objects, init_distributed,
                                 local_rank, shutdown)
 from ossnet.errors import AgreedError, CaseError, CheckpointError, DatasetError, OssnetError
+from ossnet.inference.blend import disk_bytes as blend_disk_bytes
 from ossnet.inference.engine import DecodeOptions, SegmentationResult
 from ossnet.inference.export import NiftiSlabWriter, save_overlays, write_mesh
 from ossnet.inference.postprocess import Postprocessing, voxel_volume
@@ -386,13 +387,13 @@ def _refuse_existing_outputs(sources: list[CaseSource], output_dir: Path, option
 def check_output_room(header: CaseHeader, options: PredictOptions, output_dir: Path, predictor: Predictor) -> None:
     """OssnetError before anything is allocated or written when the output grid of a case (its `header`) at
     `options.scale` cannot fit in memory (e.g. --scale 1000), or its files and the scratch arrays on the disk
-    of `output_dir` (the mask at a byte per voxel, probabilities at 4 bytes per voxel and class, a case of
-    several tiles also its scratch class map and probabilities: uncompressed, an upper bound).
+    of `output_dir` (the mask at a byte per voxel, probabilities at 4 bytes per voxel and class; a case of
+    several tiles also its scratch class map and probabilities, and the blend of at most two tiles' reach of
+    the output grid's last axis (`blend.disk_bytes`): uncompressed, an upper bound).
 
-    In memory: a case of several tiles holds the blend of a row of tiles, twice (`tiles.segment_tiles`: at
-    most two tiles' reach of the output grid's last axis) and the grid whole only for --mesh or --overlay;
-    any other case `BYTES_PER_OUTPUT_VOXEL`. The geometry is estimated without cropping to the nonzero box
-    (an upper bound of the working grid)."""
+    In memory: a case of several tiles holds a tile and a slab (`tiles.segment_tiles`), and the grid whole only
+    for --mesh or --overlay; any other case `BYTES_PER_OUTPUT_VOXEL`. The geometry is estimated without
+    cropping to the nonzero box (an upper bound of the working grid)."""
     model, config = predictor.model, predictor.model.config
     geometry = Geometry.fitted(header.shape, header.affine, predictor.preprocess)
     grid = fine_grid_shape(header.shape, options.decode.scale)
@@ -403,16 +404,15 @@ def check_output_room(header: CaseHeader, options: PredictOptions, output_dir: P
     per_voxel = BYTES_PER_OUTPUT_VOXEL + 8 * classes if whole else 0
     if not isinstance(model, OccupancyNetwork):
         per_voxel += 4 * (config.in_channels + 2 * config.num_classes)
-    needed = voxels * per_voxel
+    what = f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)"
+    check_memory(voxels * per_voxel, what)
+    files = voxels * (1 + 4 * classes)
+    scratch = 0
     if tiled:
         to_working = np.linalg.inv(geometry.working_to_original) @ fine_grid_affine(np.eye(4), options.decode.scale)
         along = int(np.argmax(np.abs(to_working[:3, 2])))  # the working axis along the output's last axis
         reach = math.ceil(config.input_shape[along] / max(abs(to_working[along, 2]), 1e-9))
-        needed += 2 * 4 * config.num_classes * grid[0] * grid[1] * min(grid[2], 2 * reach)
-    what = f"--scale {options.decode.scale:g} (an output grid of {' x '.join(map(str, grid))} voxels)"
-    check_memory(needed, what)
-    files = voxels * (1 + 4 * classes)
-    scratch = files if tiled else 0
+        scratch = files + blend_disk_bytes(config.num_classes, grid, 2 * reach)
     check_disk(output_dir, files + scratch, f"the outputs of {what}")
 
 

@@ -21,6 +21,7 @@ from ossnet.data.working import WorkingVolume
 from ossnet.inference.engine import DecodeOptions, SegmentationResult, labels_of
 from ossnet.inference.grid import QueryGrid
 from ossnet.inference.occupancy import segment_occupancy
+from ossnet.inference.blend import DiskBlend, MemoryBlend
 from ossnet.inference.outputs import OutputArrays
 from ossnet.models import OccupancyNetwork
 
@@ -32,10 +33,11 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | W
     on `grid`: one `segment_occupancy` per tile that reaches a voxel of `grid`, blended.
 
     `volume` may be a `data.working.WorkingVolume`, which computes each tile when it is cut. The tiles go in
-    rows along the working axis that runs along `grid`'s last axis, and the blend is held only for the rows
-    not yet finished, and each finished slice goes to `out` (zeroed arrays on `grid`, default in memory; Zarr
-    arrays on disk keep the memory independent of the grid's size): the labels and probabilities returned
-    are `out`'s.
+    rows along the working axis that runs along `grid`'s last axis; the blend holds the rows not yet finished
+    (`inference.blend`), and the finished slices go to `out` slab by slab (zeroed arrays on `grid`, default in
+    memory). With `out` on disk the blend is a Zarr array beside it, so that memory holds a tile and a slab
+    whatever the grid's size; in memory it grows with the grid's cross-section. The labels and probabilities
+    returned are `out`'s.
 
     part: (i, n), segment only part i of n of `grid`'s last axis (`part_slices`): the rows of tiles that reach
     it, its labels and probabilities exactly those of the whole (the same tiles are added in the same order);
@@ -48,38 +50,38 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | W
     stage_queries: Counter[int] = Counter()
     mode = options.mode
     tile_options = replace(options, probabilities=True)
-    # the blend of grid slices [pending_start, pending_start + len) along grid's last axis, not yet final
-    pending, pending_start = torch.zeros((config.num_classes, *grid.shape[:2], 0)), 0
-
+    blend = (DiskBlend(out.folder / "blend.zarr", config.num_classes, grid.shape) if out.is_on_disk()
+             else MemoryBlend(config.num_classes, grid.shape))
     own = part_slices(grid.shape[2], part)
 
     def finish(stop: int) -> None:
-        """Write the final slices [pending_start, stop) that are this part's, and drop them from the blend."""
-        nonlocal pending, pending_start
-        done, pending = pending[..., :stop - pending_start], pending[..., stop - pending_start:]
-        first, last = max(pending_start, own.start), min(stop, own.stop)
-        if first < last:
-            done = done[..., first - pending_start:last - pending_start]
-            labels[..., first:last] = labels_of(done, options.threshold).numpy()
+        """Write the final slices [blend.start, stop) that are this part's, slab by slab, and drop them."""
+        first, last = max(blend.start, own.start), min(stop, own.stop)
+        for z in blend.slabs(first, last):
+            slab_labels = np.empty((*grid.shape[:2], z.stop - z.start), dtype=np.uint8)
+            slab_probabilities = (None if probabilities is None else
+                                  np.empty((config.num_classes, *slab_labels.shape), dtype=np.float32))
+            for (x, y), done in blend.blocks(z):
+                slab_labels[x, y] = labels_of(done, options.threshold).numpy()
+                if slab_probabilities is not None:
+                    slab_probabilities[:, x, y] = done.numpy()
+            labels[..., z] = slab_labels
             if probabilities is not None:
-                probabilities[..., first:last] = done.numpy()
-        pending_start = stop
+                probabilities[..., z] = slab_probabilities
+        blend.drop(stop)
 
     progress = tqdm(total=len(layout), desc="tiles", unit="tile", leave=False)
     for row in _rows(layout, axes):
         reached = [(origin, *_reach(layout, origin, grid, axes)) for origin in row]
-        reached = [(origin, box, weight) for origin, box, weight in reached
+        # the weights per axis only: a row's whole weights would grow with the grid's cross-section
+        reached = [(origin, box, factors) for origin, box, factors in reached
                    if box is not None and box[2].start < own.stop and box[2].stop > own.start]
         if reached:
             low, high = reached[0][1][2].start, reached[0][1][2].stop
-            if not pending.shape[-1]:
-                pending_start = low
-            finish(max(low, pending_start))
-            grown = torch.zeros((config.num_classes, *grid.shape[:2], max(high, pending_start + pending.shape[-1])
-                                 - pending_start))
-            grown[..., :pending.shape[-1]] = pending
-            pending = grown
-        for origin, box, weight in reached:
+            if blend.stop > blend.start:
+                finish(max(low, blend.start))
+            blend.extend(low, high)
+        for origin, box, factors in reached:
             start = np.eye(4)
             start[:3, 3] = [s.start for s in box]
             to_tile = np.eye(4)
@@ -87,13 +89,13 @@ def segment_tiles(model: OccupancyNetwork, volume: np.ndarray | torch.Tensor | W
             tile, global_tile = cut_tile(volume, origin, layout.tile, config.global_downscale)
             tile_grid = QueryGrid(tuple(s.stop - s.start for s in box), to_tile @ grid.to_working @ start)
             result = segment_occupancy(model, tile, global_tile, tile_options, device, tile_grid)
-            rows = slice(box[2].start - pending_start, box[2].stop - pending_start)
-            pending[(slice(None), box[0], box[1], rows)] += torch.from_numpy(result.probabilities) * weight
+            blend.add(box, torch.from_numpy(result.probabilities) * _weight(factors))
             stage_queries.update(result.stage_queries)
             mode = result.mode
         progress.update(len(row))
     progress.close()
-    finish(pending_start + pending.shape[-1])
+    finish(blend.stop)
+    blend.close()
     queries = sum(stage_queries.values())
     return SegmentationResult(labels=labels, probabilities=probabilities, queries=queries,
                               fraction_of_dense=queries / float(np.prod(grid.shape)), mode=mode,
@@ -128,9 +130,9 @@ def _parallel_axes(grid: QueryGrid) -> list[tuple[int, float, float]]:
 
 
 def _reach(layout: TileLayout, origin: tuple[int, int, int], grid: QueryGrid,
-           axes: list[tuple[int, float, float]]) -> tuple[tuple[slice, ...] | None, torch.Tensor | None]:
-    """The box of `grid` voxels the tile at `origin` has weight at (slices per grid axis), and its weights
-    there (*box shape); (None, None) when it reaches none."""
+           axes: list[tuple[int, float, float]]) -> tuple[tuple[slice, ...] | None, list[np.ndarray] | None]:
+    """The box of `grid` voxels the tile at `origin` has weight at (slices per grid axis), and its weights there
+    per grid axis (their outer product is the tile's weight); (None, None) when it reaches none."""
     box: list[slice | None] = [None, None, None]
     factors: list[np.ndarray | None] = [None, None, None]
     for a, ((low, high), (g, slope, offset)) in enumerate(zip(layout.support(origin), axes)):
@@ -140,5 +142,9 @@ def _reach(layout: TileLayout, origin: tuple[int, int, int], grid: QueryGrid,
             return None, None
         box[g] = slice(int(inside[0]), int(inside[-1]) + 1)
         factors[g] = layout.weights(origin, a, working[box[g]])
-    weight = np.einsum("i,j,k->ijk", *factors).astype(np.float32)
-    return tuple(box), torch.from_numpy(weight)
+    return tuple(box), factors
+
+
+def _weight(factors: list[np.ndarray]) -> torch.Tensor:
+    """A tile's (*box shape) float32 weights from their factors per grid axis (`_reach`)."""
+    return torch.from_numpy(np.einsum("i,j,k->ijk", *factors).astype(np.float32))
