@@ -42,7 +42,7 @@ class ImageArray(Protocol):
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray: ...
 
 
-def _read(image: ImageArray, box: Box) -> np.ndarray:
+def read_block(image: ImageArray, box: Box) -> np.ndarray:
     """The (C, ...) float32 block of `image` inside `box` ((start, stop) per spatial axis)."""
     return np.asarray(image[(slice(None), *(slice(a, b) for a, b in box))], dtype=np.float32)
 
@@ -59,7 +59,7 @@ def nonzero_box(image: ImageArray) -> Box:
     (read in slabs); the whole grid when there are none."""
     hits = [np.zeros(n, dtype=bool) for n in image.shape[1:]]
     for slab in slabs(tuple((0, n) for n in image.shape[1:]), image.shape[0]):
-        occupied = np.any(_read(image, slab) != 0, axis=0)
+        occupied = np.any(read_block(image, slab) != 0, axis=0)
         (_, _), (_, _), (z0, z1) = slab
         hits[0] |= occupied.any(axis=(1, 2))
         hits[1] |= occupied.any(axis=(0, 2))
@@ -69,6 +69,31 @@ def nonzero_box(image: ImageArray) -> Box:
         found = np.flatnonzero(axis_hits)
         box.append((int(found[0]), int(found[-1]) + 1) if found.size else (0, axis_hits.size))
     return tuple(box)
+
+
+class RunningMoments:
+    """Per channel, the count, mean and sum of squared deviations of values given batch by batch (a slab's at a
+    time), combined in float64 by Chan et al.'s pairwise update: those of all the values, without holding them."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = np.zeros(channels)
+        self.mean = np.zeros(channels)
+        self.squares = np.zeros(channels)
+
+    def add(self, channel: int, values: np.ndarray) -> None:
+        """Fold the values of `channel` (any shape; none is a no-op) into its moments."""
+        if not values.size:
+            return
+        n, m = values.size, values.mean(dtype=np.float64)
+        s = float(np.square(values - m, dtype=np.float64).sum())
+        delta, total = m - self.mean[channel], self.count[channel] + n
+        self.mean[channel] += delta * n / total
+        self.squares[channel] += s + delta**2 * self.count[channel] * n / total
+        self.count[channel] = total
+
+    def stds(self) -> np.ndarray:
+        """(C,) population standard deviation per channel; 0 for a channel given no values."""
+        return np.sqrt(self.squares / np.maximum(self.count, 1))
 
 
 @dataclass(frozen=True)
@@ -91,26 +116,15 @@ class IntensityStatistics:
         """The statistics of `image` inside `box`, read in slabs (`slabs`) and combined in float64 (Chan et
         al.'s pairwise update of count, mean and sum of squared deviations)."""
         channels = image.shape[0]
-        count = np.zeros(channels)
-        mean = np.zeros(channels)
-        squares = np.zeros(channels)
+        moments = RunningMoments(channels)
         foreground_only = normalization == "zscore-foreground"
         for slab in slabs(box, channels):
-            block = _read(image, slab)
+            block = read_block(image, slab)
             selected = np.any(block != 0, axis=0) if foreground_only else None
             block = _clip(block, window)
             for c, values in enumerate(block):
-                values = values if selected is None else values[selected]
-                if not values.size:
-                    continue
-                n, m = values.size, values.mean(dtype=np.float64)
-                s = float(np.square(values - m, dtype=np.float64).sum())
-                delta, total = m - mean[c], count[c] + n
-                mean[c] += delta * n / total
-                squares[c] += s + delta**2 * count[c] * n / total
-                count[c] = total
-        stds = np.sqrt(squares / np.maximum(count, 1))
-        return cls(tuple(mean.tolist()), tuple(stds.tolist()), foreground_only, window)
+                moments.add(c, values if selected is None else values[selected])
+        return cls(tuple(moments.mean.tolist()), tuple(moments.stds().tolist()), foreground_only, window)
 
     def apply(self, block: np.ndarray) -> np.ndarray:
         """(C, ...) raw block -> normalised float32 block."""
@@ -168,7 +182,7 @@ class WorkingVolume:
         source = BoxSource.of(self.geometry, box)
         if source is None:
             return out
-        block = _reorient(self.statistics.apply(_read(self.image, source.original)), self.geometry.reorientation)
+        block = _reorient(self.statistics.apply(read_block(self.image, source.original)), self.geometry.reorientation)
         if self.geometry.resamples:
             block = resample_box(block, source.samples)
         out[(slice(None), *source.target)] = block
