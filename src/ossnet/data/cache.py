@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,31 +88,47 @@ class PreparedCache:
         check_disk(self.cache_dir, math.prod(uncropped.working_shape) * (4 * channels * (1 + config.global_downscale ** -3)
                                                                         + 2) + 8 * channels * math.prod(header.shape),
                    f"the preprocessing cache entry of {source.case_id} (choose another --cache-dir, or free space)")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _sweep_abandoned(self.cache_dir)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
-        try:
-            image = source.open_blocks(staging)  # a .nii.gz is decompressed into the staging folder
-            affine = np.asarray(image.images[0].affine, dtype=np.float64)
-            geometry = Geometry.fitted(image.shape[1:], affine, config,
-                                       nonzero_box(image) if config.crop_nonzero else None)
-            _write_volumes(staging, WorkingVolume.of(image, geometry, config),
-                           config.global_downscale if is_one_tile(geometry, config) else None)
-            _remove_scratch(staging)
-            if source.label_path is not None:
-                _write_label(staging, WorkingLabel(source.open_label_blocks(staging), geometry, config, target),
-                             config.border_radius)
+        with staging_folder(self.cache_dir) as staging:
+            try:
+                image = source.open_blocks(staging)  # a .nii.gz is decompressed into the staging folder
+                affine = np.asarray(image.images[0].affine, dtype=np.float64)
+                geometry = Geometry.fitted(image.shape[1:], affine, config,
+                                           nonzero_box(image) if config.crop_nonzero else None)
+                _write_volumes(staging, WorkingVolume.of(image, geometry, config),
+                               config.global_downscale if is_one_tile(geometry, config) else None)
                 _remove_scratch(staging)
-            meta = {"case_id": source.case_id, "geometry": geometry.to_json(),
-                    "labelled": source.label_path is not None, "one_tile": is_one_tile(geometry, config)}
-            (staging / "meta.json").write_text(json.dumps(meta))
-            os.rename(staging, entry)
-        except OSError as error:
-            if not entry.is_dir():  # a real failure, not a lost race against another writer
-                raise OssnetError(f"{self.cache_dir}: cannot write the preprocessing cache ({error.strerror or error}"
-                                  f"); free some space or choose another --cache-dir") from error
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                if source.label_path is not None:
+                    _write_label(staging, WorkingLabel(source.open_label_blocks(staging), geometry, config, target),
+                                 config.border_radius)
+                    _remove_scratch(staging)
+                meta = {"case_id": source.case_id, "geometry": geometry.to_json(),
+                        "labelled": source.label_path is not None, "one_tile": is_one_tile(geometry, config)}
+                (staging / "meta.json").write_text(json.dumps(meta))
+                os.rename(staging, entry)
+            except OSError as error:
+                if not entry.is_dir():  # a real failure, not a lost race against another writer
+                    raise _cache_write_error(self.cache_dir, error) from error
+
+
+@contextlib.contextmanager
+def staging_folder(cache_dir: Path) -> Iterator[Path]:
+    """A new `.staging-` folder in `cache_dir` (made if missing), after sweeping those killed processes left
+    there (`_sweep_abandoned`); removed on leaving, unless it was renamed meanwhile (into a cache entry)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_abandoned(cache_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
+    except OSError as error:
+        raise _cache_write_error(cache_dir, error) from error
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cache_write_error(cache_dir: Path, error: OSError) -> OssnetError:
+    return OssnetError(f"{cache_dir}: cannot write the preprocessing cache ({error.strerror or error}); free some "
+                       f"space or choose another --cache-dir")
 
 
 def _write_volumes(staging: Path, volume: WorkingVolume, factor: int | None) -> None:
