@@ -19,7 +19,6 @@ import torch
 from common import BRATS_SHAPE, BRATS_WORKING_SHAPE, Provenance, argument_parser, markdown_table, write_results
 
 from ossnet.data.augment import AUGMENT_PRESETS, AugmentConfig, augment_volume
-from ossnet.data.case import Case
 from ossnet.data.plan import fingerprint_case
 from ossnet.data.preprocess import Geometry, PreprocessConfig
 
@@ -69,8 +68,7 @@ def time_grids(repeats: int) -> list[dict]:
 
 def time_fingerprint(repeats: int) -> float:
     image = np.random.default_rng(1).normal(size=(4, *BRATS_SHAPE)).astype(np.float32)
-    case = Case("c", image, None, scanner_affine("LPS", (1, 1, 1)), ("a", "b", "c", "d"), None)
-    return seconds(lambda: fingerprint_case(case), repeats)
+    return seconds(lambda: fingerprint_case(image, "c", scanner_affine("LPS", (1, 1, 1))), repeats)
 
 
 def time_augmentation(shapes: list[tuple[int, int, int]], items: int) -> list[dict]:

@@ -7,7 +7,7 @@ decoder queries per voxel, tiles, and the Dice against the balls. The baselines 
 processes: the patch U-Net (MONAI sliding window over its preset patch) and the whole-volume U-Net3D, untrained
 (a dense network's memory and time do not depend on its weights), up to `--unet-sides`. Training: one epoch on
 two cases of each size in a fresh `ossnet train` process (peak resident memory includes fingerprinting the
-cases for the plan, which still reads each case whole; preparing them is done in slabs).
+cases for the plan and preparing them, both read in slabs).
 
     .venv/bin/python benchmarks/scale.py [--quick] [--sides 128 256 384 512] [--unet-sides 128 256]
 """

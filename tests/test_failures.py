@@ -9,6 +9,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -161,6 +163,18 @@ def test_a_plan_too_fine_for_memory_is_refused_before_preparing(dataset, tmp_pat
     assert "GiB" in err and "--spacing" in err
 
 
+def test_a_label_value_outside_the_dataset_fails_training_in_one_line_naming_the_file(dataset, tmp_path, capsys):
+    """The fingerprint reads no label: the preparation of the case checks it, with the message `load` gives."""
+    shutil.copytree(dataset, tmp_path / "brats")
+    seg = sorted((tmp_path / "brats").glob("*/*_seg.nii.gz"))[1]
+    label = np.asarray(nib.load(seg).dataobj).copy()
+    label[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(label, nib.load(seg).affine), seg)
+    err = one_line_error(capsys, train_args(tmp_path / "brats", tmp_path / "run", "--cache-dir", tmp_path / "cache"))
+    assert err.endswith(f"{seg}: label values [3] are not among the dataset's [0, 1, 2, 4]")
+    assert not list((tmp_path / "cache").glob(".staging-*"))
+
+
 def test_predict_into_a_file_is_one_line(checkpoint, dataset, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file in the way")
     err = one_line_error(capsys, ["predict", "-c", checkpoint, "-i", dataset, "-o", tmp_path / "taken"])
@@ -277,7 +291,7 @@ def test_outputs_that_would_not_fit_on_the_disk_are_refused_up_front_with_the_fi
 
 def test_a_cache_entry_that_would_not_fit_on_the_disk_is_refused_before_writing(dataset, tmp_path, capsys,
                                                                                 monkeypatch):
-    full_disk(monkeypatch, free=1000)
+    full_disk(monkeypatch, free=100_000)  # room for the fingerprint's decompressed channel (16 kB), not the entry
     cache = tmp_path / "cache"
     err = one_line_error(capsys, train_args(dataset, tmp_path / "run", "--cache-dir", cache))
     assert "preprocessing cache entry" in err and "--cache-dir" in err

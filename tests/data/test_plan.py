@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from ossnet.data import Grid, SynthOptions, open_dataset, write_synthetic_dataset
-from ossnet.data.case import Case, CaseSource
+from ossnet.data import plan, working
+from ossnet.data.case import CaseSource
 from ossnet.data.plan import (
     LITS_WINDOW,
+    PERCENTILES,
     CaseFingerprint,
     DatasetFingerprint,
     IntensityStatistics,
+    ValueSample,
     dataset_preprocess_config,
     describe_plan,
     fingerprint_case,
@@ -68,8 +71,7 @@ def test_case_fingerprint_reads_grid_box_and_intensities_of_the_nonzero_voxels()
     rng = np.random.default_rng(0)
     image[0, 2:7, 3:11, 1:5] = rng.normal(100, 10, size=(5, 8, 4))
     image[1, 2:7, 3:11, 1:5] = rng.normal(-3, 1, size=(5, 8, 4))
-    case = Case("c", image, None, scanner_affine("LSA", (2.0, 3.0, 2.5)), ("a", "b"), nib.Nifti1Header())
-    fingerprint = fingerprint_case(case)
+    fingerprint = fingerprint_case(image, "c", scanner_affine("LSA", (2.0, 3.0, 2.5)))
     assert fingerprint.shape == (10, 12, 8) and fingerprint.orientation == "LSA"
     assert fingerprint.spacing == (2.0, 3.0, 2.5)
     assert fingerprint.nonzero_box == ((2, 7), (3, 11), (1, 5)) and fingerprint.nonzero_shape == (5, 8, 4)
@@ -78,6 +80,71 @@ def test_case_fingerprint_reads_grid_box_and_intensities_of_the_nonzero_voxels()
     stats = fingerprint.intensities[1]
     assert stats.mean == pytest.approx(values.mean(), rel=1e-5) and stats.std == pytest.approx(values.std(), rel=1e-5)
     assert (stats.low, stats.median, stats.high) == pytest.approx(tuple(np.percentile(values, (0.5, 50, 99.5))))
+
+
+def write_case(folder, image, affine=np.eye(4)) -> CaseSource:
+    """A two-channel case of `image` (2, X, Y, Z), one .nii.gz per channel, without a label."""
+    paths = []
+    for name, channel in zip(("a", "b"), image):
+        paths.append(folder / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(channel, affine), paths[-1])
+    return CaseSource("case", tuple(paths), None, ("a", "b"))
+
+
+def speckled_image(shape, rng) -> np.ndarray:
+    """(2, *shape) float32: normal intensities of two scales, zero outside a box and at a tenth of its voxels."""
+    image = np.zeros((2, *shape), np.float32)
+    inner = tuple(slice(2, n - 3) for n in shape)
+    image[(0, *inner)] = rng.normal(300, 80, size=image[(0, *inner)].shape)
+    image[(1, *inner)] = rng.normal(-1, 0.01, size=image[(1, *inner)].shape)
+    image[:, rng.random(shape) < 0.1] = 0
+    return image
+
+
+def test_streamed_fingerprint_of_a_case_file_equals_the_whole_array_statistics(tmp_path, monkeypatch):
+    monkeypatch.setattr(working, "SLAB_VOXELS", 2000)  # dozens of slabs
+    image = speckled_image((20, 18, 30), np.random.default_rng(3))
+    source = write_case(tmp_path, image)
+    fingerprint = fingerprint_dataset([source], cache_dir=tmp_path / "cache").cases[0]
+    assert not list((tmp_path / "cache").glob(".staging-*"))  # the decompressed scan is gone
+    assert fingerprint == fingerprint_dataset([source]).cases[0]  # a temporary scratch folder without a cache
+    foreground = np.any(image != 0, axis=0)
+    assert fingerprint.nonzero_box == ((2, 17), (2, 15), (2, 27))
+    for values, stats in zip(image[:, foreground], fingerprint.intensities):
+        assert stats.mean == pytest.approx(values.mean(dtype=np.float64), rel=1e-9)
+        assert stats.std == pytest.approx(values.std(dtype=np.float64), rel=1e-9)
+        assert (stats.low, stats.median, stats.high) == tuple(float(v) for v in np.percentile(values, PERCENTILES))
+
+
+def test_percentiles_of_more_foreground_voxels_than_the_sample_holds_are_close_to_all_of_theirs(monkeypatch):
+    monkeypatch.setattr(working, "SLAB_VOXELS", 5000)
+    monkeypatch.setattr(plan, "PERCENTILE_SAMPLE", 4000)
+    rng = np.random.default_rng(4)
+    image = (1 + rng.random((1, 40, 50, 60))).astype(np.float32)  # uniform in [1, 2): an error in rank is in value
+    stats = fingerprint_case(image, "c", np.eye(4)).intensities[0]
+    low, median, high = np.percentile(image, PERCENTILES)
+    assert stats.low == pytest.approx(low, abs=0.01) and stats.high == pytest.approx(high, abs=0.01)
+    assert stats.median == pytest.approx(median, abs=0.03)
+    assert stats.mean == pytest.approx(image.mean(dtype=np.float64), rel=1e-9)  # mean and std still of all
+
+
+@pytest.mark.parametrize("batches", [[1] * 3000, [7, 1000, 1, 2500, 333, 4096, 20000], [5000] * 9])
+def test_the_percentile_sample_is_every_stride_th_value_of_the_stream_and_between_half_the_cap_and_the_cap(
+        batches):
+    stream = np.arange(sum(batches), dtype=np.float32)
+    sample = ValueSample(1000)
+    for start, size in zip(np.cumsum([0, *batches[:-1]]), batches):
+        sample.add(stream[start:start + size])
+        seen = start + size
+        assert sample.size == seen if seen <= 1000 else 500 <= sample.size <= 1000
+        np.testing.assert_array_equal(sample.values(), stream[:seen:sample.stride])
+
+
+def test_a_case_of_no_more_values_than_the_sample_holds_keeps_them_all():
+    sample = ValueSample(1000)
+    for batch in np.split(np.arange(1000, dtype=np.float32), [3, 400, 401]):
+        sample.add(batch)
+    assert sample.stride == 1 and sample.values().tolist() == list(range(1000))
 
 
 def test_dataset_fingerprint_survives_json(brats):
@@ -100,8 +167,9 @@ def test_second_fingerprint_reads_no_voxels_until_a_file_changes(brats, tmp_path
     sources = open_dataset(brats).cases
     first = fingerprint_dataset(sources, cache_dir=tmp_path / "cache")
     loads = []
-    real_load = CaseSource.load
-    monkeypatch.setattr(CaseSource, "load", lambda self: loads.append(self.case_id) or real_load(self))
+    real_open = CaseSource.open_blocks
+    monkeypatch.setattr(CaseSource, "open_blocks",
+                        lambda self, scratch: loads.append(self.case_id) or real_open(self, scratch))
     assert fingerprint_dataset(sources, cache_dir=tmp_path / "cache") == first
     assert loads == []
     changed = sources[1].image_paths[0]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,19 +27,23 @@ from tqdm import tqdm
 
 from ossnet.atomic import atomic_path
 from ossnet.data.case import spacing_of
-from ossnet.data.cache import file_stamp
+from ossnet.data.cache import file_stamp, staging_folder
 from ossnet.data.preprocess import Box, Geometry, PreprocessConfig, Shape3
-from ossnet.data.working import nonzero_box
+from ossnet.data.working import ImageArray, RunningMoments, nonzero_box, read_block, slabs
 from ossnet.data.tiles import TileLayout
 from ossnet.errors import OssnetError
 
 if TYPE_CHECKING:
-    from ossnet.data.case import Case, CaseSource
+    from ossnet.data.case import CaseSource
 
-# Bump when a cached case fingerprint changes meaning.
-FINGERPRINT_FORMAT = 1
+# Bump when a cached case fingerprint changes meaning (2: percentiles of a case with more than PERCENTILE_SAMPLE
+# foreground voxels are those of a subsample).
+FINGERPRINT_FORMAT = 2
 # Percentiles of the nonzero voxels kept per channel (nnU-Net's 0.5 / 99.5 % clip values and the median).
 PERCENTILES = (0.5, 50.0, 99.5)
+# Foreground values per channel the percentiles are taken from at most (16 MiB of float32); a case with more
+# is subsampled (`ValueSample`).
+PERCENTILE_SAMPLE = 2**22
 # Crop to the nonzero box by default when it holds less than this fraction of the image (median over cases).
 CROP_BELOW = 0.25
 # Images whose nonzero box holds less than this fraction of the image (median) have a zero background.
@@ -156,51 +161,103 @@ class DatasetFingerprint:
         return cls(tuple(fields["channel_names"]), tuple(CaseFingerprint.from_json(c) for c in fields["cases"]))
 
 
-def fingerprint_case(case: Case) -> CaseFingerprint:
-    """The fingerprint of a loaded case (reads every voxel once; pure)."""
-    box = nonzero_box(case.image)
-    foreground = np.any(case.image != 0, axis=0)
+def fingerprint_case(image: ImageArray, case_id: str, affine: np.ndarray) -> CaseFingerprint:
+    """The fingerprint of a case's image (C, X, Y, Z) (an array or `case.ImageBlocks`), with its voxel -> world
+    `affine` (4, 4).
+
+    Reads the image in slabs (`working.slabs`): once for its nonzero box, once more inside it for the intensities,
+    so memory is bounded by a slab and the percentile samples (PERCENTILE_SAMPLE float32 values per channel),
+    whatever the scan's size. Mean and std are those of every foreground value (voxels nonzero in any channel),
+    combined across slabs in float64 (`RunningMoments`); the percentiles are `np.percentile`'s of every foreground
+    value up to PERCENTILE_SAMPLE of them, beyond that of a deterministic subsample (`ValueSample`).
+    """
+    box = nonzero_box(image)
+    channels = image.shape[0]
+    moments = RunningMoments(channels)
+    samples = [ValueSample(PERCENTILE_SAMPLE) for _ in range(channels)]
+    for slab in slabs(box, channels):
+        block = read_block(image, slab)
+        foreground = np.any(block != 0, axis=0)
+        for c, values in enumerate(block):
+            selected = values[foreground]
+            moments.add(c, selected)
+            samples[c].add(selected)
     intensities = []
-    for channel in case.image:
-        values = channel[foreground]
+    for mean, std, sample in zip(moments.mean, moments.stds(), samples):
+        values = sample.values()
         if values.size == 0:
             intensities.append(IntensityStatistics(0.0, 0.0, 0.0, 0.0, 0.0))
             continue
-        low, median, high = np.percentile(values, PERCENTILES)
-        intensities.append(IntensityStatistics(float(values.mean(dtype=np.float64)),
-                                               float(values.std(dtype=np.float64)),
-                                               float(low), float(median), float(high)))
-    return CaseFingerprint(case.case_id, tuple(int(n) for n in case.image.shape[1:]),
-                           tuple(tuple(float(v) for v in row) for row in case.affine), box, tuple(intensities))
+        low, median, high = np.percentile(values, PERCENTILES, overwrite_input=True)  # the sample's last use
+        intensities.append(IntensityStatistics(float(mean), float(std), float(low), float(median), float(high)))
+    return CaseFingerprint(case_id, tuple(int(n) for n in image.shape[1:]),
+                           tuple(tuple(float(v) for v in row) for row in affine), box, tuple(intensities))
+
+
+class ValueSample:
+    """A deterministic sample of at most `cap` values of a stream given batch by batch: every `stride`-th value
+    (all of them while they number at most `cap`). When the kept values would outgrow `cap`, the stride doubles and
+    every other kept value goes, so that once the stream exceeds `cap` between cap / 2 and cap values are kept."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.stride, self.seen, self.size = cap, 1, 0, 0
+        self.kept = np.empty(cap, dtype=np.float32)  # its pages are touched only as it fills
+
+    def add(self, values: np.ndarray) -> None:
+        """Take the next 1D `values` of the stream."""
+        taken = values[(-self.seen) % self.stride::self.stride]
+        self.seen += values.size
+        while self.size + taken.size > self.cap:
+            # kept value k is the stream's (k stride)-th: the doubled stride keeps the even k, of `taken` too
+            taken = taken[self.size % 2::2]
+            half = (self.size + 1) // 2
+            self.kept[:half] = self.kept[:self.size:2]
+            self.size, self.stride = half, 2 * self.stride
+        self.kept[self.size:self.size + taken.size] = taken
+        self.size += taken.size
+
+    def values(self) -> np.ndarray:
+        """(size,) float32, the kept values in stream order (a view)."""
+        return self.kept[:self.size]
 
 
 def fingerprint_dataset(sources: Sequence[CaseSource], cache_dir: Path | str | None = None) -> DatasetFingerprint:
     """Fingerprint of `sources` (the cases the plan must fit: in training, the run's cases).
 
-    Reads every case's voxels once; with `cache_dir` each case's fingerprint is kept there as JSON, keyed
-    by its files' paths, sizes and mtimes, so a second call reads only those small files.
+    Reads every case's image in slabs (`fingerprint_case`; a .nii.gz decompressed into a scratch folder first:
+    a `.staging-` folder of `cache_dir`, else a temporary folder, removed afterwards); its label is not read
+    (the preprocessing cache checks it). With `cache_dir` each case's fingerprint is kept there as JSON, keyed by
+    its image files' paths, sizes and mtimes, so a second call reads only those small files.
     """
     if not sources:
         raise OssnetError("fingerprint: no cases")
     cases = []
     for source in tqdm(sources, desc="fingerprinting cases", unit="case", file=sys.stderr, leave=False):
         cases.append(_cached_fingerprint(source, Path(cache_dir)) if cache_dir is not None
-                     else fingerprint_case(source.load()))
+                     else _read_fingerprint(source, None))
     return DatasetFingerprint(tuple(sources[0].channel_names), tuple(cases))
 
 
 def _cached_fingerprint(source: CaseSource, cache_dir: Path) -> CaseFingerprint:
-    paths = [*source.image_paths, *([source.label_path] if source.label_path is not None else [])]
-    key = {"format": FINGERPRINT_FORMAT, "case_id": source.case_id, "files": [file_stamp(p) for p in paths]}
+    key = {"format": FINGERPRINT_FORMAT, "case_id": source.case_id,
+           "files": [file_stamp(p) for p in source.image_paths]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir / f"fingerprint-{digest}.json"
     try:
         return CaseFingerprint.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: compute it again
-        fingerprint = fingerprint_case(source.load())
+        fingerprint = _read_fingerprint(source, cache_dir)
         with atomic_path(path) as temporary:
             temporary.write_text(json.dumps(fingerprint.to_json()))
         return fingerprint
+
+
+def _read_fingerprint(source: CaseSource, cache_dir: Path | None) -> CaseFingerprint:
+    """`fingerprint_case` of the case's image read block by block, its scratch folder a `.staging-` folder of
+    `cache_dir` (swept there when a killed process leaves it), else a temporary folder."""
+    with staging_folder(cache_dir) if cache_dir is not None else tempfile.TemporaryDirectory() as scratch:
+        image = source.open_blocks(Path(scratch))
+        return fingerprint_case(image, source.case_id, np.asarray(image.images[0].affine, dtype=np.float64))
 
 
 # ------------------------------------------------------------------------------------------------ plan

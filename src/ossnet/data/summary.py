@@ -133,7 +133,8 @@ def _read(source: CaseSource, check: bool, with_label: bool
     """The case's header, its label when asked or read anyway, and (check) its fingerprint; raises CaseError."""
     if check:
         case = source.load()
-        return CaseHeader(case.case_id, case.image.shape[1:], case.affine), case.label, fingerprint_case(case)
+        fingerprint = fingerprint_case(case.image, case.case_id, case.affine)
+        return CaseHeader(case.case_id, case.image.shape[1:], case.affine), case.label, fingerprint
     header = source.inspect()
     return header, source.load_label() if with_label else None, None
 
