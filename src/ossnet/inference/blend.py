@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import zarr
 
-from ossnet.inference.outputs import slab_depth
+from ossnet.inference.outputs import slab_depth, z_slabs
 
 # The disk blend's chunks, voxels along X, Y, Z (a MiB of float32): a tile's box touches a few of them, and
 # each slab read to finish slices is one chunk deep, so that every chunk is decompressed once.
@@ -58,7 +58,7 @@ class MemoryBlend:
 
     def slabs(self, first: int, last: int) -> Iterator[slice]:
         """Consecutive slices covering [first, last), about `outputs.SLAB_BYTES` of sums each."""
-        return _aligned(first, last, self.depth)
+        return z_slabs(last, self.depth, first)
 
     def blocks(self, z: slice) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
         """The sums of slices `z` (inside [start, stop)): one block, ((X, Y) slices, (K, X, Y, len(z)))."""
@@ -95,7 +95,7 @@ class DiskBlend:
 
     def slabs(self, first: int, last: int) -> Iterator[slice]:
         """Consecutive slices covering [first, last), cut at the chunks' boundaries along Z."""
-        return _aligned(first, last, self.sums.chunks[-1])
+        return z_slabs(last, self.sums.chunks[-1], first)
 
     def blocks(self, z: slice) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
         """The sums of slices `z` block by block: ((X, Y) slices, (K, *block shape)), one column of chunks each,
@@ -128,15 +128,6 @@ def disk_bytes(classes: int, shape: tuple[int, int, int], depth: int) -> int:
     final (uncompressed, whole chunks)."""
     x, y, z = (math.ceil(n / min(c, n)) * min(c, n) for c, n in zip(CHUNK, shape))
     return 4 * classes * x * y * min(z, depth + 2 * CHUNK[2])
-
-
-def _aligned(first: int, last: int, depth: int) -> Iterator[slice]:
-    """[first, last) cut at the multiples of `depth`."""
-    start = first
-    while start < last:
-        stop = min(last, (start // depth + 1) * depth)
-        yield slice(start, stop)
-        start = stop
 
 
 def _shifted(z: slice, offset: int) -> slice:

@@ -65,9 +65,13 @@ def slab_depth(shape: tuple[int, ...], bytes_per_voxel: int) -> int:
     return min(shape[-1], max(1, SLAB_BYTES // (bytes_per_voxel * shape[-3] * shape[-2])))
 
 
-def z_slabs(length: int, depth: int) -> Iterator[slice]:
-    """Consecutive slices of `depth` (the last one shorter) covering an axis of `length`."""
-    return (slice(z, min(z + depth, length)) for z in range(0, length, depth))
+def z_slabs(stop: int, depth: int, start: int = 0) -> Iterator[slice]:
+    """Consecutive slices covering [start, stop) of an axis, cut at the multiples of `depth` (from 0: slices of
+    `depth`, the last one shorter)."""
+    while start < stop:
+        end = min(stop, (start // depth + 1) * depth)
+        yield slice(start, end)
+        start = end
 
 
 def disk_array(path: Path, shape: tuple[int, ...], dtype) -> zarr.Array:

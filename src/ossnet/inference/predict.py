@@ -260,8 +260,7 @@ def _shared(model: OccupancyNetwork, volume: WorkingVolume, decode: DecodeOption
     depth = slab_depth(grid.shape, 4 * model.config.num_classes)
     for rank in range(1, context.world_size):
         own = part_slices(grid.shape[2], (rank, context.world_size))
-        for z in z_slabs(own.stop - own.start, depth):
-            z = slice(own.start + z.start, own.start + z.stop)
+        for z in z_slabs(own.stop, depth, own.start):
             piece = broadcast_object((output.labels[..., z], None if output.probabilities is None else
                                       output.probabilities[..., z]) if context.rank == rank else None, rank, context)
             if context.is_main:
